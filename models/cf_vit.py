@@ -1,0 +1,605 @@
+"""The coarse-to-fine Vision Transformer (CF-ViT, Chen et al., AAAI 2023) and CF-DeiT.
+
+One transformer classifies an image twice with shared weights:
+
+1. Coarse stage: a ``g x g`` split of an image downsampled to ``patch * g`` pixels. The class-token
+   attention of blocks ``selection_start_block..depth-1``, accumulated with an exponential moving
+   average, scores every coarse patch.
+2. Fine stage: the ``k = ceil(ratio * g * g)`` best-scored coarse patches are re-split into 2x2
+   fine patches of the full-resolution image; the other patches keep their coarse embeddings. The
+   coarse stage's final features are reused (a LayerNorm + MLP, upsampled to the fine grid) in the
+   fine embeddings.
+
+Early exit stops after stage 1 for images whose top softmax probability reaches a threshold.
+
+Every caller (training, evaluation, early exit, visualization) composes the same two methods,
+:meth:`CFVisionTransformer.forward_coarse` and :meth:`CFVisionTransformer.forward_fine`; the
+model keeps no per-call state on itself.
+
+State-dict names follow the released checkpoints (``pos_embed_list.{0,1}``, ``reuse_block``,...),
+which therefore load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
+
+from .layers import CFBlock
+from .token_ops import (
+    FINE_SCALE, coarse_from_fine, fine_children, gather_tokens, num_informative,
+    rank_coarse_patches, upsample_tokens,
+)
+
+__all__ = [
+    'CFVisionTransformer', 'CoarseState', 'FineState', 'CFOutput', 'TokenLayout',
+    'checkpoint_filter_fn', 'resolve_img_size_list',
+]
+
+#: Share of the coarse patches re-split into fine ones (the paper's alpha).
+INFORMATIVE_RATIO = 0.5
+#: Decay of the moving average of class attention over blocks (the paper's beta).
+ATTN_EMA_BETA = 0.99
+#: First block (0-based) whose class attention enters the moving average.
+SELECTION_START_BLOCK = 3
+
+Box = Tuple[int, int, int, int]  # (row0, col0, row1, col1) on a token grid, end-exclusive
+NO_BOX: Box = (0, 0, 0, 0)
+
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class CoarseState(NamedTuple):
+    """What the coarse stage hands to the fine stage (and to callers).
+
+    Attributes:
+        tokens: (B, 1+N_c, D) final normed tokens ``z_c`` (class token first).
+        embeddings: (B, 1+N_c, D) input embeddings ``e_c`` (patch embedding + position embedding).
+        cls_attn: (B, N_c) float32 class-token attention per coarse patch (moving average over
+            the selection blocks, mean over heads).
+        output: the stage's head output (logits, or the dense training tuple of LV-ViT).
+        grid: coarse token grid (h, w).
+        mix_box: MixToken box on the coarse grid, or None.
+    """
+    tokens: torch.Tensor
+    embeddings: torch.Tensor
+    cls_attn: torch.Tensor
+    output: Any
+    grid: Tuple[int, int]
+    mix_box: Optional[Box] = None
+
+    def take(self, rows: torch.Tensor) -> 'CoarseState':
+        """The state of the samples ``rows`` (a 1-D index tensor) only."""
+        return self._replace(
+            tokens=self.tokens[rows], embeddings=self.embeddings[rows], cls_attn=self.cls_attn[rows],
+            output=None)
+
+
+class FineState(NamedTuple):
+    """Result of the fine stage.
+
+    Attributes:
+        tokens: (B, 1+M, D) final normed tokens (M = N_f without selection, 4k + N_c - k with).
+        output: the stage's head output.
+        important_coarse_index: (B, k) coarse patches re-split (None without selection).
+        unimportant_coarse_index: (B, N_c-k) coarse patches kept coarse (None without selection).
+        important_fine_index: (B, 4k) fine patches used (None without selection).
+    """
+    tokens: torch.Tensor
+    output: Any
+    important_coarse_index: Optional[torch.Tensor] = None
+    unimportant_coarse_index: Optional[torch.Tensor] = None
+    important_fine_index: Optional[torch.Tensor] = None
+
+
+class CFOutput(NamedTuple):
+    """Everything one coarse-to-fine inference decided, for evaluation and visualization.
+
+    Attributes:
+        coarse_logits: (B, C) coarse-stage logits.
+        fine_logits: (B, C) fine-stage logits; rows that exited early hold their coarse logits,
+            so this is the final prediction of early-exit inference.
+        exited: (B,) bool, True where the sample stopped after the coarse stage.
+        confidence: (B,) float32 max softmax probability of the coarse logits.
+        cls_attn: (B, N_c) float32 class-attention map of the coarse stage.
+        important_coarse_index: (B, k) informative coarse patches (what selection picks, also
+            for rows that exited).
+        important_fine_index: (B, 4k) their fine children.
+    """
+    coarse_logits: torch.Tensor
+    fine_logits: torch.Tensor
+    exited: torch.Tensor
+    confidence: torch.Tensor
+    cls_attn: torch.Tensor
+    important_coarse_index: torch.Tensor
+    important_fine_index: torch.Tensor
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, C) final prediction: coarse logits where the sample exited, fine elsewhere."""
+        return self.fine_logits
+
+
+class TokenLayout(NamedTuple):
+    """Where a stage's tokens sit, for heads that emit one output per token (LV-ViT).
+
+    Attributes:
+        grid: the stage's full token grid (h, w): coarse grid, or the fine grid (2h, 2w).
+        coarse_grid: the coarse grid.
+        important_coarse_index: (B, k) or None (coarse stage, or fine stage without selection).
+        unimportant_coarse_index: (B, N_c-k) or None.
+        mix_box: MixToken box on ``grid``, or None.
+    """
+    grid: Tuple[int, int]
+    coarse_grid: Tuple[int, int]
+    important_coarse_index: Optional[torch.Tensor] = None
+    unimportant_coarse_index: Optional[torch.Tensor] = None
+    mix_box: Optional[Box] = None
+
+
+def resolve_img_size_list(
+        img_size_list: Optional[Sequence[int]] = None,
+        coarse_stage_size: Optional[int] = None,
+        img_size: Optional[int] = None,
+        patch_size: int = 16,
+) -> List[int]:
+    """The ``[coarse, fine]`` input sides from whichever of the three spellings was given.
+
+    ``coarse_stage_size=g`` means ``[patch * g, 2 * patch * g]``; ``img_size`` (timm's name) is the
+    fine side. Without any, the released default ``[112, 224]`` (g = 7 at patch 16) is used.
+    """
+    candidates = []
+    if img_size_list is not None:
+        candidates.append(('img_size_list', [int(s) for s in img_size_list]))
+    if coarse_stage_size is not None:
+        g = int(coarse_stage_size)
+        candidates.append(('coarse_stage_size', [patch_size * g, FINE_SCALE * patch_size * g]))
+    if img_size is not None:
+        s = to_2tuple(img_size)
+        if s[0] != s[1]:
+            raise ValueError(f'only square inputs are supported, got img_size={img_size}')
+        candidates.append(('img_size', [s[0] // FINE_SCALE, s[0]]))
+    if not candidates:
+        return [7 * patch_size, 7 * FINE_SCALE * patch_size]
+    name, sizes = candidates[0]
+    for other, other_sizes in candidates[1:]:
+        if other_sizes != sizes:
+            raise ValueError(f'{name} gives input sizes {sizes} but {other} gives {other_sizes}')
+    if len(sizes) != 2:
+        raise ValueError(f'img_size_list needs two sizes [coarse, fine], got {sizes}')
+    coarse, fine = sizes
+    if fine != FINE_SCALE * coarse:
+        raise ValueError(f'the fine input must be {FINE_SCALE}x the coarse one, got {sizes}')
+    if coarse % patch_size:
+        raise ValueError(f'input size {coarse} is not a multiple of the patch size {patch_size}')
+    return sizes
+
+
+class CFVisionTransformer(nn.Module):
+    """Coarse-to-fine ViT with DeiT blocks (the released ``CFVisionTransformer``).
+
+    Args:
+        img_size_list: ``[coarse, fine]`` input sides; the fine one is twice the coarse one.
+        coarse_stage_size: shorthand ``g`` for ``img_size_list = [patch*g, 2*patch*g]``.
+        img_size: timm's spelling of the fine side.
+        patch_size: pixels per token side at both stages.
+        in_chans: input channels.
+        num_classes: classes of the head (0 for none).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
+        drop_rate: dropout after the position embedding and in the MLPs.
+        attn_drop_rate: attention dropout.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        norm_layer: normalization constructor (LayerNorm with eps 1e-6 by default).
+        act_layer: MLP activation.
+        skip_lam: residual scaling of the blocks (1 for DeiT).
+        informative_ratio: share of coarse patches re-split (alpha).
+        attn_ema_beta: decay of the class-attention moving average (beta).
+        selection_start_block: first block whose attention enters the average.
+        informative_selection: start with informative selection on (training switches it on
+            late; inference always uses it).
+        fine_pos_embed_without_selection: add ``pos_embed_list.1`` in the fine stage also when
+            selection is off. False reproduces the released CF-DeiT, whose non-selective fine
+            stage omitted it; the paper's DeiT results were trained that way.
+        mix_token: MixToken augmentation of the patch embeddings in training (LV-ViT).
+        embed_layer: patch-embedding constructor ``(patch_size, in_chans, embed_dim) -> module``
+            returning (B, D, h, w) maps; timm's ``PatchEmbed`` by default.
+    """
+
+    #: Head outputs of training mode are dense tuples (overridden by LV-ViT).
+    return_dense: bool = False
+
+    def __init__(
+            self,
+            img_size_list: Optional[Sequence[int]] = None,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_layer: Optional[Any] = None,
+            act_layer: Optional[Any] = None,
+            skip_lam: float = 1.0,
+            informative_ratio: float = INFORMATIVE_RATIO,
+            attn_ema_beta: float = ATTN_EMA_BETA,
+            selection_start_block: int = SELECTION_START_BLOCK,
+            informative_selection: bool = False,
+            fine_pos_embed_without_selection: bool = False,
+            mix_token: bool = False,
+            embed_layer: Optional[Any] = None,
+            coarse_stage_size: Optional[int] = None,
+            img_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
+        if not 0 <= selection_start_block < depth:
+            raise ValueError(f'selection_start_block must be in [0, depth={depth}), got {selection_start_block}')
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.coarse_grid = (self.img_size_list[0] // patch_size,) * 2
+        self.fine_grid = (self.img_size_list[1] // patch_size,) * 2
+        num_coarse = self.coarse_grid[0] * self.coarse_grid[1]
+        self.informative_ratio = informative_ratio
+        self.num_informative = num_informative(num_coarse, informative_ratio)
+        self.attn_ema_beta = attn_ema_beta
+        self.selection_start_block = selection_start_block
+        self.informative_selection = informative_selection
+        self.fine_pos_embed_without_selection = fine_pos_embed_without_selection
+        self.mix_token = mix_token
+        self.mix_beta = 1.0  # MixToken's lambda ~ Beta(1, 1)
+
+        if embed_layer is None:
+            embed_layer = partial(PatchEmbed, img_size=self.img_size_list[1], flatten=False,
+                                  strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_embed = embed_layer(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.pos_embed_list = nn.ParameterList([
+            nn.Parameter(torch.zeros(1, 1 + h * w, embed_dim)) for h, w in (self.coarse_grid, self.fine_grid)
+        ])
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            CFBlock(
+                dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_extra_heads()
+        self.reuse_block = nn.Sequential(
+            norm_layer(embed_dim),
+            Mlp(in_features=embed_dim, hidden_features=int(mlp_ratio * embed_dim), out_features=embed_dim,
+                act_layer=act_layer, drop=drop_rate),
+        )
+        self.init_weights()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _init_extra_heads(self) -> None:
+        """Hook for variants with more heads (LV-ViT's ``aux_head``)."""
+
+    def init_weights(self) -> None:
+        """timm's ViT initialization: truncated normal (std .02) for embeddings and Linear layers."""
+        for pos_embed in self.pos_embed_list:
+            trunc_normal_(pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        named_apply(init_weights_vit_timm, self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names exempt from weight decay, as the release listed them.
+
+        Released-training quirk: ``'pos_embed_list'`` matches no parameter name exactly (the
+        parameters are ``pos_embed_list.0`` / ``.1``), so timm's exact-name matching still decays
+        the position embeddings. The training scripts offer the switch that exempts them.
+        """
+        return {'pos_embed_list', 'cls_token'}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            init_weights_vit_timm(self.head)
+
+    def set_informative_selection(self, enabled: bool = True) -> None:
+        """Switch informative selection of the fine stage on (late training, inference) or off."""
+        self.informative_selection = bool(enabled)
+
+    # ------------------------------------------------------------------ inputs
+    def split_inputs(self, x: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[x_coarse, x_fine]``, or ``x_fine`` alone (the coarse image is then derived from it).
+
+        Returns:
+            (B, C, S_c, S_c) and (B, C, S_f, S_f), checked against the model's input sizes.
+        """
+        if isinstance(x, torch.Tensor):
+            x_f = x
+            self._check_size(x_f, 1)
+            x_c = coarse_from_fine(x_f, (self.img_size_list[0],) * 2)
+        elif isinstance(x, (list, tuple)) and len(x) == 2:
+            x_c, x_f = x
+            self._check_size(x_c, 0)
+            self._check_size(x_f, 1)
+            if x_c.shape[0] != x_f.shape[0]:
+                raise ValueError(f'coarse and fine batches differ: {x_c.shape[0]} vs {x_f.shape[0]}')
+        else:
+            raise TypeError('expected a fine image batch or a pair [x_coarse, x_fine]')
+        return x_c, x_f
+
+    def _check_size(self, x: torch.Tensor, stage: int) -> None:
+        side = self.img_size_list[stage]
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (side, side):
+            name = ('coarse', 'fine')[stage]
+            raise ValueError(
+                f'expected the {name} images as (B, C, {side}, {side}) for img_size_list='
+                f'{self.img_size_list}, got {tuple(x.shape)}')
+
+    # ------------------------------------------------------------------ MixToken
+    def _draw_mix_box(self, grid: Tuple[int, int]) -> Box:
+        """A random box covering about ``1 - lambda`` of the grid, lambda ~ Beta(1, 1)."""
+        h, w = grid
+        beta = torch.distributions.Beta(self.mix_beta, self.mix_beta)
+        lam = float(beta.sample())
+        cut = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(h * cut), int(w * cut)
+        cy = int(torch.randint(h, ()).item())
+        cx = int(torch.randint(w, ()).item())
+        clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
+        return (clip(cy - cut_h // 2, h), clip(cx - cut_w // 2, w),
+                clip(cy + cut_h // 2, h), clip(cx + cut_w // 2, w))
+
+    @staticmethod
+    def _mix_maps(x: torch.Tensor, box: Box) -> torch.Tensor:
+        """Replace the box of each (B, D, h, w) map with that of the batch flipped."""
+        r0, c0, r1, c1 = box
+        out = x.clone()
+        out[:, :, r0:r1, c0:c1] = x.flip(0)[:, :, r0:r1, c0:c1]
+        return out
+
+    # ------------------------------------------------------------------ the two stages
+    def _embed(self, x: torch.Tensor, grid: Tuple[int, int], box: Optional[Box]) -> torch.Tensor:
+        """Patch-embed (B, C, H, W) to (B, h*w, D), MixToken applied when a box is given."""
+        t = self.patch_embed(x)  # (B, D, h, w)
+        if tuple(t.shape[-2:]) != tuple(grid):
+            raise ValueError(f'patch embedding gave a {tuple(t.shape[-2:])} grid, expected {grid}')
+        if box is not None:
+            t = self._mix_maps(t, box)
+        return t.flatten(2).transpose(1, 2)
+
+    def forward_coarse(self, x_c: torch.Tensor, dense: bool = False) -> CoarseState:
+        """Coarse stage on (B, C, S_c, S_c) images.
+
+        Args:
+            x_c: coarse images.
+            dense: return the head's dense training output (LV-ViT) instead of logits.
+        """
+        grid = self.coarse_grid
+        box = self._draw_mix_box(grid) if (self.mix_token and self.training) else None
+        t = self._embed(x_c, grid, box)  # (B, N_c, D)
+        x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
+        x = x + self.pos_embed_list[0]  # (B, 1+N_c, D)
+        embeddings = x
+        x = self.pos_drop(x)
+        attn = None  # running average of the class-token attention row, (B, heads, 1+N_c)
+        beta = self.attn_ema_beta
+        for i, blk in enumerate(self.blocks):
+            x, a = blk(x, return_cls_attn=i >= self.selection_start_block)
+            if a is not None:
+                attn = (1 - beta) * a if attn is None else beta * attn + (1 - beta) * a
+        z = self.norm(x)
+        cls_attn = attn.mean(dim=1)[:, 1:]  # (B, N_c)
+        layout = TokenLayout(grid=grid, coarse_grid=grid, mix_box=box)
+        output = self.forward_head(z, stage=0, dense=dense, layout=layout)
+        return CoarseState(z, embeddings, cls_attn, output, grid, box)
+
+    def select_patches(self, cls_attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N_c) class attention -> informative (B, k) and other (B, N_c-k) coarse indices."""
+        return rank_coarse_patches(cls_attn, self.num_informative)
+
+    def forward_fine(
+            self,
+            x_f: torch.Tensor,
+            state: CoarseState,
+            selection: Optional[bool] = None,
+            rows: Optional[torch.Tensor] = None,
+            dense: bool = False,
+    ) -> FineState:
+        """Fine stage on (B, C, S_f, S_f) images, reusing the coarse stage's ``state``.
+
+        Args:
+            x_f: fine images of the whole batch.
+            state: the coarse stage of the same batch.
+            selection: informative selection on/off (default: the model's setting).
+            rows: 1-D indices of the samples to run (default: all); outputs have ``len(rows)`` rows.
+            dense: return the head's dense training output (LV-ViT) instead of logits.
+        """
+        if selection is None:
+            selection = self.informative_selection
+        if rows is not None:
+            x_f, state = x_f[rows], state.take(rows)
+        grid = state.grid
+        fine_grid = (FINE_SCALE * grid[0], FINE_SCALE * grid[1])
+        box = None
+        if state.mix_box is not None:
+            box = tuple(FINE_SCALE * v for v in state.mix_box)
+        t = self._embed(x_f, fine_grid, box)  # (B, N_f, D)
+        reuse = upsample_tokens(self.reuse_block(state.tokens[:, 1:]), grid)  # (B, N_f, D)
+        x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t + reuse), dim=1)  # (B, 1+N_f, D)
+        if selection or self.fine_pos_embed_without_selection:
+            x = x + self.pos_embed_list[1]
+        important = unimportant = important_fine = None
+        if selection:
+            important, unimportant = self.select_patches(state.cls_attn)
+            important_fine = fine_children(important, grid)  # (B, 4k)
+            x = torch.cat((
+                x[:, :1],
+                gather_tokens(x[:, 1:], important_fine),
+                gather_tokens(state.embeddings[:, 1:], unimportant),
+            ), dim=1)  # (B, 1 + 4k + N_c - k, D)
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        z = self.norm(x)
+        layout = TokenLayout(grid=fine_grid, coarse_grid=grid, important_coarse_index=important,
+                             unimportant_coarse_index=unimportant, mix_box=box)
+        output = self.forward_head(z, stage=1, dense=dense, layout=layout)
+        return FineState(z, output, important, unimportant, important_fine)
+
+    def forward_head(self, z: torch.Tensor, stage: int, dense: bool = False,
+                     layout: Optional[TokenLayout] = None) -> Any:
+        """Classify from the normed tokens (B, 1+M, D) of a stage: ``head`` of the class token."""
+        return self.head(z[:, 0])
+
+    # ------------------------------------------------------------------ public forwards
+    def forward_features(self, x: Inputs) -> List[torch.Tensor]:
+        """Normed tokens of both stages, ``[(B, 1+N_c, D), (B, 1+M, D)]``."""
+        x_c, x_f = self.split_inputs(x)
+        state = self.forward_coarse(x_c)
+        return [state.tokens, self.forward_fine(x_f, state).tokens]
+
+    def forward(self, x: Inputs) -> List[Any]:
+        """Both stages on the whole batch: ``[coarse_output, fine_output]``.
+
+        Args:
+            x: ``[x_coarse, x_fine]`` or ``x_fine`` alone.
+
+        Returns:
+            Two (B, C) logits; LV-ViT in training mode returns two ``(cls_logits, dense_logits,
+            box)`` tuples for token labeling instead.
+        """
+        x_c, x_f = self.split_inputs(x)
+        dense = self.return_dense and self.training
+        state = self.forward_coarse(x_c, dense=dense)
+        fine = self.forward_fine(x_f, state, dense=dense)
+        return [state.output, fine.output]
+
+    def forward_details(self, x: Inputs, threshold: Optional[float] = None) -> CFOutput:
+        """Coarse-to-fine inference that reports every decision it made.
+
+        Args:
+            x: ``[x_coarse, x_fine]`` or ``x_fine`` alone.
+            threshold: early-exit threshold. None runs the fine stage for every sample (with the
+                model's selection setting); a number exits samples whose coarse max-softmax is
+                ``>= threshold`` and runs the fine stage, with informative selection, only for the
+                others (none at all if every sample exits).
+
+        Returns:
+            A :class:`CFOutput`.
+        """
+        x_c, x_f = self.split_inputs(x)
+        state = self.forward_coarse(x_c)
+        coarse_logits = state.output
+        confidence = coarse_logits.float().softmax(dim=-1).max(dim=-1).values  # (B,)
+        important, _ = self.select_patches(state.cls_attn)
+        important_fine = fine_children(important, state.grid)
+        if threshold is None:
+            exited = torch.zeros_like(confidence, dtype=torch.bool)
+            selection = None
+        else:
+            threshold = float(threshold)
+            if math.isnan(threshold):
+                raise ValueError('the early-exit threshold is NaN')
+            exited = confidence >= threshold
+            selection = True
+        go_on = torch.nonzero(~exited).squeeze(1)  # (B',)
+        if go_on.numel() == 0:
+            fine_logits = coarse_logits
+        elif go_on.numel() == exited.numel():
+            fine_logits = self.forward_fine(x_f, state, selection=selection).output
+        else:
+            fine_rows = self.forward_fine(x_f, state, selection=selection, rows=go_on).output
+            fine_logits = coarse_logits.index_copy(0, go_on, fine_rows.to(coarse_logits.dtype))
+        return CFOutput(coarse_logits, fine_logits, exited, confidence, state.cls_attn,
+                        important, important_fine)
+
+    def forward_early_exit(self, x: Inputs, threshold: float) -> torch.Tensor:
+        """Early-exit inference: (B, C) coarse logits where confident enough, fine elsewhere."""
+        return self.forward_details(x, threshold).fine_logits
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Adapt a released or training checkpoint to a plain state_dict of this model.
+
+    Accepts the released layout (``{'model': state_dict, 'flop': ..., ...}``), a training
+    checkpoint (``model`` plus optimizer etc.), ``{'state_dict': ...}``, or a bare state_dict,
+    and strips the ``module.`` prefix that DistributedDataParallel adds.
+    """
+    for key in ('model', 'state_dict'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    prefix = 'module.'
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2203.03821', 'paper_name': 'CF-ViT: A General Coarse-to-Fine Method for Vision Transformer',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'cf_deit_tiny': _cfg(),
+    'cf_deit_small': _cfg(origin_url='https://github.com/ChenMnZ/CF-ViT'),
+})
+
+
+def create_cf_model(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered CF model through timm, with the input-size shorthands resolved.
+
+    The model's ``pretrained_cfg['input_size']`` is set to its fine input size, so timm's
+    ``resolve_data_config`` gives the right evaluation transform for any grid.
+    """
+    kwargs['img_size_list'] = resolve_img_size_list(
+        kwargs.pop('img_size_list', None), kwargs.pop('coarse_stage_size', None),
+        kwargs.pop('img_size', None), kwargs.get('patch_size', 16))
+    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 **kwargs)
+    fine = model.img_size_list[1]
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, fine, fine))
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+@register_model
+def cf_deit_tiny(pretrained: bool = False, **kwargs: Any) -> CFVisionTransformer:
+    """CF-DeiT-Ti: D=192, 3 heads, 12 blocks (for CPU-sized experiments; no released weights)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
+                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return create_cf_model(CFVisionTransformer, 'cf_deit_tiny', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cf_deit_small(pretrained: bool = False, **kwargs: Any) -> CFVisionTransformer:
+    """CF-DeiT-S as released: D=384, 6 heads, 12 blocks."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return create_cf_model(CFVisionTransformer, 'cf_deit_small', pretrained, **dict(model_args, **kwargs))
