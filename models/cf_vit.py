@@ -202,7 +202,8 @@ class CFVisionTransformer(nn.Module):
         skip_lam: residual scaling of the blocks (1 for DeiT).
         informative_ratio: share of coarse patches re-split (alpha).
         attn_ema_beta: decay of the class-attention moving average (beta).
-        selection_start_block: first block whose attention enters the average.
+        selection_start_block: first block whose attention enters the average (default 3, the
+            paper's; the last block for models of depth 3 or less).
         informative_selection: start with informative selection on (training switches it on
             late; inference always uses it).
         fine_pos_embed_without_selection: add ``pos_embed_list.1`` in the fine stage also when
@@ -235,7 +236,7 @@ class CFVisionTransformer(nn.Module):
             skip_lam: float = 1.0,
             informative_ratio: float = INFORMATIVE_RATIO,
             attn_ema_beta: float = ATTN_EMA_BETA,
-            selection_start_block: int = SELECTION_START_BLOCK,
+            selection_start_block: Optional[int] = None,
             informative_selection: bool = False,
             fine_pos_embed_without_selection: bool = False,
             mix_token: bool = False,
@@ -245,6 +246,8 @@ class CFVisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
+        if selection_start_block is None:  # the paper's block 3, or the last block of shallower models
+            selection_start_block = min(SELECTION_START_BLOCK, depth - 1)
         if not 0 <= selection_start_block < depth:
             raise ValueError(f'selection_start_block must be in [0, depth={depth}), got {selection_start_block}')
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)

@@ -1,0 +1,183 @@
+"""Checkpoint input/output shared by every script.
+
+- Loading never runs code: ``torch.load(..., weights_only=True)`` with an allow-list of the plain
+  types that released and training checkpoints hold. Anything else is refused with a message
+  naming the type, unless the caller opts in with ``unsafe=True`` (``--unsafe-load``).
+- Saving is atomic: a temporary file in the target folder, flushed and fsynced, then renamed, so
+  an interruption leaves the previous file intact. A user's file is never modified in place.
+- Model weights are matched against the model before loading, and every mismatch is reported in
+  one message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint_file', 'extract_state_dict', 'check_state_dict',
+    'load_model_weights', 'save_atomic',
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: Types besides tensors and plain containers that our and the released checkpoints contain.
+SAFE_GLOBALS: List[Any] = [argparse.Namespace]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with a message meant for a person."""
+
+
+def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
+    """Read a ``.pth``/``.pt`` (or ``.safetensors``) checkpoint onto the CPU without running code.
+
+    Args:
+        path: the file.
+        unsafe: fall back to full unpickling for files the user trusts (``--unsafe-load``).
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, or a type outside the allow-list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device='cpu')
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f'cannot read {path} as safetensors: {e}') from e
+    try:
+        if unsafe:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f'{path} holds objects that are not plain data ({msg}). Loading it would run code '
+            f'from the file; if you trust it, pass --unsafe-load.') from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {e}') from e
+
+
+def extract_state_dict(checkpoint: Any, key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint.
+
+    Args:
+        checkpoint: a bare state_dict, the released layout ``{'model': ..., 'flop': ...}``, a
+            training checkpoint, or ``{'state_dict': ...}``.
+        key: take this entry (e.g. ``'model_ema'``) instead of guessing.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
+    if key is not None:
+        if key not in checkpoint:
+            raise CheckpointError(f'checkpoint has no {key!r} entry (it has {sorted(checkpoint)})')
+        checkpoint = checkpoint[key]
+    else:
+        for k in ('model', 'state_dict'):
+            if isinstance(checkpoint.get(k), Mapping):
+                checkpoint = checkpoint[k]
+                break
+    state_dict = dict(checkpoint)
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(f'no state_dict found: entries {bad} are not tensors')
+    prefix = 'module.'
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     max_items: int = 8) -> Optional[str]:
+    """None if ``state_dict`` fits ``model`` exactly, else a message listing what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes: List[Tuple[str, tuple, tuple]] = [
+        (k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def listing(items: List[str]) -> str:
+        more = f', ... ({len(items) - max_items} more)' if len(items) > max_items else ''
+        return ', '.join(items[:max_items]) + more
+
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} missing keys: {listing(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys: {listing(unexpected)}')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches: ' + listing(
+            [f'{k} (checkpoint {list(a)} vs model {list(b)})' for k, a, b in shapes]))
+    hint = ''
+    if any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
+        hint = ' The classifier differs in class count: use --finetune to load all but the head.'
+    elif any(k.startswith('pos_embed_list') for k, _, _ in shapes):
+        hint = ' The position embeddings differ: check --coarse-stage-size (7 or 9 for the released models).'
+    return '; '.join(parts) + '.' + hint
+
+
+def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]], key: Optional[str] = None,
+                       unsafe: bool = False) -> Any:
+    """Load weights into ``model`` with ``strict=True``.
+
+    Args:
+        model: the model.
+        source: a checkpoint path or an already loaded checkpoint.
+        key: checkpoint entry holding the weights (default: ``model``/``state_dict``/bare).
+        unsafe: see :func:`load_checkpoint_file`.
+
+    Returns:
+        The whole checkpoint (for its other entries, e.g. ``flop``).
+
+    Raises:
+        CheckpointError: with every missing/unexpected key and shape mismatch in one message.
+    """
+    checkpoint = source if isinstance(source, Mapping) else load_checkpoint_file(source, unsafe=unsafe)
+    state_dict = extract_state_dict(checkpoint, key)
+    problem = check_state_dict(model, state_dict)
+    if problem is not None:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        where = f' {source}' if not isinstance(source, Mapping) else ''
+        raise CheckpointError(f'checkpoint{where} does not fit {name}: {problem}')
+    model.load_state_dict(state_dict, strict=True)
+    return checkpoint
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            if path.suffix == '.safetensors':
+                from safetensors.torch import save
+                f.write(save({k: v.contiguous() for k, v in obj.items()}))
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
