@@ -1,10 +1,294 @@
-"""dynamic_inference.py: the four evaluation modes (issue 3). Not implemented yet."""
+"""Evaluate a CF-ViT checkpoint: the released four evaluation modes, on CPU or GPU.
+
+    python dynamic_inference.py --eval-mode {0,1,2,3} --data_url PATH --batch_size N \
+        --model cf_deit_small --checkpoint_path CKPT --coarse-stage-size {7,9} [--threshold T]
+
+Modes (numbers or names):
+  0 | anytime     both stages on the whole validation set: top-1 of each stage, per-stage GFLOPs
+  1 | budgeted    mode 0, then the sweep over thresholds 0.00..0.99: (expected GFLOPs, top-1)
+                  pairs as JSON and a PNG curve; --write-checkpoint also writes them into a NEW
+                  checkpoint file (the input file is never modified)
+  2 | throughput  real early exit at --threshold: top-1/top-5, exit share, average GFLOPs, images/s
+  3 | report      what a released checkpoint stores (flop, anytime and budgeted results) + the curve
+
+Every result lands in --output-dir (default: a new folder under ./output/dynamic_inference/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import models
+from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
+from utils.checkpoint import (
+    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic,
+    write_json_atomic,
+)
+from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
+from utils.flops import stage_gflops
+from utils.inference import predict_stages, timed_early_exit
+from utils.plots import plot_budgeted_curve
+
+_logger = logging.getLogger('dynamic_inference')
+
+MODES = {'0': 0, 'anytime': 0, '1': 1, 'budgeted': 1, '2': 2, 'throughput': 2, '3': 3, 'report': 3}
+MODE_NAMES = {0: 'anytime', 1: 'budgeted', 2: 'throughput', 3: 'report'}
+AMP_DTYPES = {'none': None, 'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def main() -> int:
-    print('dynamic_inference.py: not yet — the four evaluation modes (issue 3) has not landed. The models are in models/.', file=sys.stderr)
-    return 2
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def eval_mode(value: str) -> int:
+    try:
+        return MODES[str(value).lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f'unknown eval mode {value!r}: use 0-3 or {", ".join(MODE_NAMES.values())}')
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('CF-ViT dynamic inference', add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+    p.add_argument('--eval-mode', '--eval_mode', type=eval_mode, default=1,
+                   help='0|anytime, 1|budgeted, 2|throughput, 3|report (default 1)')
+    p.add_argument('--data-url', '--data_url', '--data-path', '--data_path', dest='data_url', default=None,
+                   help='dataset root holding val/ in ImageFolder layout (modes 0-2)')
+    p.add_argument('--batch-size', '--batch_size', type=int, default=64)
+    p.add_argument('--model', default='cf_deit_small', choices=models.MODEL_NAMES)
+    p.add_argument('--model-kwargs', default='{}',
+                   help='JSON of extra timm.create_model arguments, e.g. \'{"embed_dim": 48, "depth": 4}\'')
+    p.add_argument('--checkpoint-path', '--checkpoint_path', dest='checkpoint_path', default=None)
+    p.add_argument('--checkpoint-key', default=None,
+                   help="checkpoint entry holding the weights (default: 'model', else the whole file); "
+                        "e.g. model_ema")
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=7,
+                   help='coarse grid side g: inputs of 16g and 32g pixels (7 or 9 for the released models)')
+    p.add_argument('--threshold', type=float, default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--num-workers', '--num_workers', type=int, default=4)
+    p.add_argument('--output-dir', '--output_dir', default=None)
+    p.add_argument('--write-checkpoint', action='store_true',
+                   help='mode 1: also write the checkpoint with the results added, as a NEW file in --output-dir')
+    p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), default='none',
+                   help='autocast dtype for the forward passes (default none: float32, as the released numbers)')
+    p.add_argument('--warmup-batches', type=int, default=2, help='mode 2: batches run before timing starts')
+    p.add_argument('--unsafe-load', action='store_true',
+                   help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
+    return p
+
+
+# ---------------------------------------------------------------------------------------- setup
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout, force=True)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    if args.output_dir:
+        out = Path(args.output_dir)
+    else:
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        out = Path('output') / 'dynamic_inference' / f'{args.model}_g{args.coarse_stage_size}_{MODE_NAMES[args.eval_mode]}_{stamp}'
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / '.write_test'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f'output folder {out} is not writable: {e.strerror or e}')
+    return out
+
+
+def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
+    """The model the checkpoint holds, with the class count read from its head."""
+    import timm
+    try:
+        extra = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise UsageError(f'--model-kwargs is not valid JSON: {e}')
+    state_dict = extract_state_dict(checkpoint, args.checkpoint_key)
+    head = state_dict.get('head.weight')
+    if head is None:
+        raise UsageError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
+    if args.coarse_stage_size < 1:
+        raise UsageError(f'--coarse-stage-size must be a positive grid side, got {args.coarse_stage_size}')
+    try:
+        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size,
+                                  num_classes=head.shape[0], **extra)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f'cannot build {args.model}: {e}')
+    load_model_weights(model, state_dict)
+    model.set_informative_selection(True)  # inference always selects
+    return model
+
+
+def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: int):
+    if not args.data_url:
+        raise UsageError(f'mode {args.eval_mode} needs --data_url, a folder holding val/ in ImageFolder layout')
+    root = Path(args.data_url)
+    if not root.is_dir():
+        raise UsageError(f'dataset folder not found: {root}')
+    valdir = root / 'val'
+    if not valdir.is_dir():
+        raise UsageError(f'no val/ folder in {root}: --data_url must hold val/<class>/<image> (ImageFolder layout)')
+    dataset = open_image_folder(valdir, eval_transform(model))
+    if len(dataset.classes) != num_classes:
+        raise UsageError(f'{valdir} has {len(dataset.classes)} classes but the checkpoint head has {num_classes}')
+    if args.batch_size < 1:
+        raise UsageError(f'--batch-size must be positive, got {args.batch_size}')
+    _logger.info('validation set: %d images of %d classes in %s', len(dataset), num_classes, valdir)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        pin_memory=args.device.startswith('cuda'), collate_fn=collate_skipping)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    return '[' + ', '.join(f'{v:.{digits}g}' if digits > 2 else f'{v:.{digits}f}' for v in values) + ']'
+
+
+# ---------------------------------------------------------------------------------------- modes
+def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out: Path) -> Dict[str, Any]:
+    """Mode 3: print the released results stored in a checkpoint and plot its curve."""
+    keys = ('flop', 'anytime_classification', 'budgeted_batch_classification')
+    missing = [k for k in keys if k not in checkpoint]
+    if len(missing) == len(keys):
+        raise UsageError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}); '
+                         'run --eval-mode 1 --write-checkpoint to make a checkpoint that does')
+    result = {k: checkpoint.get(k) for k in keys}
+    for k in keys:
+        _logger.info('%s : %s', k, result[k])
+    budget = result['budgeted_batch_classification']
+    if budget is not None:
+        gflops, acc = [float(v) for v in budget[0]], [float(v) for v in budget[1]]
+        stage_points = None
+        if result['flop'] is not None and result['anytime_classification'] is not None:
+            stage_points = list(zip([float(v) for v in result['flop']],
+                                    [float(v) for v in result['anytime_classification']]))
+        plot_budgeted_curve(gflops, acc, out / 'budgeted_batch_classification.png', stage_points,
+                            title=f'{Path(args.checkpoint_path).name} (stored results)',
+                            thresholds=DEFAULT_THRESHOLDS if len(gflops) == 100 else None)
+        _logger.info('curve: %s', out / 'budgeted_batch_classification.png')
+    write_json_atomic(_jsonable(result), out / 'checkpoint_results.json')
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def check_stored_flops(checkpoint: Dict[str, Any], flops: List[float]) -> None:
+    stored = checkpoint.get('flop')
+    if stored is None:
+        return
+    stored = [float(v) for v in stored]
+    if len(stored) != 2 or any(abs(a - b) > 0.01 * b for a, b in zip(stored, flops)):
+        _logger.warning('the checkpoint stores flop=%s but this model counts %s GFLOPs', stored, fmt(flops, 4))
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    out = output_dir(args)
+    if not args.checkpoint_path:
+        raise UsageError('--checkpoint_path is required')
+    checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    _logger.info('output folder: %s', out)
+    if args.eval_mode == 3:
+        return report_checkpoint(args, checkpoint, out)
+
+    if args.eval_mode == 2 and not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f'--threshold must be in [0, 1], got {args.threshold}')
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f'device {args.device!r} is not available: {e}')
+    model = build_model(args, checkpoint)
+    loader = val_loader(args, model, model.num_classes)
+    model.to(device).eval()
+    flops = stage_gflops(model)
+    check_stored_flops(checkpoint, flops)
+    amp = AMP_DTYPES[args.amp_dtype]
+    result: Dict[str, Any] = {
+        'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'img_size_list': model.img_size_list,
+        'checkpoint': str(args.checkpoint_path), 'device': str(device), 'amp_dtype': args.amp_dtype,
+        'torch': torch.__version__, 'flop': flops,
+    }
+    _logger.info('flops : %s  (GFLOPs of one image: [coarse, coarse + fine])', fmt(flops, 4))
+
+    if args.eval_mode in (0, 1):
+        preds = predict_stages(model, loader, device, amp)
+        anytime = preds.accuracy()
+        result.update(images=int(preds.targets.numel()), skipped_images=preds.skipped,
+                      anytime_classification=anytime)
+        _logger.info('anytime_classification : %s  (top-1 %% of the coarse and the fine stage, %d images)',
+                     fmt(anytime, 2), preds.targets.numel())
+        if preds.skipped:
+            _logger.warning('%d unreadable images were skipped', preds.skipped)
+        if args.eval_mode == 1:
+            gflops, acc = sweep_from_predictions(preds.confidence[0], preds.correct[0], preds.correct[1], flops)
+            result['thresholds'] = DEFAULT_THRESHOLDS
+            result['budgeted_batch_classification'] = [gflops, acc]
+            for t in (0.0, 0.5, 0.7, 0.9, 0.99):
+                i = round(t * 100)
+                _logger.info('threshold %.2f: %.4f GFLOPs, top-1 %.2f%%', DEFAULT_THRESHOLDS[i], gflops[i], acc[i])
+            plot_budgeted_curve(gflops, acc, out / 'budgeted_batch_classification.png',
+                                list(zip(flops, anytime)), title=f'{args.model}, {args.coarse_stage_size}x'
+                                f'{args.coarse_stage_size} coarse grid, {preds.targets.numel()} images',
+                                thresholds=DEFAULT_THRESHOLDS)
+            _logger.info('curve: %s', out / 'budgeted_batch_classification.png')
+            if args.write_checkpoint:
+                new = dict(checkpoint, flop=flops, anytime_classification=anytime,
+                           budgeted_batch_classification=[gflops, acc])
+                target = out / f'{Path(args.checkpoint_path).stem}_with_results.pth'
+                save_atomic(new, target)
+                result['written_checkpoint'] = str(target)
+                _logger.info('checkpoint with results: %s', target)
+        write_json_atomic(result, out / f'{MODE_NAMES[args.eval_mode]}.json')
+        return result
+
+    res = timed_early_exit(model, loader, device, args.threshold, args.warmup_batches, amp)
+    result.update(threshold=args.threshold, images=res.images, timed_images=res.timed_images,
+                  skipped_images=res.skipped, top1=res.top1, top5=res.top5, exit_share=res.exit_share,
+                  average_gflops=res.expected_gflops(flops), seconds=res.seconds, throughput=res.throughput,
+                  batch_size=args.batch_size, warmup_batches=args.warmup_batches,
+                  timer='cuda events' if device.type == 'cuda' else 'wall clock (perf_counter)',
+                  threads=torch.get_num_threads())
+    _logger.info('* Acc@1 %.3f Acc@5 %.3f  exited at the coarse stage: %.1f%%  average GFLOPs: %.4f',
+                 res.top1, res.top5, 100 * res.exit_share, res.expected_gflops(flops))
+    _logger.info('throughput: %.1f images/s (%d images timed in %.3f s, %d warm-up batches excluded)',
+                 res.throughput, res.timed_images, res.seconds, args.warmup_batches)
+    write_json_atomic(result, out / 'throughput.json')
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    setup_logging()
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, CheckpointError, DatasetError) as e:
+        print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if 'no readable images' in str(e):
+            print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
+            return 2
+        raise
+    return 0
 
 
 if __name__ == '__main__':

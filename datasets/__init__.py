@@ -1,4 +1,6 @@
-"""Datasets and transforms (the training and token-label datasets land with their issues)."""
+"""Datasets and transforms."""
+from .folder import DatasetError, RobustImageFolder, collate_skipping, open_image_folder
 from .transforms import data_config, eval_resize_size, eval_transform
 
-__all__ = ['data_config', 'eval_transform', 'eval_resize_size']
+__all__ = ['data_config', 'eval_transform', 'eval_resize_size', 'DatasetError', 'RobustImageFolder',
+           'collate_skipping', 'open_image_folder']

@@ -11,19 +11,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = [
     'CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint_file', 'extract_state_dict', 'check_state_dict',
-    'load_model_weights', 'save_atomic',
+    'load_model_weights', 'save_atomic', 'atomic_file', 'write_json_atomic',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -157,18 +159,18 @@ def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, An
     return checkpoint
 
 
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            if path.suffix == '.safetensors':
-                from safetensors.torch import save
-                f.write(save({k: v.contiguous() for k, v in obj.items()}))
-            else:
-                torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -181,3 +183,21 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` (or safetensors for ``.safetensors``) to ``path`` atomically."""
+    path = Path(path)
+    with atomic_file(path) as f:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import save
+            f.write(save({k: v.contiguous() for k, v in obj.items()}))
+        else:
+            torch.save(obj, f)
+
+
+def write_json_atomic(obj: Any, path: PathLike) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_file(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
