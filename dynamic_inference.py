@@ -16,12 +16,13 @@ Every result lands in --output-dir (default: a new folder under ./output/dynamic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -86,8 +87,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------- setup
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout, force=True)
+@contextlib.contextmanager
+def console_logging(level: int = logging.INFO) -> Iterator[None]:
+    """Log messages to the current stdout for the duration of one run (handlers restored after)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -276,10 +289,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    setup_logging()
     args = get_args_parser().parse_args(argv)
     try:
-        run(args)
+        with console_logging():
+            run(args)
     except (UsageError, CheckpointError, DatasetError) as e:
         print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
         return 2

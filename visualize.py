@@ -1,11 +1,370 @@
-"""visualize.py: visualization (issue 6). Not implemented yet."""
+"""Show where a CF-ViT looks and which images need its fine stage.
+
+For every image it runs ``model.forward_details(images, threshold)`` once (early-exit inference:
+the coarse stage for all, the fine stage with informative selection for the images below the
+threshold) and draws, in an output folder:
+
+- ``coarse_correct.png``: images the coarse stage recognized (exited and right);
+- ``fine_only_correct.png``: images only the fine stage recognized (coarse wrong, fine right);
+  (without ground truth, ``--img-path``: ``coarse_exit.png`` and ``fine_stage.png``)
+- ``confidence_histogram.png``: coarse confidences with the threshold;
+- ``summary.json``: counts, exit share, accuracies, the files shown.
+
+Each image is shown as a pair: the input, and the same input with the coarse patches that stay
+coarse faded and the re-split ones outlined on the fine grid.
+
+Example::
+
+    python visualize.py --model cf_deit_small --resume cf-deit-s-224.pth --data-path /data/imagenet \\
+        --output-dir output/vis --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import random
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import models
+from datasets.transforms import data_config, eval_transform
+from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
+from utils.visualization import (
+    FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
+    collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
+    list_image_folder, list_images, read_class_index, resolve_classes, unnormalize, write_json,
+)
+
+log = logging.getLogger('visualize')
+
+#: Default early-exit threshold: the one the released visualization used.
+DEFAULT_THRESHOLD = 0.7
+CHECK, CROSS = '\u2713', '\u2717'
+GREEN, RED, GREY, BLACK = '#1b7f3b', '#c1121f', '#6c757d', '#111111'
 
 
-def main() -> int:
-    print('visualize.py: not yet — visualization (issue 6) has not landed. The models are in models/.', file=sys.stderr)
-    return 2
+class _KeyValues(argparse.Action):
+    """``key=value`` pairs into a dict; values are Python literals when they parse as one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        out: Dict[str, Any] = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                parser.error(f'{option_string} expects key=value pairs, got {item!r}')
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+        setattr(namespace, self.dest, out)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line (the released flags, with dash and underscore spellings)."""
+    p = argparse.ArgumentParser('visualize.py', add_help=add_help,
+                                description='Draw which images a CF-ViT recognizes at the coarse stage, '
+                                            'which need the fine stage, and the patches it re-splits.')
+    p.add_argument('--model', default='cf_deit_small', choices=list(models.MODEL_NAMES))
+    p.add_argument('--resume', '--checkpoint-path', '--checkpoint_path', default='', metavar='CKPT',
+                   help='model checkpoint (released or training layout); without it the model has random '
+                        'weights and a warning says so')
+    p.add_argument('--unsafe-load', '--unsafe_load', action='store_true',
+                   help='allow full unpickling of a checkpoint you trust (default: weights_only)')
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=7, metavar='G',
+                   help='coarse grid side g (7 or 9 for the released models); the fine input is 32*g px')
+    p.add_argument('--num-classes', '--num_classes', type=int, default=None,
+                   help='classes of a model without checkpoint (default: the dataset\'s class folders, '
+                        'else 1000); with --resume the checkpoint\'s head decides')
+    p.add_argument('--model-kwargs', '--model_kwargs', nargs='*', default={}, action=_KeyValues,
+                   metavar='KEY=VALUE', help='more timm.create_model arguments, e.g. embed_dim=48 depth=4')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--data-path', '--data_path', default=None, metavar='PATH',
+                     help='dataset root with val/ in ImageFolder layout (or an ImageFolder itself)')
+    src.add_argument('--img-path', '--img_path', default=None, metavar='FILE_OR_DIR',
+                     help='one image or a folder of images (no ground truth)')
+    p.add_argument('--class-index-file', '--class_index_file', default=None, metavar='FILE',
+                   help='class names (and folder -> class index): text, one class a line, or '
+                        'tab-separated like imagenette\'s classes.txt, or JSON; a classes.txt at the '
+                        'dataset root is used automatically')
+    p.add_argument('--output-dir', '--output_dir', default='output/visualize', metavar='DIR')
+    p.add_argument('--threshold', type=float, default=DEFAULT_THRESHOLD,
+                   help='early-exit threshold on the coarse max-softmax probability (default: %(default)s, '
+                        'as the released visualization)')
+    p.add_argument('--num-images', '--num_images', type=int, default=16,
+                   help='images per grid (default: %(default)s), drawn at random with --seed')
+    p.add_argument('--max-images', '--max_images', type=int, default=None,
+                   help='run the model on at most this many images, a random subset (default: all)')
+    p.add_argument('--batch-size', '--batch_size', type=int, default=64)
+    p.add_argument('--num-workers', '--num_workers', type=int, default=2)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--panel-size', '--panel_size', type=int, default=None,
+                   help='pixel side of each picture in the grids (default: the model\'s input size)')
+    p.add_argument('--fade', type=float, default=FADE,
+                   help='how far patches kept coarse fade to white, 0..1 (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.threshold <= 1.0:
+        raise InputError(f'--threshold must be in [0, 1], got {args.threshold}')
+    if not 0.0 <= args.fade <= 1.0:
+        raise InputError(f'--fade must be in [0, 1], got {args.fade}')
+    for name in ('num_images', 'batch_size', 'coarse_stage_size'):
+        if getattr(args, name) < 1:
+            raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    if args.max_images is not None and args.max_images < 1:
+        raise InputError(f'--max-images must be at least 1, got {args.max_images}')
+    if args.num_workers < 0:
+        raise InputError(f'--num-workers must be >= 0, got {args.num_workers}')
+    if args.panel_size is not None and args.panel_size < 64:
+        raise InputError(f'--panel-size must be at least 64 pixels, got {args.panel_size}')
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f'--device {name!r} is not a device: {e}') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
+    return device
+
+
+def _prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f'cannot write to --output-dir {out}: {e.strerror or e}') from e
+    return out
+
+
+def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int]]:
+    """The checkpoint's state_dict and its class count (from ``head.weight``), or (None, None)."""
+    if not args.resume:
+        return None, None
+    state_dict = extract_state_dict(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
+    head = state_dict.get('head.weight')
+    if head is None or head.dim() != 2:
+        raise CheckpointError(f'{args.resume} has no classifier (head.weight): not a CF-ViT checkpoint')
+    return state_dict, int(head.shape[0])
+
+
+def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optional[Path]:
+    if args.class_index_file:
+        return Path(args.class_index_file)
+    if args.data_path is None:
+        return None
+    candidates = [Path(args.data_path) / 'classes.txt', folder / 'classes.txt']
+    if folder.name in ('val', 'train'):  # --data-path pointed at a split: its dataset root
+        candidates.append(folder.parent / 'classes.txt')
+    for candidate in dict.fromkeys(candidates):
+        if candidate.is_file():
+            log.info('class names from %s', candidate)
+            return candidate
+    return None
+
+
+def _build_model(args: argparse.Namespace, num_classes: int,
+                 state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.nn.Module:
+    import timm
+    torch.manual_seed(args.seed)
+    try:
+        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size, num_classes=num_classes,
+                                  **args.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise InputError(f'cannot build {args.model}: {e}') from e
+    if state_dict is not None:
+        try:
+            load_model_weights(model, state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f'{args.resume}: {e}') from e
+        log.info('weights from %s', args.resume)
+    else:
+        bar = '*' * 78
+        log.warning(bar)
+        log.warning('NO CHECKPOINT: --resume not given, so %s has RANDOM weights. Its predictions,', args.model)
+        log.warning('confidences and re-split patches show nothing about a trained CF-ViT.')
+        log.warning(bar)
+    return model
+
+
+def _pick(mask: torch.Tensor, confidence: torch.Tensor, n: int, seed: int) -> List[int]:
+    """Up to ``n`` positions where ``mask`` holds, drawn at random, shown by decreasing confidence."""
+    positions = torch.nonzero(mask).flatten().tolist()
+    chosen = random.Random(seed).sample(positions, min(n, len(positions)))
+    return sorted(chosen, key=lambda i: (-float(confidence[i]), i))
+
+
+def _title(d: Details, i: int, names: Sequence[str], threshold: float, path: str) -> List[Tuple[str, str]]:
+    """Four title lines (text, colour) of image position ``i``."""
+    conf, exited = float(d.confidence[i]), bool(d.exited[i])
+    target = int(d.targets[i])
+
+    def pred_line(stage: str, pred: int) -> Tuple[str, str]:
+        if target < 0:
+            return f'{stage}: {names[pred]}', BLACK
+        right = pred == target
+        return f'{stage}: {names[pred]} {CHECK if right else CROSS}', GREEN if right else RED
+
+    for digits in range(3, 8):  # enough digits that the printed numbers agree with the decision
+        shown = f'{conf:.{digits}f}'
+        if (float(shown) >= threshold) == exited:
+            break
+    route = f'coarse conf {shown} {">=" if exited else "<"} {threshold:.6g}: ' + (
+        'exited' if exited else 'fine stage')
+    fine = int(d.fine_pred[i])
+    fine_line = ('fine: not run (exited)', GREY) if fine < 0 else pred_line('fine', fine)
+    last = (f'true: {names[target]}', BLACK) if target >= 0 else (f'file: {Path(path).name[:30]}', GREY)
+    return [(route, BLACK), pred_line('coarse', int(d.coarse_pred[i])), fine_line, last]
+
+
+def _percent(hits: torch.Tensor) -> Optional[float]:
+    return round(100.0 * float(hits.float().mean()), 3) if hits.numel() else None
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
+    _check_args(args)
+    device = _device(args.device)
+    out_dir = _prepare_output_dir(args.output_dir)
+
+    folders: Optional[List[str]] = None
+    folder: Optional[Path] = None
+    if args.img_path is not None:
+        files: List[Tuple[str, Optional[str]]] = [(f, None) for f in list_images(args.img_path)]
+        source = str(args.img_path)
+    else:
+        folder = find_image_folder(args.data_path)
+        folders, listed = list_image_folder(folder)
+        files = list(listed)
+        source = str(folder)
+
+    state_dict, ckpt_classes = _checkpoint_weights(args)
+    if ckpt_classes is not None:
+        if args.num_classes is not None and args.num_classes != ckpt_classes:
+            log.warning('--num-classes %d ignored: the checkpoint\'s head has %d classes', args.num_classes,
+                        ckpt_classes)
+        num_classes = ckpt_classes
+    else:
+        num_classes = args.num_classes or (len(folders) if folders else 1000)
+    index_file = _class_index_file(args, folder)
+    class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
+    names, folder_to_target = resolve_classes(num_classes, folders, class_index)
+    samples = [ImageSample(f, -1 if c is None else folder_to_target[c]) for f, c in files]
+    if args.max_images is not None and args.max_images < len(samples):
+        keep = sorted(random.Random(args.seed).sample(range(len(samples)), args.max_images))
+        samples = [samples[i] for i in keep]
+    log.info('%d images from %s, %d classes', len(samples), source, num_classes)
+
+    model = _build_model(args, num_classes, state_dict).to(device).eval()
+    grid = model.coarse_grid
+    cfg = data_config(model)
+    dataset = ImageFileDataset(samples, eval_transform(model))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        collate_fn=collate_skip_unreadable, pin_memory=device.type == 'cuda')
+    details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
+    bad = [samples[i].path for i in sorted(details.unreadable)]
+    if bad:
+        log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
+    if len(details) == 0:
+        raise InputError(f'none of the {len(samples)} image files under {source} could be read')
+
+    known = bool((details.targets >= 0).all())
+    coarse_right = details.coarse_pred == details.targets
+    fine_right = details.fine_pred == details.targets
+    final_pred = torch.where(details.exited, details.coarse_pred, details.fine_pred)
+    if known:
+        categories = {
+            'coarse_correct': (details.exited & coarse_right,
+                               'Recognized at the coarse stage (exited and right)'),
+            'fine_only_correct': (~coarse_right & fine_right,
+                                  'Recognized only at the fine stage (coarse wrong, fine right)'),
+        }
+    else:
+        categories = {
+            'coarse_exit': (details.exited, 'Exited at the coarse stage'),
+            'fine_stage': (~details.exited, 'Went on to the fine stage'),
+        }
+
+    weights = Path(args.resume).name if args.resume else 'RANDOM WEIGHTS (no --resume)'
+    g = f'{grid[0]}x{grid[1]}'
+    layout = GridLayout(panel=args.panel_size or model.img_size_list[1])
+    outputs: Dict[str, Any] = {}
+    for key, (mask, heading) in categories.items():
+        png = out_dir / f'{key}.png'
+        chosen = _pick(mask, details.confidence, args.num_images, args.seed)
+        if not chosen:
+            log.warning('no image is in "%s" at threshold %.3g: %s not written', heading, args.threshold, png.name)
+            if png.exists():
+                png.unlink()  # a picture of an earlier run would contradict summary.json
+            outputs[key] = {'count': int(mask.sum()), 'png': None, 'shown': []}
+            continue
+        items = []
+        for i in chosen:
+            image, _, _ = dataset[int(details.indices[i])]
+            items.append(GridItem(unnormalize(image, cfg['mean'], cfg['std']), details.important[i],
+                                  _title(details, i, names, args.threshold, samples[int(details.indices[i])].path)))
+        header = [f'{heading}: {len(chosen)} of {int(mask.sum())} shown',
+                  f'{args.model} {g}, threshold {args.threshold:.3g}, {weights}',
+                  'Left: input.  Right: patches kept coarse faded, re-split ones outlined on the fine grid.']
+        size = draw_grid(items, grid, png, header, layout, fade=args.fade)
+        log.info('wrote %s (%dx%d px)', png, *size)
+        outputs[key] = {'count': int(mask.sum()), 'png': png.name,
+                        'shown': [samples[int(details.indices[i])].path for i in chosen]}
+
+    hist = out_dir / 'confidence_histogram.png'
+    draw_confidence_histogram(details.confidence, args.threshold, hist, coarse_right if known else None,
+                              title=f'{args.model} {g} coarse confidence, {len(details)} images ({weights})')
+    log.info('wrote %s', hist)
+
+    n, n_exit = len(details), int(details.exited.sum())
+    summary: Dict[str, Any] = {
+        'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'num_classes': num_classes,
+        'checkpoint': args.resume or None, 'random_weights': not args.resume, 'threshold': args.threshold,
+        'source': source, 'ground_truth': known, 'class_index_file': str(index_file) if index_file else None,
+        'images': n, 'unreadable': len(bad), 'unreadable_files': bad[:20],
+        'exited': n_exit, 'exit_share': round(n_exit / n, 6),
+        'accuracy_percent': None if not known else {
+            'coarse': _percent(coarse_right),
+            'early_exit': _percent(final_pred == details.targets),
+            'coarse_on_exited': _percent(coarse_right[details.exited]),
+            'fine_on_continued': _percent(fine_right[~details.exited]),
+        },
+        'outputs': {**outputs, 'histogram': hist.name},
+    }
+    write_json(summary, out_dir / 'summary.json')
+    acc = summary['accuracy_percent']
+    log.info('%d images, %d exited at the coarse stage (%.1f%%)%s; results in %s', n, n_exit, 100 * n_exit / n,
+             f', top-1 coarse {acc["coarse"]:.2f}% early-exit {acc["early_exit"]:.2f}%' if acc else '', out_dir)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: 0 on success, 1 with a one-line message on bad input."""
+    args = get_args_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        run(args)
+    except (InputError, CheckpointError) as e:
+        print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == '__main__':
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     sys.exit(main())

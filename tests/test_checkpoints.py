@@ -115,8 +115,9 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / 'evil.pth'
     torch.save({'model': {}, 'x': _Payload()}, path)
-    with pytest.raises(CheckpointError, match='--unsafe-load'):
+    with pytest.raises(CheckpointError, match='--unsafe-load') as e:
         load_checkpoint_file(path)
+    assert 'type posix.system' in str(e.value) or 'system' in str(e.value)
     assert not (tmp_path / 'PWNED_BY_CHECKPOINT').exists()
 
 
@@ -129,6 +130,11 @@ def test_missing_and_corrupt_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(CheckpointError, match='truncated or not a PyTorch checkpoint'):
         load_checkpoint_file(truncated)
+    for junk in (bytes(range(256)) * 3, b'hello, not a checkpoint'):
+        garbage = tmp_path / 'garbage.pth'
+        garbage.write_bytes(junk)
+        with pytest.raises(CheckpointError, match='truncated or not a PyTorch checkpoint'):
+            load_checkpoint_file(garbage)
 
 
 def test_save_atomic_keeps_previous_file_on_failure(tmp_path, monkeypatch):

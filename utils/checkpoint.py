@@ -15,8 +15,8 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -63,12 +63,20 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        found = re.search(r'unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)', str(e))
+        if found is None:  # garbage that happens to look like a pickle
+            raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+        name = found.group(1) or found.group(2)
         raise CheckpointError(
-            f'{path} holds objects that are not plain data ({msg}). Loading it would run code '
-            f'from the file; if you trust it, pass --unsafe-load.') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {e}') from e
+            f'{path} holds an object of type {name}, which is not plain data: loading it would run code '
+            f'from the file. If you trust the file, pass --unsafe-load.') from e
+    except Exception as e:  # truncated zip, garbage bytes: torch raises many types here
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f'{type(e).__name__}: {text.splitlines()[0]}' if text else type(e).__name__
 
 
 def extract_state_dict(checkpoint: Any, key: Optional[str] = None) -> Dict[str, torch.Tensor]:

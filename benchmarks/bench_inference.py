@@ -1,0 +1,99 @@
+"""Benchmark 1: early-exit inference throughput on CPU, DeiT-S against CF-DeiT-S (7x7).
+
+CF-DeiT-S runs ``forward_early_exit`` with thresholds that make 100%, 50% and 0% of the images
+exit at the coarse stage; timm's ``deit_small_patch16_224`` runs its plain forward. Programs are
+interleaved (round-robin) and the median of the repetitions is reported. Weights are random (the
+exit shares are set by choosing thresholds on the measured confidences, so no trained weights are
+needed for timing).
+
+    python benchmarks/bench_inference.py [--reps 7] [--batches 64 1] [--dtypes float32 bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, List
+
+import timm
+import torch
+
+import models  # noqa: F401
+from common import interleaved, machine, median, save
+from utils.flops import count_gflops, stage_gflops
+
+
+def autocast(dtype: torch.dtype):
+    return torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--reps', type=int, default=7)
+    p.add_argument('--batches', type=int, nargs='+', default=[64, 1])
+    p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
+    p.add_argument('--images-batch1', type=int, default=16, help='images per repetition at batch 1')
+    args = p.parse_args()
+    torch.manual_seed(0)
+    deit = timm.create_model('deit_small_patch16_224').eval()
+    cf = timm.create_model('cf_deit_small', coarse_stage_size=7).eval()
+    deit_gflops = count_gflops(deit, torch.zeros(1, 3, 224, 224))
+    cf_flops = stage_gflops(cf)
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randn(64, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        conf = cf.forward_details(pool).confidence
+    order = conf.sort().values
+    # thresholds: all exit; half exit (between the two middle confidences); none exits
+    thresholds = {'exit 100%': 0.0, 'exit 50%': float((order[31] + order[32]) / 2), 'exit 0%': 1.01}
+    rows: List[Dict[str, object]] = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for batch in args.batches:
+            if batch == 1:
+                chunks = [pool[i:i + 1] for i in range(args.images_batch1)]
+            else:
+                chunks = [pool[:batch]]
+            n_images = sum(c.shape[0] for c in chunks)
+
+            def run_deit(chunks=chunks, dtype=dtype) -> None:
+                with torch.no_grad(), autocast(dtype):
+                    for x in chunks:
+                        deit(x)
+
+            def make_cf(t: float, chunks=chunks, dtype=dtype) -> Callable[[], None]:
+                def run() -> None:
+                    with torch.no_grad(), autocast(dtype):
+                        for x in chunks:
+                            cf.forward_early_exit(x, t)
+                return run
+
+            programs = {'deit_small_patch16_224': run_deit}
+            programs.update({f'cf_deit_small {k}': make_cf(t) for k, t in thresholds.items()})
+            times = interleaved(programs, args.reps)
+            base = median(times['deit_small_patch16_224'])
+            for name, ts in times.items():
+                if name.startswith('cf'):
+                    t = thresholds[name.split(' ', 1)[1]]
+                    with torch.no_grad():
+                        share = float(torch.cat([cf.forward_details(x, t).exited for x in chunks]).float().mean())
+                    gflops = share * cf_flops[0] + (1 - share) * cf_flops[1]
+                else:
+                    share, gflops = None, deit_gflops
+                speedup = base / median(ts)
+                predicted = deit_gflops / gflops
+                rows.append({
+                    'program': name, 'dtype': dtype_name, 'batch': batch, 'images_per_rep': n_images,
+                    'exit_share': share, 'gflops_per_image': gflops,
+                    'median_seconds': median(ts), 'images_per_second': n_images / median(ts),
+                    'speedup_vs_deit': speedup, 'gflops_predicted_speedup': predicted,
+                    'flop_efficiency': speedup / predicted, 'all_seconds': ts,
+                })
+                print(f'{dtype_name:9s} b={batch:<3d} {name:28s} {n_images / median(ts):8.1f} img/s  '
+                      f'speed-up {speedup:5.2f}  predicted {predicted:5.2f}  efficiency {speedup / predicted:5.2f}')
+    save('inference_throughput', {
+        'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
+        'thresholds': thresholds, 'deit_gflops': deit_gflops, 'cf_flop': cf_flops, 'rows': rows,
+    })
+
+
+if __name__ == '__main__':
+    main()

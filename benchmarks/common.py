@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmarks: machine description, interleaved timing, result files."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / 'results'
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.checkpoint import write_json_atomic  # noqa: E402
+
+
+def machine() -> Dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ''
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        'cpu': cpu, 'cores': os.cpu_count(), 'threads': torch.get_num_threads(),
+        'torch': torch.__version__, 'python': platform.python_version(),
+        'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+    }
+
+
+def interleaved(programs: Dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Time each program ``reps`` times, round-robin, after ``warmup`` untimed rounds.
+
+    Interleaving spreads any slowdown of a noisy machine over all programs alike.
+    """
+    for _ in range(warmup):
+        for fn in programs.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in programs}
+    for _ in range(reps):
+        for name, fn in programs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def save(name: str, payload: Dict[str, object]) -> Path:
+    path = RESULTS / f'{name}.json'
+    write_json_atomic(payload, path)
+    return path
