@@ -1,0 +1,236 @@
+"""Process-group setup and the few collectives the training scripts use.
+
+One process (``python main_deit.py``) and many (``torchrun``, ``python -m torch.distributed.launch``,
+SLURM ``srun``) run the same code: every helper here degrades to the single-process answer when no
+process group is initialized.
+
+How the rank is found, first match wins:
+
+1. ``RANK`` and ``WORLD_SIZE`` in the environment (torchrun and ``torch.distributed.launch`` set
+   them); the local rank comes from ``LOCAL_RANK``, else from ``--local_rank``/``--local-rank``.
+2. ``SLURM_PROCID`` with ``SLURM_NTASKS > 1`` (as the DeiT release read it); the local rank is
+   ``SLURM_LOCALID``, else the rank modulo the number of visible GPUs.
+3. Otherwise: one process.
+
+The backend is NCCL when the device is CUDA and gloo otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
+    'is_main_process', 'barrier', 'reduce', 'all_agree', 'collective_device', 'seed_everything', 'epoch_seed',
+    'cleanup', 'default_device',
+]
+
+_logger = logging.getLogger(__name__)
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch environment is inconsistent (message meant for a person)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits.
+
+    Attributes:
+        distributed: a process group with more than one process is initialized.
+        rank: global rank (0 for one process).
+        world_size: number of processes (1 for one process).
+        local_rank: rank on this node; selects the CUDA device.
+        device: the device this process computes on.
+        backend: ``'nccl'``, ``'gloo'`` or None for one process.
+    """
+    distributed: bool
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+
+def default_device() -> str:
+    """``'cuda'`` when a GPU is visible, else ``'cpu'``."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == '':
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise DistributedSetupError(f'environment variable {name}={value!r} is not an integer') from e
+
+
+def init_distributed(
+        device: str,
+        dist_url: str = 'env://',
+        local_rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        timeout_minutes: float = 30.0,
+) -> DistInfo:
+    """Initialize the process group if this process was launched as one of many.
+
+    Args:
+        device: the requested device type or name (``'cuda'``, ``'cuda:1'``, ``'cpu'``); with
+            several processes on CUDA each takes ``cuda:<local_rank>``.
+        dist_url: the rendezvous (``env://`` reads ``MASTER_ADDR``/``MASTER_PORT``).
+        local_rank: ``--local_rank`` as passed by ``torch.distributed.launch`` (the environment's
+            ``LOCAL_RANK`` wins when both are present).
+        world_size: ``--world_size``; used for SLURM launches without ``SLURM_NTASKS``.
+        timeout_minutes: collective timeout.
+
+    Returns:
+        A :class:`DistInfo`.
+
+    Raises:
+        DistributedSetupError: a launch environment that cannot work (e.g. more processes than GPUs).
+    """
+    rank = _env_int('RANK')
+    env_world = _env_int('WORLD_SIZE')
+    env_local = _env_int('LOCAL_RANK')
+    if rank is not None and env_world is not None:
+        world = env_world
+        local = env_local if env_local is not None else (local_rank if local_rank is not None else 0)
+    elif _env_int('SLURM_PROCID') is not None and (_env_int('SLURM_NTASKS') or world_size or 1) > 1:
+        rank = _env_int('SLURM_PROCID')
+        world = _env_int('SLURM_NTASKS') or int(world_size)
+        local = _env_int('SLURM_LOCALID')
+        if local is None:
+            local = rank % max(torch.cuda.device_count(), 1)
+        if dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
+            raise DistributedSetupError(
+                f'SLURM task {rank} of {world}: set MASTER_ADDR and MASTER_PORT, or pass --dist_url '
+                f'(e.g. tcp://HOST:PORT or file:///shared/path/init) so the tasks can find each other')
+        os.environ.setdefault('RANK', str(rank))
+        os.environ.setdefault('WORLD_SIZE', str(world))
+        os.environ.setdefault('LOCAL_RANK', str(local))
+    else:
+        return DistInfo(False, 0, 1, 0, torch.device(device), None)
+
+    if world <= 1:
+        return DistInfo(False, 0, 1, 0, torch.device(device), None)
+
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise DistributedSetupError('--device cuda was requested but no GPU is visible; use --device cpu')
+        if local >= torch.cuda.device_count():
+            raise DistributedSetupError(
+                f'local rank {local} but only {torch.cuda.device_count()} GPUs are visible: '
+                f'launch at most that many processes per node')
+        dev = torch.device('cuda', local)
+        torch.cuda.set_device(dev)
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    _logger.debug('process group: rank %d/%d, local rank %d, %s on %s', rank, world, local, backend, dist_url)
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank,
+                            timeout=timedelta(minutes=timeout_minutes))
+    dist.barrier()
+    return DistInfo(True, rank, world, local, dev, backend)
+
+
+def is_dist_initialized() -> bool:
+    """A process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 without a process group."""
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 without a process group."""
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the only process that logs and writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for one process)."""
+    if is_dist_initialized():
+        dist.barrier()
+
+
+def reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
+    """All-reduce a copy of ``tensor`` over the processes.
+
+    Args:
+        tensor: any shape, on this process's device.
+        op: ``'sum'``, ``'mean'``, ``'max'`` or ``'min'``.
+
+    Returns:
+        The reduced tensor (same shape); ``tensor`` itself is left unchanged.
+    """
+    out = tensor.detach().clone()
+    if not is_dist_initialized():
+        return out
+    ops = {'sum': dist.ReduceOp.SUM, 'mean': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX, 'min': dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f'unknown reduction {op!r}')
+    dist.all_reduce(out, op=ops[op])
+    if op == 'mean':
+        out = out / get_world_size()
+    return out
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if is_dist_initialized() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def all_agree(ok: bool, device: Optional[torch.device] = None) -> bool:
+    """True only if ``ok`` holds on every process (a collective: every process must call it).
+
+    Lets one process (e.g. rank 0 checking the output folder) stop all of them together instead
+    of leaving the others waiting in the next collective.
+    """
+    if not is_dist_initialized():
+        return bool(ok)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device or collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    seed = int(seed) % (2 ** 32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, world_size: int) -> int:
+    """Seed of one epoch on one process: distinct per (epoch, rank), fixed by ``--seed``.
+
+    Re-seeding at every epoch start makes the data order, augmentation, mixup and drop path of
+    epoch ``e`` independent of what ran before it, so resuming at ``e`` repeats an uninterrupted
+    run exactly.
+    """
+    return int(seed) + int(epoch) * int(world_size) + int(rank)
+
+
+def cleanup() -> None:
+    """Tear the process group down (safe to call without one)."""
+    if is_dist_initialized():
+        dist.destroy_process_group()

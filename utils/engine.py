@@ -1,0 +1,266 @@
+"""One training epoch and one evaluation pass of a coarse-to-fine model (DeiT's ``engine.py`` shape).
+
+Both functions are model- and recipe-agnostic so that the CF-DeiT and CF-LV-ViT scripts share them:
+
+- the model maps a fine image batch (B, 3, S_f, S_f) to ``[coarse_output, fine_output]``; it
+  derives the coarse image from the (mixed) fine batch itself;
+- the loss is a criterion object ``criterion(outputs, targets)`` returning a scalar or a dict
+  with a ``'loss'`` entry (:class:`utils.losses.CFViTLoss`);
+- a batch transform (mixup/cutmix, or none) maps ``(images, targets)`` before the forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .dist import all_agree, is_main_process, reduce
+from .losses import class_logits
+from .misc import MetricMeter
+
+__all__ = ['AmpConfig', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
+
+_logger = logging.getLogger(__name__)
+
+BatchTransform = Callable[[torch.Tensor, Any], Tuple[torch.Tensor, Any]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (message meant for a person)."""
+
+
+@dataclass
+class AmpConfig:
+    """Mixed precision of a run.
+
+    Attributes:
+        dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or None for full precision.
+        scaler: gradient scaler (float16 only), or None.
+    """
+    dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self, device: torch.device) -> ContextManager:
+        """The autocast context for ``device`` (a no-op context in full precision)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
+    while hasattr(model, 'module') and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    return obj
+
+
+def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: nn.Module, amp: AmpConfig,
+                   clip_grad: Optional[float], clip_mode: str) -> None:
+    """Backward, optional gradient clipping (on unscaled gradients) and the optimizer step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if amp.scaler is not None:
+        amp.scaler.scale(loss).backward()
+        if clip_grad is not None:
+            amp.scaler.unscale_(optimizer)
+            _clip(params, clip_grad, clip_mode)
+        amp.scaler.step(optimizer)
+        amp.scaler.update()
+    else:
+        loss.backward()
+        if clip_grad is not None:
+            _clip(params, clip_grad, clip_mode)
+        optimizer.step()
+
+
+def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
+    if mode == 'norm':
+        torch.nn.utils.clip_grad_norm_(params, value)
+    elif mode == 'value':
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        raise ValueError(f'unknown gradient clipping mode {mode!r}')
+
+
+def train_one_epoch(
+        model: nn.Module,
+        criterion: Callable[[Any, Any], Any],
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        amp: Optional[AmpConfig] = None,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm',
+        model_ema: Optional[nn.Module] = None,
+        batch_transform: Optional[BatchTransform] = None,
+        lr_scheduler: Optional[Any] = None,
+        log_writer: Optional[Any] = None,
+        print_freq: int = 50,
+        progress: bool = True,
+) -> Dict[str, float]:
+    """Train ``model`` for one pass over ``data_loader``.
+
+    Args:
+        model: the model (possibly DistributedDataParallel); ``model(images)`` with images
+            (B, 3, S_f, S_f) returns ``[coarse_output, fine_output]``.
+        criterion: ``criterion(outputs, targets)`` -> scalar loss, or a dict with ``'loss'`` (the
+            one to back-propagate) and other scalars to report.
+        data_loader: yields ``(images, targets)``; targets are anything the batch transform and
+            the criterion accept (e.g. (B,) class indices).
+        optimizer: the optimizer.
+        device: device of the model.
+        epoch: 0-based epoch (for the progress display and the scheduler's update count).
+        amp: mixed precision; full precision if None.
+        clip_grad: clip gradients to this norm (or value), or None.
+        clip_mode: ``'norm'`` or ``'value'``.
+        model_ema: a ``timm.utils.ModelEmaV3`` updated after every optimizer step, or None.
+        batch_transform: ``(images, targets) -> (images, targets)`` applied on the device before
+            the forward pass (timm's ``Mixup``), or None.
+        lr_scheduler: a timm scheduler; its ``step_update`` is called after every step (a no-op
+            for per-epoch schedules).
+        log_writer: a TensorBoard ``SummaryWriter`` (main process only), or None.
+        print_freq: log a line (and a TensorBoard point) every this many steps.
+        progress: show a tqdm bar (the caller passes False on non-main processes).
+
+    Returns:
+        Means over the epoch and over every process: ``loss`` and the criterion's other entries,
+        plus ``lr`` (the learning rate at the end of the epoch).
+
+    Raises:
+        NonFiniteLossError: the loss of some process was not finite; every process raises it at
+            the same step, before the optimizer step, so the weights stay those of the last step.
+    """
+    amp = amp or AmpConfig()
+    model.train()
+    base_model = unwrap_model(model)
+    meter = MetricMeter()
+    num_steps = len(data_loader)  # type: ignore[arg-type]
+    bar = tqdm(data_loader, total=num_steps, desc=f'epoch {epoch}', disable=not progress or None,
+               dynamic_ncols=True, leave=False)
+    for step, (images, targets) in enumerate(bar):
+        images = _to_device(images, device)
+        targets = _to_device(targets, device)
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
+
+        with amp.autocast(device):
+            outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
+        losses = criterion(outputs, targets)
+        if isinstance(losses, torch.Tensor):
+            losses = {'loss': losses}
+        loss = losses['loss']
+        loss_value = float(loss.item())
+        if not all_agree(math.isfinite(loss_value)):
+            raise NonFiniteLossError(
+                f'the training loss is not finite (epoch {epoch}, step {step}, loss {loss_value} on this '
+                f'process): stopping. The last checkpoint is left as it was; lower --lr, raise '
+                f'--warmup-epochs or use --clip-grad.')
+
+        optimizer.zero_grad(set_to_none=True)
+        _backward_step(loss, optimizer, model, amp, clip_grad, clip_mode)
+        if model_ema is not None:
+            model_ema.update(base_model)
+
+        num_updates = epoch * num_steps + step + 1
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        lr = optimizer.param_groups[0]['lr']
+        batch_size = images.shape[0]
+        meter.update(n=batch_size, **{k: v for k, v in losses.items()})
+        if progress:
+            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', refresh=False)
+        if print_freq and (step % print_freq == 0 or step == num_steps - 1) and is_main_process():
+            _logger.info('epoch %d [%d/%d] loss %.4f (mean %.4f) lr %.3e', epoch, step + 1, num_steps,
+                         loss_value, meter.means()['loss'], lr)
+            if log_writer is not None:
+                log_writer.add_scalar('train/loss_step', loss_value, num_updates)
+    bar.close()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    stats = meter.global_means()
+    stats['lr'] = optimizer.param_groups[0]['lr']
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        data_loader: Iterable,
+        device: torch.device,
+        amp: Optional[AmpConfig] = None,
+        reduce_over_processes: bool = False,
+        progress: bool = True,
+) -> Dict[str, float]:
+    """Top-1/top-5 accuracy of both stages and the fine stage's cross-entropy.
+
+    Args:
+        model: the unwrapped model; ``model(images)`` in eval mode returns ``[coarse_logits,
+            fine_logits]``, each (B, C).
+        data_loader: yields ``(images, class_indices)``.
+        device: device of the model.
+        amp: mixed precision; full precision if None.
+        reduce_over_processes: the processes evaluated disjoint shards (``--dist-eval``): sum
+            their counts. Leave False when every process evaluated the whole set.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``coarse_acc1``, ``coarse_acc5``, ``fine_acc1``, ``fine_acc5`` (percent), ``loss`` (mean
+        cross-entropy of the fine logits) and ``num_samples``; exact over the whole set.
+    """
+    amp = amp or AmpConfig()
+    was_training = model.training
+    model.eval()
+    # correct counts: coarse top-1, coarse top-5, fine top-1, fine top-5; loss sum; samples
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
+    bar = tqdm(data_loader, desc='eval', disable=not progress or None, dynamic_ncols=True, leave=False)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with amp.autocast(device):
+            coarse, fine = model(images)
+        coarse, fine = class_logits(coarse).float(), class_logits(fine).float()  # (B, C) each
+        k = min(5, fine.shape[-1])
+        for i, logits in enumerate((coarse, fine)):
+            top = logits.topk(k, dim=-1).indices  # (B, k)
+            hit = top.eq(targets[:, None])  # (B, k)
+            totals[2 * i] += hit[:, 0].sum()
+            totals[2 * i + 1] += hit.any(dim=-1).sum()
+        totals[4] += F.cross_entropy(fine, targets, reduction='sum')
+        totals[5] += targets.shape[0]
+    bar.close()
+    if reduce_over_processes:
+        totals = reduce(totals, 'sum')
+    model.train(was_training)
+    n = max(totals[5].item(), 1.0)
+    c1, c5, f1, f5, loss_sum, count = totals.tolist()
+    return {
+        'coarse_acc1': 100.0 * c1 / n, 'coarse_acc5': 100.0 * c5 / n,
+        'fine_acc1': 100.0 * f1 / n, 'fine_acc5': 100.0 * f5 / n,
+        'loss': loss_sum / n, 'num_samples': int(count),
+    }
+
+
+def format_eval(stats: Mapping[str, float]) -> str:
+    """One line for a person: top-1 (and top-5) of both stages."""
+    return (f'coarse top-1 {stats["coarse_acc1"]:.3f} top-5 {stats["coarse_acc5"]:.3f} | '
+            f'fine top-1 {stats["fine_acc1"]:.3f} top-5 {stats["fine_acc5"]:.3f} | '
+            f'{stats["num_samples"]} images')

@@ -1,0 +1,113 @@
+"""Small helpers of the training scripts: logging, running means, JSON-lines logs, file copies.
+
+Everything that writes is meant to run on the main process only; the callers check
+:func:`utils.dist.is_main_process`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from .checkpoint import atomic_file
+from .dist import collective_device, reduce
+
+__all__ = [
+    'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be created or written (message meant for a person)."""
+
+
+def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
+    """Log to stderr on the main process; other processes report warnings and errors only.
+
+    Calling it again replaces the handler, so scripts run in-process (tests) do not stack them.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, '_cfvit', False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._cfvit = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+    root.addHandler(handler)
+    root.setLevel(level if is_main else logging.WARNING)
+
+
+class MetricMeter:
+    """Sample-weighted running means of named scalars, reducible over processes.
+
+    >>> meter = MetricMeter()
+    >>> meter.update(n=8, loss=0.5)
+    >>> meter.means()['loss']
+    0.5
+    """
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, float] = defaultdict(float)
+
+    def update(self, n: int = 1, **values: Union[float, torch.Tensor]) -> None:
+        """Add ``values``, each the mean over ``n`` samples."""
+        for name, value in values.items():
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            self.sums[name] += value * n
+            self.counts[name] += n
+
+    def means(self) -> Dict[str, float]:
+        """This process's means."""
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
+
+    def global_means(self, device: Optional[torch.device] = None) -> Dict[str, float]:
+        """Means over every process (a collective: every process must call it, with the same names)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        t = torch.tensor([[self.sums[k], self.counts[k]] for k in names], dtype=torch.float64,
+                         device=device or collective_device())
+        t = reduce(t, 'sum')
+        return {k: (s / c if c > 0 else math.nan) for k, (s, c) in zip(names, t.tolist())}
+
+
+def append_json_line(path: PathLike, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path`` (the DeiT ``log.txt`` format)."""
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record, sort_keys=False) + '\n')
+        f.flush()
+
+
+def copy_atomic(src: PathLike, dst: PathLike) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename (``dst`` is never half-written)."""
+    with open(src, 'rb') as fin, atomic_file(dst) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+def check_writable_dir(path: PathLike) -> Path:
+    """Create ``path`` if needed and prove that files can be written in it.
+
+    Raises:
+        OutputDirError: it cannot be created, is not a folder, or is read-only.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(f'cannot write to the output folder {path}: {e.strerror or e}') from e
+    return path
