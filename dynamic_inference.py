@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -35,6 +34,7 @@ from utils.checkpoint import (
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
+from utils.misc import architecture_from_checkpoint, parse_model_kwargs
 from utils.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -61,17 +61,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--eval-mode', '--eval_mode', type=eval_mode, default=1,
                    help='0|anytime, 1|budgeted, 2|throughput, 3|report (default 1)')
     p.add_argument('--data-url', '--data_url', '--data-path', '--data_path', dest='data_url', default=None,
-                   help='dataset root holding val/ in ImageFolder layout (modes 0-2)')
+                   help='dataset root holding val/ in ImageFolder layout (modes 0-2; default: the built-in '
+                        'synthetic shapes set)')
     p.add_argument('--batch-size', '--batch_size', type=int, default=64)
-    p.add_argument('--model', default='cf_deit_small', choices=models.MODEL_NAMES)
-    p.add_argument('--model-kwargs', default='{}',
-                   help='JSON of extra timm.create_model arguments, e.g. \'{"embed_dim": 48, "depth": 4}\'')
+    p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
+                   help="the model (default: the one a training checkpoint records, else cf_deit_small)")
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments (KEY=VALUE ... or one JSON object); a training '
+                        "checkpoint's own size overrides are used by default")
     p.add_argument('--checkpoint-path', '--checkpoint_path', dest='checkpoint_path', default=None)
     p.add_argument('--checkpoint-key', default=None,
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); "
                         "e.g. model_ema")
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=7,
-                   help='coarse grid side g: inputs of 16g and 32g pixels (7 or 9 for the released models)')
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=None,
+                   help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
+                        'models; default: what a training checkpoint records, else 7)')
     p.add_argument('--threshold', type=float, default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--num-workers', '--num_workers', type=int, default=4)
@@ -108,7 +112,8 @@ def output_dir(args: argparse.Namespace) -> Path:
         out = Path(args.output_dir)
     else:
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        out = Path('output') / 'dynamic_inference' / f'{args.model}_g{args.coarse_stage_size}_{MODE_NAMES[args.eval_mode]}_{stamp}'
+        name = f'{args.model or "model"}_g{args.coarse_stage_size or "ckpt"}'
+        out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / '.write_test'
@@ -122,10 +127,16 @@ def output_dir(args: argparse.Namespace) -> Path:
 def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
     """The model the checkpoint holds, with the class count read from its head."""
     import timm
+    recorded = architecture_from_checkpoint(checkpoint)
+    if args.model is None:
+        args.model = recorded.get('model', 'cf_deit_small')
+    if args.coarse_stage_size is None:
+        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
+    extra = dict(recorded.get('kwargs', {})) if recorded.get('model', args.model) == args.model else {}
     try:
-        extra = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise UsageError(f'--model-kwargs is not valid JSON: {e}')
+        extra.update(parse_model_kwargs(args.model_kwargs))
+    except ValueError as e:
+        raise UsageError(str(e))
     state_dict = extract_state_dict(checkpoint, args.checkpoint_key)
     head = state_dict.get('head.weight')
     if head is None:
@@ -144,7 +155,9 @@ def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.n
 
 def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: int):
     if not args.data_url:
-        raise UsageError(f'mode {args.eval_mode} needs --data_url, a folder holding val/ in ImageFolder layout')
+        from datasets.synthetic import make_synthetic_dataset
+        args.data_url = str(make_synthetic_dataset())
+        _logger.info('no --data_url given: using the built-in synthetic shapes dataset in %s', args.data_url)
     root = Path(args.data_url)
     if not root.is_dir():
         raise UsageError(f'dataset folder not found: {root}')

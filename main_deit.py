@@ -64,6 +64,7 @@ from utils.dist import (  # noqa: E402
 from utils.engine import AmpConfig, NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
 from utils.losses import CFViTLoss  # noqa: E402
 from utils.misc import OutputDirError, append_json_line, check_writable_dir, copy_atomic, setup_logging  # noqa: E402
+from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
 
 _logger = logging.getLogger('main_deit')
 
@@ -167,6 +168,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', default='bicubic')
+    g.add_argument('--crop-scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
+                   help='area range of the random-resized crop (timm default 0.08 1.0)')
     g.add_argument('--repeated-aug', action=bool_flag, default=True,
                    help='repeated augmentation (timm RepeatAugSampler, 3 repeats)')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
@@ -208,16 +211,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
 def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """``['depth=4', 'fine_pos_embed_without_selection=True']`` -> ``{'depth': 4, ...}``."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.isidentifier():
-            raise ConfigError(f'--model-kwargs expects KEY=VALUE, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    try:
+        return _parse_model_kwargs(items)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------- building

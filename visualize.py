@@ -35,6 +35,7 @@ import torch
 import models
 from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
+from utils.misc import architecture_from_checkpoint
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
     collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
@@ -71,22 +72,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('visualize.py', add_help=add_help,
                                 description='Draw which images a CF-ViT recognizes at the coarse stage, '
                                             'which need the fine stage, and the patches it re-splits.')
-    p.add_argument('--model', default='cf_deit_small', choices=list(models.MODEL_NAMES))
+    p.add_argument('--model', default=None, choices=list(models.MODEL_NAMES),
+                   help='the model (default: the one a training checkpoint records, else cf_deit_small)')
     p.add_argument('--resume', '--checkpoint-path', '--checkpoint_path', default='', metavar='CKPT',
                    help='model checkpoint (released or training layout); without it the model has random '
                         'weights and a warning says so')
     p.add_argument('--unsafe-load', '--unsafe_load', action='store_true',
                    help='allow full unpickling of a checkpoint you trust (default: weights_only)')
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=7, metavar='G',
-                   help='coarse grid side g (7 or 9 for the released models); the fine input is 32*g px')
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=None, metavar='G',
+                   help='coarse grid side g (7 or 9 for the released models; default: what a training '
+                        'checkpoint records, else 7); the fine input is 32*g px at patch 16')
     p.add_argument('--num-classes', '--num_classes', type=int, default=None,
                    help='classes of a model without checkpoint (default: the dataset\'s class folders, '
                         'else 1000); with --resume the checkpoint\'s head decides')
     p.add_argument('--model-kwargs', '--model_kwargs', nargs='*', default={}, action=_KeyValues,
                    metavar='KEY=VALUE', help='more timm.create_model arguments, e.g. embed_dim=48 depth=4')
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=False)
     src.add_argument('--data-path', '--data_path', default=None, metavar='PATH',
-                     help='dataset root with val/ in ImageFolder layout (or an ImageFolder itself)')
+                     help='dataset root with val/ in ImageFolder layout (or an ImageFolder itself); default: '
+                          'the built-in synthetic shapes set')
     src.add_argument('--img-path', '--img_path', default=None, metavar='FILE_OR_DIR',
                      help='one image or a folder of images (no ground truth)')
     p.add_argument('--class-index-file', '--class_index_file', default=None, metavar='FILE',
@@ -119,7 +123,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.fade <= 1.0:
         raise InputError(f'--fade must be in [0, 1], got {args.fade}')
     for name in ('num_images', 'batch_size', 'coarse_stage_size'):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
     if args.max_images is not None and args.max_images < 1:
         raise InputError(f'--max-images must be at least 1, got {args.max_images}')
@@ -153,12 +157,25 @@ def _prepare_output_dir(path: str) -> Path:
 def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int]]:
     """The checkpoint's state_dict and its class count (from ``head.weight``), or (None, None)."""
     if not args.resume:
+        _resolve_architecture(args, {})
         return None, None
-    state_dict = extract_state_dict(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
+    checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load)
+    _resolve_architecture(args, architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else {})
+    state_dict = extract_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     if head is None or head.dim() != 2:
         raise CheckpointError(f'{args.resume} has no classifier (head.weight): not a CF-ViT checkpoint')
     return state_dict, int(head.shape[0])
+
+
+def _resolve_architecture(args: argparse.Namespace, recorded: Dict[str, Any]) -> None:
+    """Fill --model, --coarse-stage-size and size overrides from a training checkpoint's args."""
+    if args.model is None:
+        args.model = recorded.get('model', 'cf_deit_small')
+    if args.coarse_stage_size is None:
+        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
+    if recorded.get('model', args.model) == args.model:
+        args.model_kwargs = {**recorded.get('kwargs', {}), **args.model_kwargs}
 
 
 def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optional[Path]:
@@ -242,6 +259,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
+    if args.img_path is None and args.data_path is None:
+        from datasets.synthetic import make_synthetic_dataset
+        args.data_path = str(make_synthetic_dataset())
+        log.info('no --data-path or --img-path given: using the built-in synthetic shapes dataset in %s',
+                 args.data_path)
     if args.img_path is not None:
         files: List[Tuple[str, Optional[str]]] = [(f, None) for f in list_images(args.img_path)]
         source = str(args.img_path)

@@ -42,15 +42,19 @@ _INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
 def resolve_data_path(args: argparse.Namespace) -> Path:
     """The dataset root of ``--data-path``.
 
-    This is the one place where a missing ``--data-path`` is decided; a built-in default dataset
-    would be plugged in here.
+    Without ``--data-path`` (and ``--data-set IMNET``) the built-in synthetic shapes set is
+    written once (``datasets.synthetic``) and used, which the log says.
 
     Raises:
-        DatasetError: no ``--data-path`` was given, or it does not exist.
+        DatasetError: ``--data-path`` does not exist, or another data set needs one.
     """
     if not getattr(args, 'data_path', None):
-        raise DatasetError('a dataset is required: pass --data-path PATH (for --data-set IMNET, a folder '
-                        'with train/ and val/ ImageFolder trees)')
+        if getattr(args, 'data_set', 'IMNET') != 'IMNET':
+            raise DatasetError(f'--data-set {args.data_set} needs --data-path PATH')
+        from .synthetic import make_synthetic_dataset
+        path = make_synthetic_dataset()
+        _logger.info('no --data-path given: using the built-in synthetic shapes dataset in %s', path)
+        return path
     path = Path(args.data_path).expanduser()
     if not path.is_dir():
         raise DatasetError(f'--data-path {path} is not a folder')
@@ -227,4 +231,5 @@ def build_transform(is_train: bool, args: argparse.Namespace, model: nn.Module) 
     return create_transform(
         input_size=cfg['input_size'], is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
         interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, mean=cfg['mean'], std=cfg['std'])
+        re_count=args.recount, mean=cfg['mean'], std=cfg['std'],
+        scale=tuple(getattr(args, 'crop_scale', None) or (0.08, 1.0)))

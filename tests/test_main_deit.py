@@ -206,11 +206,28 @@ def test_finetune_adapts_head_and_grid(trained, image_folder, tmp_path, caplog):
 
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_data_path_is_one_clear_message(tmp_path, capsys):
-    assert main_deit.main(TINY + ['--output', str(tmp_path / 'o')]) == main_deit.EXIT_BAD_INPUT
+    assert main_deit.main(TINY + ['--data-set', 'CIFAR100', '--output', str(tmp_path / 'o')]) == main_deit.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     (line,) = [x for x in err.splitlines() if 'ERROR' in x]
     assert '--data-path' in line
+
+
+def test_without_data_path_the_synthetic_set_is_used(tmp_path, monkeypatch, caplog):
+    import datasets.synthetic as synthetic
+    from datasets.build import resolve_data_path
+    made = []
+    real = synthetic.make_synthetic_dataset
+
+    def small(root=None, **kwargs):
+        made.append(real(tmp_path / 'syn', n_train=12, n_val=6))
+        return made[-1]
+    monkeypatch.setattr(synthetic, 'make_synthetic_dataset', small)
+    import argparse
+    with caplog.at_level('INFO'):
+        path = resolve_data_path(argparse.Namespace(data_path=None, data_set='IMNET'))
+    assert path == made[0] and (path / 'train').is_dir() and (path / 'val').is_dir()
+    assert 'no --data-path given: using the built-in synthetic shapes dataset' in caplog.text
 
 
 @pytest.mark.parametrize('layout', ['no_folder', 'no_val', 'empty_classes'])

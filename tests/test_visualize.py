@@ -257,10 +257,10 @@ def test_bad_input_gives_one_line_and_nonzero_exit(bad_inputs, checkpoint, tmp_p
     assert 'Traceback' not in err
 
 
-def test_cli_needs_a_source_and_runs_as_a_script(bad_inputs, capsys):
+def test_cli_takes_one_source_and_runs_as_a_script(bad_inputs, capsys):
     with pytest.raises(SystemExit) as e:
-        visualize.main(CLI)
-    assert e.value.code == 2 and 'one of the arguments --data-path' in capsys.readouterr().err
+        visualize.main(CLI + ['--data-path', 'a', '--img-path', 'b'])
+    assert e.value.code == 2 and 'not allowed with argument' in capsys.readouterr().err
     env = dict(os.environ, HF_HUB_OFFLINE='1', MPLBACKEND='Agg')
     proc = subprocess.run([sys.executable, str(ROOT / 'visualize.py'), '--img-path', str(bad_inputs / 'notes.txt')],
                           capture_output=True, text=True, env=env, timeout=120)

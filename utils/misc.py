@@ -5,6 +5,7 @@ Everything that writes is meant to run on the main process only; the callers che
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -23,6 +24,7 @@ from .dist import collective_device, reduce
 
 __all__ = [
     'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
+    'parse_model_kwargs', 'architecture_from_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -111,3 +113,51 @@ def check_writable_dir(path: PathLike) -> Path:
     except OSError as e:
         raise OutputDirError(f'cannot write to the output folder {path}: {e.strerror or e}') from e
     return path
+
+
+def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """``['depth=4', 'patch_size=8']`` (or one JSON object) -> ``{'depth': 4, 'patch_size': 8}``.
+
+    Values are Python literals when they parse as one, else strings.
+
+    Raises:
+        ValueError: an item that is not ``KEY=VALUE``.
+    """
+    items = [items] if isinstance(items, str) else list(items or [])
+    if len(items) == 1 and items[0].lstrip().startswith('{'):
+        try:
+            return dict(json.loads(items[0]))
+        except json.JSONDecodeError as e:
+            raise ValueError(f'--model-kwargs is not valid JSON: {e}') from e
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'--model-kwargs expects KEY=VALUE, got {item!r}')
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def architecture_from_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """Model name, grid and size overrides recorded in a training checkpoint's ``args``.
+
+    Returns:
+        ``{'model': ..., 'coarse_stage_size': ..., 'kwargs': {...}}`` with what is known, or ``{}``
+        for checkpoints without training arguments (e.g. the released ones).
+    """
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
+    if args is None:
+        return {}
+    get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
+    kwargs = {k: get(k) for k in ('embed_dim', 'depth', 'num_heads') if get(k) is not None}
+    if get('model_kwargs'):
+        kwargs.update(parse_model_kwargs(get('model_kwargs')))
+    out: Dict[str, Any] = {'kwargs': kwargs}
+    if get('model'):
+        out['model'] = get('model')
+    if get('coarse_stage_size'):
+        out['coarse_stage_size'] = int(get('coarse_stage_size'))
+    return out

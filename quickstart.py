@@ -1,0 +1,219 @@
+"""The whole method in a few minutes on a CPU, on the built-in synthetic shapes set.
+
+    python quickstart.py [--output-dir output/quickstart] [--epochs 12]
+
+1. writes the synthetic shapes set once (``datasets/synthetic.py``: one shape per image on clutter,
+   half of them small enough that only the fine stage resolves them; every object's box recorded);
+2. trains a tiny CF-DeiT on it with ``main_deit.py`` (patch 8, 4x4 coarse grid on 32 px, 8x8 fine
+   grid on 64 px, informative selection switched on half way);
+3. runs ``dynamic_inference.py`` in modes 0-3 on the trained checkpoint;
+4. draws the visualizations with ``visualize.py``;
+5. prints a summary: per-stage top-1 and GFLOPs, points of the accuracy-vs-GFLOPs curve, early-exit
+   throughput, and the share of re-split patches that fall on the objects' boxes.
+
+Everything lands in one output folder. No argument is needed and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('MPLBACKEND', 'Agg')
+
+import torch  # noqa: E402
+
+import dynamic_inference  # noqa: E402
+import main_deit  # noqa: E402
+import visualize  # noqa: E402
+from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
+from datasets.transforms import eval_transform  # noqa: E402
+from utils.checkpoint import load_checkpoint_file, write_json_atomic  # noqa: E402
+from utils.misc import architecture_from_checkpoint  # noqa: E402
+
+_logger = logging.getLogger('quickstart')
+
+#: The tiny model and recipe of the quick start (patch 8: a 4x4 coarse grid on 32 px images).
+MODEL_ARGS = ['--model', 'cf_deit_tiny', '--embed-dim', '96', '--depth', '6', '--num-heads', '3',
+              '--model-kwargs', 'patch_size=8', '--coarse-stage-size', '4']
+RECIPE_ARGS = ['--warmup-epochs', '1', '--lr', '2e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0',
+               '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0',
+               '--crop-scale', '0.6', '1', '--batch-size', '64', '--print-freq', '1000']
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--output-dir', default='output/quickstart')
+    p.add_argument('--data-path', default=None, help='default: the built-in synthetic set (written once)')
+    p.add_argument('--epochs', type=int, default=12)
+    p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    p.add_argument('--num-workers', type=int, default=2)
+    p.add_argument('--threshold', type=float, default=0.8, help='early-exit threshold of the throughput run')
+    return p
+
+
+def _step(title: str) -> None:
+    _logger.info('')
+    _logger.info('=== %s', title)
+
+
+def _quiet_call(fn, argv: Sequence[str]) -> int:
+    """Run a script's ``main(argv)`` with its console output kept in the log file only."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = fn(list(argv))
+    return rc
+
+
+@torch.no_grad()
+def selection_on_objects(checkpoint_path: Path, data: Path, device: torch.device) -> Dict[str, float]:
+    """Share of the re-split coarse patches that overlap the object's box, against chance.
+
+    Chance is the share of all coarse patches that overlap the box (what a random selection of
+    the same size would hit on average). Reported separately for small and large objects.
+    """
+    import timm
+    from datasets.folder import open_image_folder
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    arch = architecture_from_checkpoint(checkpoint)
+    model = timm.create_model(arch['model'], coarse_stage_size=arch['coarse_stage_size'],
+                              num_classes=checkpoint['model']['head.weight'].shape[0], **arch['kwargs'])
+    model.load_state_dict(checkpoint['model'])
+    model.to(device).eval()
+    boxes = load_boxes(data)
+    dataset = open_image_folder(data / 'val', eval_transform(model))
+    g = model.coarse_grid[0]
+    side = model.img_size_list[1]
+    stats = {'small': [0.0, 0.0, 0], 'large': [0.0, 0.0, 0]}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=False, num_workers=0)
+    paths = [Path(p).relative_to(data).as_posix() for p, _ in dataset.samples]
+    offset = 0
+    # the eval transform resizes the short side to S/crop_pct and center-crops S: map boxes alike
+    crop_pct = model.pretrained_cfg['crop_pct']
+    for images, _ in loader:
+        out = model.forward_details(images.to(device))
+        for b in range(images.shape[0]):
+            info = boxes[paths[offset + b]]
+            raw = 64  # the synthetic images' side
+            scale = int(side / crop_pct) / raw
+            margin = (int(side / crop_pct) - side) / 2
+            x0, y0, x1, y1 = [v * scale - margin for v in info['box']]
+            cell = side / g
+            on_box = torch.zeros(g * g, dtype=torch.bool)
+            for r in range(g):
+                for c in range(g):
+                    on_box[r * g + c] = (c * cell < x1 and (c + 1) * cell > x0 and r * cell < y1 and (r + 1) * cell > y0)
+            chosen = out.important_coarse_index[b].cpu()
+            key = 'small' if info['small'] else 'large'
+            stats[key][0] += float(on_box[chosen].float().mean())
+            stats[key][1] += float(on_box.float().mean())
+            stats[key][2] += 1
+        offset += images.shape[0]
+    result = {}
+    for key, (hit, chance, n) in stats.items():
+        if n:
+            result[f'{key}_objects_selected_on_box'] = hit / n
+            result[f'{key}_objects_chance'] = chance / n
+            result[f'{key}_objects_images'] = n
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    t_start = time.time()
+    device = torch.device(args.device)
+
+    _step('1/5 data')
+    data = Path(args.data_path) if args.data_path else make_synthetic_dataset()
+    _logger.info('dataset: %s', data)
+
+    _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1})')
+    train_dir = out / 'train'
+    train_argv = MODEL_ARGS + RECIPE_ARGS + [
+        '--data-path', str(data), '--epochs', str(args.epochs),
+        '--selection-start-epoch', str(args.epochs // 2 - 1), '--num_workers', str(args.num_workers),
+        '--device', args.device, '--output', str(train_dir)]
+    rc = main_deit.main(train_argv)
+    if rc != 0:
+        _logger.error('training failed (exit %d); see above', rc)
+        return rc
+    ckpt = train_dir / 'checkpoint.pth'
+
+    _step('3/5 evaluation, modes 0-3 (dynamic_inference.py)')
+    eval_dir = out / 'eval'
+    common = ['--data_url', str(data), '--checkpoint_path', str(ckpt), '--batch_size', '128',
+              '--num-workers', str(args.num_workers), '--device', args.device]
+    rc = _quiet_call(dynamic_inference.main, ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
+                                              '--write-checkpoint'])
+    rc = rc or _quiet_call(dynamic_inference.main, ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
+                                                    '--output-dir', str(eval_dir / 'throughput')])
+    rc = rc or _quiet_call(dynamic_inference.main, ['--eval-mode', '0', *common,
+                                                    '--output-dir', str(eval_dir / 'anytime')])
+    rc = rc or _quiet_call(dynamic_inference.main, [
+        '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
+        '--output-dir', str(eval_dir / 'report')])
+    if rc != 0:
+        _logger.error('evaluation failed (exit %d)', rc)
+        return rc
+
+    _step('4/5 visualization (visualize.py)')
+    vis_dir = out / 'visualize'
+    rc = _quiet_call(visualize.main, ['--resume', str(ckpt), '--data-path', str(data), '--output-dir', str(vis_dir),
+                                      '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
+                                      '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
+    if rc != 0:
+        _logger.error('visualization failed (exit %d)', rc)
+        return rc
+
+    _step('5/5 where the re-split patches fall')
+    on_box = selection_on_objects(ckpt, data, device)
+
+    budget = json.loads((eval_dir / 'budgeted' / 'budgeted.json').read_text())
+    through = json.loads((eval_dir / 'throughput' / 'throughput.json').read_text())
+    gflops, acc = budget['budgeted_batch_classification']
+    summary: Dict[str, Any] = {
+        'dataset': str(data), 'epochs': args.epochs, 'device': args.device,
+        'flop': budget['flop'], 'anytime_classification': budget['anytime_classification'],
+        'curve': {f'{t:.2f}': {'gflops': gflops[round(t * 100)], 'top1': acc[round(t * 100)]}
+                  for t in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)},
+        'early_exit': {k: through[k] for k in ('threshold', 'top1', 'exit_share', 'average_gflops', 'throughput')},
+        'selection_on_objects': on_box, 'seconds': time.time() - t_start,
+    }
+    write_json_atomic(summary, out / 'summary.json')
+    c, f = budget['flop']
+    a_c, a_f = budget['anytime_classification']
+    lines = [
+        '',
+        f'Summary ({summary["seconds"]:.0f} s, everything in {out}/)',
+        f'  coarse stage : top-1 {a_c:6.2f}%  at {c * 1000:.2f} MFLOPs per image',
+        f'  fine stage   : top-1 {a_f:6.2f}%  at {f * 1000:.2f} MFLOPs per image (both stages)',
+        '  early exit, budgeted sweep (threshold: MFLOPs, top-1):',
+        *[f'    {t}: {v["gflops"] * 1000:6.2f} MFLOPs  {v["top1"]:6.2f}%' for t, v in summary['curve'].items()],
+        f'  early exit at {through["threshold"]}: top-1 {through["top1"]:.2f}%, {100 * through["exit_share"]:.1f}% '
+        f'exited at the coarse stage, {through["average_gflops"] * 1000:.2f} MFLOPs, '
+        f'{through["throughput"]:.0f} images/s on {args.device}',
+        '  re-split patches on the object (vs. chance):',
+        *[f'    {k} objects: {100 * on_box[f"{k}_objects_selected_on_box"]:.1f}% '
+          f'(chance {100 * on_box[f"{k}_objects_chance"]:.1f}%, {on_box[f"{k}_objects_images"]} images)'
+          for k in ('small', 'large') if f'{k}_objects_images' in on_box],
+        f'  curve: {eval_dir / "budgeted" / "budgeted_batch_classification.png"}',
+        f'  pictures: {vis_dir}/',
+    ]
+    for line in lines:
+        _logger.info('%s', line)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
