@@ -16,8 +16,6 @@ Everything lands in one output folder. No argument is needed and nothing is down
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -44,7 +42,7 @@ _logger = logging.getLogger('quickstart')
 #: The tiny model and recipe of the quick start (patch 8: a 4x4 coarse grid on 32 px images).
 MODEL_ARGS = ['--model', 'cf_deit_tiny', '--embed-dim', '96', '--depth', '6', '--num-heads', '3',
               '--model-kwargs', 'patch_size=8', '--coarse-stage-size', '4']
-RECIPE_ARGS = ['--warmup-epochs', '1', '--lr', '2e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0',
+RECIPE_ARGS = ['--warmup-epochs', '0', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0',
                '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0',
                '--crop-scale', '0.6', '1', '--batch-size', '64', '--print-freq', '1000']
 
@@ -65,12 +63,15 @@ def _step(title: str) -> None:
     _logger.info('=== %s', title)
 
 
-def _quiet_call(fn, argv: Sequence[str]) -> int:
-    """Run a script's ``main(argv)`` with its console output kept in the log file only."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = fn(list(argv))
-    return rc
+def _call(fn, argv: Sequence[str]) -> int:
+    """Run a script's ``main(argv)`` in this process, then drop the log handler it installed."""
+    try:
+        return fn(list(argv))
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if getattr(handler, '_cfvit', False):
+                root.removeHandler(handler)
 
 
 @torch.no_grad()
@@ -130,7 +131,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    _logger.addHandler(handler)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
     t_start = time.time()
     device = torch.device(args.device)
 
@@ -144,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--data-path', str(data), '--epochs', str(args.epochs),
         '--selection-start-epoch', str(args.epochs // 2 - 1), '--num_workers', str(args.num_workers),
         '--device', args.device, '--output', str(train_dir)]
-    rc = main_deit.main(train_argv)
+    rc = _call(main_deit.main, train_argv)
     if rc != 0:
         _logger.error('training failed (exit %d); see above', rc)
         return rc
@@ -154,13 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     eval_dir = out / 'eval'
     common = ['--data_url', str(data), '--checkpoint_path', str(ckpt), '--batch_size', '128',
               '--num-workers', str(args.num_workers), '--device', args.device]
-    rc = _quiet_call(dynamic_inference.main, ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
+    rc = _call(dynamic_inference.main, ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
                                               '--write-checkpoint'])
-    rc = rc or _quiet_call(dynamic_inference.main, ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
+    rc = rc or _call(dynamic_inference.main, ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
                                                     '--output-dir', str(eval_dir / 'throughput')])
-    rc = rc or _quiet_call(dynamic_inference.main, ['--eval-mode', '0', *common,
+    rc = rc or _call(dynamic_inference.main, ['--eval-mode', '0', *common,
                                                     '--output-dir', str(eval_dir / 'anytime')])
-    rc = rc or _quiet_call(dynamic_inference.main, [
+    rc = rc or _call(dynamic_inference.main, [
         '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
         '--output-dir', str(eval_dir / 'report')])
     if rc != 0:
@@ -169,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     _step('4/5 visualization (visualize.py)')
     vis_dir = out / 'visualize'
-    rc = _quiet_call(visualize.main, ['--resume', str(ckpt), '--data-path', str(data), '--output-dir', str(vis_dir),
+    rc = _call(visualize.main, ['--resume', str(ckpt), '--data-path', str(data), '--output-dir', str(vis_dir),
                                       '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
                                       '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
     if rc != 0:
