@@ -218,8 +218,12 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The CF model of ``--model`` at ``--coarse-stage-size`` with the requested overrides."""
+def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
+    """The CF model of ``--model`` at ``--coarse-stage-size`` with the requested overrides.
+
+    ``dense``: the caller trains with token labeling (main_lvvit.py), so the model must be one
+    whose training outputs are dense (CF-LV-ViT); False (CF-DeiT) for this script.
+    """
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                                   coarse_stage_size=args.coarse_stage_size)
     for name in ('embed_dim', 'depth', 'num_heads'):
@@ -227,13 +231,22 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             kwargs[name] = getattr(args, name)
     kwargs.update(parse_model_kwargs(args.model_kwargs))
     if args.model not in timm.list_models('cf_*'):
+        if args.model in timm.list_models() and not dense:
+            # a plain baseline (e.g. deit_tiny_patch16_224) trained with the same recipe
+            from models.baseline import create_baseline
+            try:
+                return create_baseline(args.model, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f'cannot build the baseline {args.model} with {kwargs}: {e}') from e
         raise ConfigError(f'unknown --model {args.model!r}; registered: {", ".join(timm.list_models("cf_*"))}')
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'cannot build {args.model} with {kwargs}: {e}') from e
-    if getattr(model, 'return_dense', False):
+    if getattr(model, 'return_dense', False) and not dense:
         raise ConfigError(f'{args.model} trains with token labeling: use main_lvvit.py')
+    if dense and not getattr(model, 'return_dense', False):
+        raise ConfigError(f'{args.model} has no token outputs for token labeling: use main_deit.py')
     return model
 
 

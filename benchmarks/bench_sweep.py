@@ -21,7 +21,7 @@ def main() -> None:
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, args.samples, args.classes, generator=g) * 3
-    logits[1] += 1.5 * torch.randn(1, args.samples, 1, generator=g)
+    logits[1] += 1.5 * torch.randn(args.samples, 1, generator=g)
     probs = logits.softmax(-1)
     targets = torch.randint(0, args.classes, (args.samples,), generator=g)
     flops = [1.102, 4.022]

@@ -1,0 +1,104 @@
+"""Benchmark 5: a small-scale reproduction of the paper's claim on real images (imagenette224).
+
+Trains a tiny CF-DeiT and the same-size plain DeiT with the same recipe and epochs (both with
+``main_deit.py``; the baseline through ``models.baseline``), then compares the baseline's top-1
+and GFLOPs with CF-DeiT's coarse and fine top-1 and its whole accuracy-vs-GFLOPs curve, and
+reports the GFLOPs CF-DeiT needs to match the baseline's accuracy.
+
+    python benchmarks/bench_reproduction.py --data-path ../shared/data/imagenette224 [--epochs 30]
+
+Checkpoints stay in --work-dir (not in git); logs, curve and JSON go to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from common import RESULTS, ROOT, machine, save
+
+MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3', '--model-kwargs', 'patch_size=8',
+         '--coarse-stage-size', '4']
+RECIPE = ['--warmup-epochs', '2', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0', '--mixup', '0',
+          '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0', '--crop-scale', '0.35', '1',
+          '--batch-size', '64', '--print-freq', '1000', '--device', 'cpu', '--seed', '0']
+
+
+def run(cmd: List[str], log: Path) -> None:
+    with open(log, 'w') as f:
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--data-path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette224'))
+    p.add_argument('--epochs', type=int, default=30)
+    p.add_argument('--work-dir', default='output/bench_reproduction')
+    p.add_argument('--num-workers', type=int, default=2)
+    args = p.parse_args()
+    work = (ROOT / args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / 'reproduction'
+    out.mkdir(parents=True, exist_ok=True)
+    common = [*MODEL, *RECIPE, '--data-path', args.data_path, '--epochs', str(args.epochs),
+              '--num_workers', str(args.num_workers)]
+    times = {}
+    for name, model, extra in (
+            ('cf_deit', 'cf_deit_tiny', ['--selection-start-epoch', str(args.epochs // 2 - 1)]),
+            ('deit_baseline', 'deit_tiny_patch16_224', [])):
+        t0 = time.time()
+        if not (work / name / 'checkpoint.pth').exists() or json.loads(
+                (work / name / 'log.txt').read_text().splitlines()[-1])['epoch'] < args.epochs - 1:
+            run(['main_deit.py', '--model', model, *common, *extra, '--output', str(work / name)],
+                out / f'{name}_train.out')
+        times[name] = time.time() - t0
+        shutil.copyfile(work / name / 'log.txt', out / f'{name}_log.txt')
+
+    # CF-DeiT: the four-mode evaluation's sweep on the 1,500 validation images
+    run(['dynamic_inference.py', '--eval-mode', '1', '--data_url', args.data_path, '--checkpoint_path',
+         str(work / 'cf_deit' / 'checkpoint.pth'), '--batch_size', '128', '--num-workers', str(args.num_workers),
+         '--output-dir', str(work / 'cf_eval')], out / 'cf_deit_eval.out')
+    cf = json.loads((work / 'cf_eval' / 'budgeted.json').read_text())
+    base_log = [json.loads(line) for line in (work / 'deit_baseline' / 'log.txt').read_text().splitlines()]
+    base_top1 = base_log[-1].get('test_fine_acc1', base_log[-1].get('fine_acc1'))
+
+    sys.path.insert(0, str(ROOT))
+    import models  # noqa: F401
+    from models.baseline import create_baseline
+    from utils.flops import count_gflops
+    from utils.plots import plot_budgeted_curve
+    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=4, patch_size=8, embed_dim=96, depth=6,
+                           num_heads=3, num_classes=10).eval()
+    with torch.no_grad():
+        base_gflops = count_gflops(base.model, torch.zeros(1, 3, 64, 64))
+    gflops, acc = cf['budgeted_batch_classification']
+    matching = [g for g, a in zip(gflops, acc) if a >= base_top1]
+    match_gflops = min(matching) if matching else None
+    plot_budgeted_curve(gflops, acc, out / 'curve.png', list(zip(cf['flop'], cf['anytime_classification'])),
+                        title=f'imagenette224 val, tiny CF-DeiT vs DeiT, {args.epochs} epochs',
+                        thresholds=cf['thresholds'],
+                        operating_point=(base_gflops, base_top1, f'DeiT baseline: {base_top1:.2f}%'))
+    result = {
+        'benchmark': 'small-scale reproduction on imagenette224', 'machine': machine(), 'epochs': args.epochs,
+        'model': 'D=96, 6 blocks, 3 heads, patch 8; CF: 4x4 coarse grid on 32 px, 8x8 fine on 64 px; '
+                 'baseline: DeiT at 64 px (8x8 tokens)',
+        'recipe': ' '.join(RECIPE), 'train_seconds': times,
+        'baseline_top1': base_top1, 'baseline_gflops': base_gflops,
+        'cf_flop': cf['flop'], 'cf_anytime_classification': cf['anytime_classification'],
+        'cf_budgeted_batch_classification': cf['budgeted_batch_classification'],
+        'cf_gflops_to_match_baseline': match_gflops,
+        'cf_gflops_to_match_baseline_share': match_gflops / base_gflops if match_gflops else None,
+    }
+    save('reproduction', result)
+    print(json.dumps({k: v for k, v in result.items() if k != 'cf_budgeted_batch_classification'}, indent=1))
+
+
+if __name__ == '__main__':
+    main()
