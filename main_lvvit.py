@@ -1,10 +1,399 @@
-"""main_lvvit.py: training CF-LV-ViT with token labeling (issue 5). Not implemented yet."""
+"""Train or evaluate CF-LV-ViT with token labeling and MixToken, on one process or many.
+
+Released form (4 GPUs, 256 images per GPU; ``--apex-amp`` means native mixed precision here)::
+
+    python -m torch.distributed.launch --nproc_per_node=4 main_lvvit.py PATH_TO_IMAGENET \\
+        --model cf_lvvit_small -b 256 --apex-amp --drop-path 0.1 --token-label \\
+        --token-label-data PATH_TO_TOKENLABEL --model-ema --eval-metric top1_f \\
+        --coarse-stage-size 7 --output PATH_TO_LOG
+
+The same with ``torchrun --nproc_per_node=4 main_lvvit.py ...``; one process: ``python main_lvvit.py ...``.
+``PATH_TO_IMAGENET`` holds ``train/`` and ``val/`` ImageFolder trees; the label maps
+(``<class folder>/<image stem>.pt``, SPEC 7) come from the TokenLabeling release for ImageNet or
+from ``make_token_labels.py`` for any dataset.
+
+The recipe (SPEC 6-7, TokenLabeling's LV-ViT flags): AdamW at ``--lr 1.6e-3`` (absolute, the
+release's value at 1024 images per step), weight decay 0.05, cosine schedule with 5 warm-up
+epochs, RandAugment, random erasing, drop path, EMA; MixToken in the model; loss = token labeling
+on the fine stage (class token against the MixToken-mixed class target, every token against its
+RoI-aligned dense target) + KL(coarse || fine, detached). Without ``--token-label`` the class
+token alone is trained with soft-target cross-entropy. Informative selection switches on after
+``--selection-start-epoch``.
+
+Everything around the loop is shared with ``main_deit.py``: data sets, model building, loaders,
+optimizer, AMP, EMA, resume, checkpoints (``checkpoint.pth`` atomically, ``best_checkpoint.pth``
+by ``--eval-metric``), one JSON line per epoch in ``log.txt`` and TensorBoard scalars under
+``--output``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from timm.data import Mixup  # noqa: E402
+from timm.scheduler import create_scheduler_v2  # noqa: E402
+from timm.utils import ModelEmaV3, distribute_bn  # noqa: E402
+
+import main_deit  # noqa: E402  (the shared training pieces)
+from datasets.build import attach_transform, build_dataset, build_transform, check_same_classes  # noqa: E402
+from datasets.token_label import (  # noqa: E402
+    TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
+    keep_zero_bit_posterize,
+)
+from main_deit import ConfigError  # noqa: E402
+from utils.checkpoint import load_model_weights  # noqa: E402
+from utils.dist import all_agree, cleanup, epoch_seed, init_distributed, seed_everything  # noqa: E402
+from utils.engine import NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
+from utils.misc import OutputDirError, check_writable_dir, setup_logging  # noqa: E402
+from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
+
+_logger = logging.getLogger('main_lvvit')
+
+EXIT_BAD_INPUT = main_deit.EXIT_BAD_INPUT
+EXIT_TRAINING_FAILED = main_deit.EXIT_TRAINING_FAILED
+USER_ERRORS = main_deit.USER_ERRORS
+#: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
+EVAL_METRICS = {'top1_f': 'fine_acc1', 'top1_c': 'coarse_acc1'}
+#: LV-ViT's learning rate and the global batch it was tuned for (8 GPUs x 128, or 4 x 256).
+LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
 
 
-def main() -> int:
-    print('main_lvvit.py: not yet — training CF-LV-ViT with token labeling (issue 5) has not landed. The models are in models/.', file=sys.stderr)
-    return 2
+# ---------------------------------------------------------------------------------------------- flags
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    """main_deit.py's flags with TokenLabeling's spellings and LV-ViT defaults, plus token labeling.
+
+    Reusable with ``parents=[get_args_parser()]``.
+    """
+    parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', add_help=add_help,
+                                     parents=[main_deit.get_args_parser()], conflict_handler='resolve')
+    bool_flag = argparse.BooleanOptionalAction
+    parser.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
+                        help='dataset root with train/ and val/ ImageFolder trees (or --data-path)')
+
+    g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
+    g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=int, default=64,
+                   help='images per process and step')
+    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int, default=8,
+                   help='data loading processes per training process')
+    g.add_argument('--lr', type=float, default=LVVIT_LR,
+                   help=f'learning rate, used as given (LV-ViT: {LVVIT_LR:g} at {LVVIT_BATCH} images per step)')
+    g.add_argument('--apex-amp', '--apex_amp', '--native-amp', '--native_amp', dest='amp', action='store_true',
+                   help='mixed precision through torch.autocast (there is no apex; all three flags and --amp '
+                        'mean native AMP)')
+    g.add_argument('--unscale-lr', action='store_true', help=argparse.SUPPRESS)  # --lr is never scaled here
+    g.add_argument('--print-freq', '--log-interval', dest='print_freq', type=int, default=50,
+                   help='log a line every this many steps')
+    g.add_argument('--eval-metric', choices=sorted(EVAL_METRICS), default='top1_f',
+                   help='what picks best_checkpoint.pth (and drives plateau schedules): the top-1 of the fine '
+                        '(top1_f) or the coarse (top1_c) stage; of the EMA weights when --model-ema, as released')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--dist-bn', choices=('reduce', 'broadcast', ''), default='reduce',
+                   help='after every epoch, average (reduce) or copy from rank 0 (broadcast) the running statistics '
+                        'of the stem\'s BatchNorm layers over the processes, so that every process evaluates and '
+                        'saves the same model; \'\' keeps them per process (the release\'s default)')
+    g.add_argument('--mix-token', action=bool_flag, default=True,
+                   help='MixToken in the model (a box of coarse patch embeddings from the batch flipped)')
+
+    g = parser.add_argument_group('token labeling')
+    g.add_argument('--token-label', action='store_true',
+                   help='train with dense token labels (needs --token-label-data)')
+    g.add_argument('--token-label-data', default='', metavar='DIR',
+                   help='label maps: DIR/<class folder>/<image stem>.pt, tensors (2, K, H, W) of top-K scores and '
+                        'class indices (make_token_labels.py writes them)')
+    g.add_argument('--token-label-size', type=int, default=None,
+                   help='side of the dense target: 2 x --coarse-stage-size (default, one per fine patch), or 1 for '
+                        'class targets only')
+    g.add_argument('--dense-weight', type=float, default=1.0,
+                   help='weight of the per-token loss: 1.0 as the released CF-LV-ViT run (and TokenLabeling\'s code) '
+                        'trained; the TokenLabeling paper names 0.5')
+    g.add_argument('--cls-weight', type=float, default=1.0, help='weight of the class-token loss')
+    g.add_argument('--coarse-dense-weight', type=float, default=0.0,
+                   help='weight of a per-token loss on the coarse stage too, against the dense target averaged '
+                        'over 2x2 cells (0: the release, which supervised the fine stage only)')
+
+    parser.set_defaults(
+        model='cf_lvvit_small', amp=False, model_ema=False, model_ema_decay=0.99992, unscale_lr=True, seed=42,
+        mixup=0.0, cutmix=0.0, repeated_aug=False, train_interpolation='random')
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that cannot work together, as one :class:`ConfigError`."""
+    if args.data_dir and args.data_path and Path(args.data_dir) != Path(args.data_path):
+        raise ConfigError(f'two datasets given: {args.data_dir} and --data-path {args.data_path}')
+    args.data_path = args.data_dir or args.data_path
+    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
+        raise ConfigError('--stop-at-epoch must be >= 0')
+    if args.eval:
+        return
+    if args.token_label and not args.token_label_data:
+        raise ConfigError('--token-label needs --token-label-data DIR (label maps <class folder>/<image stem>.pt; '
+                          'make them with make_token_labels.py)')
+    if args.token_label_data and not args.token_label:
+        raise ConfigError(f'--token-label-data {args.token_label_data} is given without --token-label: add '
+                          f'--token-label to train with it')
+    if args.token_label and args.data_set != 'IMNET':
+        raise ConfigError('--token-label needs an ImageFolder dataset (--data-set IMNET)')
+    weights = (args.cls_weight, args.dense_weight, args.coarse_dense_weight)
+    if min(weights) < 0 or args.cls_weight + args.dense_weight <= 0:
+        raise ConfigError('--cls-weight, --dense-weight and --coarse-dense-weight must be >= 0, the first two '
+                          'not both 0')
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active and args.batch_size % 2:
+        raise ConfigError(f'mixup/cutmix pair up images: -b must be even, got {args.batch_size}')
+    if mixup_active and args.token_label and args.mixup_mode != 'batch':
+        raise ConfigError('with --token-label, mixup/cutmix work per batch only (--mixup-mode batch)')
+
+
+def resolve_label_size(args: argparse.Namespace, model: nn.Module) -> int:
+    """``--token-label-size``, defaulting to the fine grid's side (2g)."""
+    side = model.fine_grid[0]
+    size = args.token_label_size or side
+    if size not in (1, side):
+        raise ConfigError(f'--token-label-size must be {side} (2 x --coarse-stage-size: one cell per fine patch) '
+                          f'or 1 (class targets only), got {size}')
+    return size
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, num_classes: int) -> Any:
+    """The training set with its transform: label maps and recorded geometry, or plain images."""
+    if not args.token_label:
+        attach_transform(train_set, keep_zero_bit_posterize(build_transform(True, args, model)))
+        return train_set
+    samples, classes = folder_samples(train_set)
+    return TokenLabelDataset(samples, args.token_label_data, num_classes,
+                             transform=build_token_label_transform(args, model), classes=classes)
+
+
+def build_objective(args: argparse.Namespace, num_classes: int, label_size: int) -> tuple:
+    """``(criterion, batch transform)``: the CF token-labeling loss, and what turns a loader batch
+    into images and :class:`utils.token_labeling.TokenLabelTargets` (with mixup/cutmix if on)."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      num_classes=num_classes)
+    if args.token_label:
+        mixup = TokenLabelMixup(**mixup_args) if mixup_active else None
+        batch_transform: Any = TokenLabelBatch(num_classes, label_size, args.smoothing, mixup)
+    else:
+        mixup = Mixup(label_smoothing=args.smoothing, **mixup_args) if mixup_active else None
+        batch_transform = ClassLabelBatch(num_classes, args.smoothing, mixup)
+    criterion = CFTokenLabelingLoss(TokenLabelingLoss(args.cls_weight, args.dense_weight),
+                                    coarse_dense_weight=args.coarse_dense_weight)
+    return criterion, batch_transform
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> None:
+    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
+    info = init_distributed(args.device, args.dist_url, args.local_rank, args.world_size)
+    setup_logging(info.rank == 0)
+    device = info.device
+    check_args(args)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if info.distributed:
+        _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
+
+    output_dir: Optional[Path] = Path(args.output_dir) if args.output_dir else None
+    problem = None
+    if output_dir is not None and info.rank == 0:
+        try:
+            check_writable_dir(output_dir)
+        except OutputDirError as e:
+            problem = str(e)
+    if not all_agree(problem is None):
+        raise OutputDirError(problem or 'the main process cannot write the output folder')
+
+    seed_everything(args.seed)  # the same on every process: identical initial weights
+    train_set, num_classes = build_dataset(True, args) if not args.eval else (None, None)
+    val_set, val_classes = build_dataset(False, args)
+    if train_set is not None:
+        check_same_classes(train_set, val_set)
+    num_classes = num_classes or val_classes
+
+    if not args.mix_token:
+        args.model_kwargs = list(args.model_kwargs) + ['mix_token=False']
+    model = main_deit.build_model(args, num_classes, dense=True)
+    label_size = resolve_label_size(args, model) if args.token_label else 1
+    if train_set is not None:
+        train_set = build_train_set(args, model, train_set, num_classes)
+    attach_transform(val_set, build_transform(False, args, model))
+    if args.finetune:
+        main_deit.load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _logger.info('%s, %d classes, input %s, %.2fM parameters; %s', args.model, num_classes, model.img_size_list,
+                 n_parameters / 1e6, f'token labels {label_size}x{label_size} from {args.token_label_data}'
+                 if args.token_label else 'class labels only')
+
+    amp = main_deit.build_amp(args, device)
+    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
+        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
+    if args.eval:
+        _, val_loader = main_deit.build_loaders(args, info, None, val_set)
+        if args.resume:
+            load_model_weights(model_without_ddp, args.resume, unsafe=args.unsafe_load)
+        else:
+            _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
+                            else 'randomly initialized weights')
+        main_deit.set_selection(True, model)  # inference always uses informative selection
+        stats = evaluate(model, val_loader, device, amp, reduce_over_processes=info.distributed and args.dist_eval,
+                         progress=info.rank == 0)
+        _logger.info('evaluation: %s', format_eval(stats))
+        if info.rank == 0:
+            print(json.dumps({'coarse_acc1': stats['coarse_acc1'], 'fine_acc1': stats['fine_acc1'],
+                              'num_samples': stats['num_samples']}))
+        return
+
+    train_loader, val_loader = main_deit.build_loaders(args, info, train_set, val_set)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    if info.distributed:
+        # aux_head gets no gradient without dense targets; with them every parameter is used
+        dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            find_unused_parameters=not dense_loss)
+    optimizer = main_deit.build_optimizer(args, model_without_ddp, info.world_size)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    criterion, batch_transform = build_objective(args, num_classes, label_size)
+
+    start_epoch, best_metric = args.start_epoch, -1.0  # the first epoch's checkpoint is always a best one
+    if args.resume:
+        start_epoch, best_metric = main_deit.resume(args, model_without_ddp, model_ema, optimizer, lr_scheduler, amp)
+    if lr_scheduler is not None and start_epoch > 0:
+        lr_scheduler.step(start_epoch)
+
+    writer = None
+    if output_dir is not None and info.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(output_dir / main_deit.TENSORBOARD_DIR))
+    ema_eval = model_ema is not None and not args.model_ema_force_cpu
+    metric_key = EVAL_METRICS[args.eval_metric]
+    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
+    _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
+                 end_epoch - 1, args.epochs, len(train_loader), args.eval_metric, ' of the EMA' if ema_eval else '')
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank, info.world_size))
+            if hasattr(train_loader.sampler, 'set_epoch'):
+                train_loader.sampler.set_epoch(epoch)
+            selection = epoch > args.selection_start_epoch
+            main_deit.set_selection(selection, model_without_ddp, model_ema.module if model_ema is not None else None)
+
+            train_stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, device, epoch, amp=amp, clip_grad=args.clip_grad,
+                clip_mode=args.clip_mode, model_ema=model_ema, batch_transform=batch_transform,
+                lr_scheduler=lr_scheduler, log_writer=writer, print_freq=args.print_freq, progress=info.rank == 0)
+            if info.distributed and args.dist_bn:
+                distribute_bn(model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
+                if model_ema is not None and not args.model_ema_force_cpu:
+                    distribute_bn(model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
+            reduce = info.distributed and args.dist_eval
+            test_stats = evaluate(model_without_ddp, val_loader, device, amp, reduce_over_processes=reduce,
+                                  progress=info.rank == 0)
+            ema_stats = evaluate(model_ema.module, val_loader, device, amp, reduce_over_processes=reduce,
+                                 progress=info.rank == 0) if ema_eval else None
+            metric = (ema_stats or test_stats)[metric_key]  # the release ranked epochs by the EMA's metric
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, metric)
+            is_best = metric > best_metric
+            best_metric = max(best_metric, metric)
+            _logger.info('epoch %d: %s%s | best %s %.3f', epoch, format_eval(test_stats),
+                         f' | EMA: {format_eval(ema_stats)}' if ema_stats else '', args.eval_metric, best_metric)
+
+            record: Dict[str, Any] = {
+                'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                **{f'test_{k}': v for k, v in test_stats.items()},
+                **{f'test_ema_{k}': v for k, v in (ema_stats or {}).items()},
+                'eval_metric': args.eval_metric, 'best_metric': best_metric,
+                'informative_selection': selection, 'n_parameters': n_parameters}
+            problem = None
+            if output_dir is not None and info.rank == 0:
+                checkpoint = {
+                    'model': model_without_ddp.state_dict(),
+                    'optimizer': optimizer.state_dict(),
+                    'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                    'epoch': epoch,
+                    'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+                    'scaler': amp.scaler.state_dict() if amp.scaler is not None else None,
+                    'args': args,
+                    'coarse_acc1': test_stats['coarse_acc1'],
+                    'fine_acc1': test_stats['fine_acc1'],
+                    'eval_metric': args.eval_metric,
+                    # main_deit.resume() restores the best-so-far value from this key
+                    'max_fine_acc1': best_metric,
+                }
+                try:
+                    for key, value in (ema_stats or {}).items():
+                        if key != 'num_samples':
+                            writer.add_scalar(f'test_ema/{key}', value, epoch)
+                    main_deit.write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
+                except OSError as e:
+                    problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
+            if not all_agree(problem is None):  # every process stops together
+                raise OutputDirError(problem or 'the main process could not write its outputs')
+    finally:
+        if writer is not None:
+            writer.close()
+    _logger.info('done in %.1f s; best %s %.3f', time.time() - started, args.eval_metric, best_metric)
+    if args.debug_weights_digest:
+        digest = {'rank': info.rank, 'model': main_deit.weights_digest(model_without_ddp),
+                  'model_ema': main_deit.weights_digest(model_ema.module) if model_ema is not None else None}
+        Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
+    text = str(error)
+    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
+    parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    setup_logging(True)
+    code = 0
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        _logger.error('%s', user_message(e))
+        code = EXIT_BAD_INPUT
+    except NonFiniteLossError as e:
+        _logger.error('%s', e)
+        code = EXIT_TRAINING_FAILED
+    except KeyboardInterrupt:
+        _logger.error('interrupted; the last checkpoint (if any) is intact')
+        code = 130
+    finally:
+        cleanup()
+    return code
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
-import models  # noqa: F401
 from common import interleaved, machine, median, save
+import models  # noqa: E402,F401
 from utils.flops import count_gflops, stage_gflops
 
 
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument('--batches', type=int, nargs='+', default=[64, 1])
     p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     p.add_argument('--images-batch1', type=int, default=16, help='images per repetition at batch 1')
+    p.add_argument('--name', default='inference_throughput', help='result file name (benchmarks/results/NAME.json)')
     args = p.parse_args()
     torch.manual_seed(0)
     deit = timm.create_model('deit_small_patch16_224').eval()
@@ -89,7 +90,7 @@ def main() -> None:
                 })
                 print(f'{dtype_name:9s} b={batch:<3d} {name:28s} {n_images / median(ts):8.1f} img/s  '
                       f'speed-up {speedup:5.2f}  predicted {predicted:5.2f}  efficiency {speedup / predicted:5.2f}')
-    save('inference_throughput', {
+    save(args.name, {
         'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
         'thresholds': thresholds, 'deit_gflops': deit_gflops, 'cf_flop': cf_flops, 'rows': rows,
     })

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -45,19 +46,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--child', default=None)
+    p.add_argument('--reps', type=int, default=3, help='fresh processes per program (interleaved); medians reported')
     args = p.parse_args()
     if args.child:
         child(PROGRAMS[args.child], args.batch)
         return
+    runs = {name: [] for name in PROGRAMS}
+    for _ in range(args.reps):
+        for name in PROGRAMS:
+            out = subprocess.run([sys.executable, __file__, '--child', name, '--batch', str(args.batch)],
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
-    for name in PROGRAMS:
-        out = subprocess.run([sys.executable, __file__, '--child', name, '--batch', str(args.batch)],
-                             capture_output=True, text=True, check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({'program': name, **res})
-        print(f'{name:32s} +{res["peak_rss_growth_mib"]:7.1f} MiB during the batch (peak RSS {res["peak_rss_mib"]:.0f} MiB)')
+    for name, rs in runs.items():
+        growth = statistics.median(r['peak_rss_growth_mib'] for r in rs)
+        peak = statistics.median(r['peak_rss_mib'] for r in rs)
+        rows.append({'program': name, 'peak_rss_growth_mib': growth, 'peak_rss_mib': peak, 'runs': rs})
+        print(f'{name:32s} +{growth:7.1f} MiB during the batch (peak RSS {peak:.0f} MiB), median of {len(rs)}')
     save('memory', {'benchmark': f'peak memory of inference, batch {args.batch}, CPU, float32',
-                    'machine': machine(), 'batch': args.batch, 'rows': rows})
+                    'machine': machine(), 'batch': args.batch, 'reps': args.reps, 'rows': rows})
 
 
 if __name__ == '__main__':

@@ -14,8 +14,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import models  # noqa: F401
 from common import interleaved, machine, median, save
+import models  # noqa: E402,F401
 from utils.flops import count_gflops, stage_gflops
 
 

@@ -276,3 +276,16 @@ def test_eval_transform_follows_the_model_cfg():
     assert (eval_resize_size(224, 0.875), eval_resize_size(288, 0.875), eval_resize_size(224, 0.9)) == (256, 329, 248)
     resize = eval_transform(deit).transforms[0]
     assert resize.size == 329 and 'bicubic' in str(resize.interpolation).lower()
+
+
+def test_single_stage_baseline_has_the_two_stage_interface():
+    from models.baseline import create_baseline
+    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=2, patch_size=8, embed_dim=48, depth=2,
+                           num_heads=3, num_classes=4).eval()
+    assert base.img_size_list == [16, 32] and base.pretrained_cfg['input_size'] == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    coarse, fine = base(x)
+    assert coarse is fine and fine.shape == (2, 4)
+    assert torch.equal(base([torch.zeros(2, 3, 16, 16), x])[1], fine)
+    loss = torch.nn.functional.kl_div(coarse.log_softmax(-1), fine.detach().softmax(-1), reduction='batchmean')
+    assert abs(float(loss)) < 1e-6
