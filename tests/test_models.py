@@ -288,4 +288,4 @@ def test_single_stage_baseline_has_the_two_stage_interface():
     assert coarse is fine and fine.shape == (2, 4)
     assert torch.equal(base([torch.zeros(2, 3, 16, 16), x])[1], fine)
     loss = torch.nn.functional.kl_div(coarse.log_softmax(-1), fine.detach().softmax(-1), reduction='batchmean')
-    assert abs(float(loss)) < 1e-6
+    assert abs(loss.item()) < 1e-6
