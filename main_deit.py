@@ -389,20 +389,18 @@ def weights_digest(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> None:
-    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
+def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Optional[Path]]:
+    """Distributed set-up, logging, determinism flags, and the output folder (checked by rank 0,
+    agreed by all processes). Shared by the training scripts."""
     info = init_distributed(args.device, args.dist_url, args.local_rank, args.world_size)
     setup_logging(info.rank == 0)
     device = info.device
-    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
-        raise ConfigError('--stop-at-epoch must be >= 0')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.distributed:
         _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
-
     output_dir: Optional[Path] = Path(args.output_dir) if args.output_dir else None
     problem = None
     if output_dir is not None and info.rank == 0:
@@ -412,13 +410,25 @@ def run(args: argparse.Namespace) -> None:
             problem = str(e)
     if not all_agree(problem is None):
         raise OutputDirError(problem or 'the main process cannot write the output folder')
+    return info, device, output_dir
 
+
+def load_datasets(args: argparse.Namespace) -> Tuple[Optional[Dataset], Dataset, int]:
+    """``(train_set or None with --eval, val_set, num_classes)``, after seeding every process alike."""
     seed_everything(args.seed)  # the same on every process: identical initial weights
     train_set, num_classes = build_dataset(True, args) if not args.eval else (None, None)
     val_set, val_classes = build_dataset(False, args)
     if train_set is not None:
         check_same_classes(train_set, val_set)
-    num_classes = num_classes or val_classes
+    return train_set, val_set, num_classes or val_classes
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
+    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
+        raise ConfigError('--stop-at-epoch must be >= 0')
+    info, device, output_dir = setup_process(args)
+    train_set, val_set, num_classes = load_datasets(args)
 
     model = build_model(args, num_classes)
     if train_set is not None:

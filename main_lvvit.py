@@ -45,16 +45,16 @@ from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import ModelEmaV3, distribute_bn  # noqa: E402
 
 import main_deit  # noqa: E402  (the shared training pieces)
-from datasets.build import attach_transform, build_dataset, build_transform, check_same_classes  # noqa: E402
+from datasets.build import attach_transform, build_transform  # noqa: E402
 from datasets.token_label import (  # noqa: E402
     TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
 from main_deit import ConfigError  # noqa: E402
 from utils.checkpoint import load_model_weights  # noqa: E402
-from utils.dist import all_agree, cleanup, epoch_seed, init_distributed, seed_everything  # noqa: E402
+from utils.dist import all_agree, cleanup, epoch_seed, seed_everything  # noqa: E402
 from utils.engine import NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
-from utils.misc import OutputDirError, check_writable_dir, setup_logging  # noqa: E402
+from utils.misc import OutputDirError, setup_logging  # noqa: E402
 from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 
 _logger = logging.getLogger('main_lvvit')
@@ -197,33 +197,9 @@ def build_objective(args: argparse.Namespace, num_classes: int, label_size: int)
 # ---------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
-    info = init_distributed(args.device, args.dist_url, args.local_rank, args.world_size)
-    setup_logging(info.rank == 0)
-    device = info.device
     check_args(args)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if info.distributed:
-        _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
-
-    output_dir: Optional[Path] = Path(args.output_dir) if args.output_dir else None
-    problem = None
-    if output_dir is not None and info.rank == 0:
-        try:
-            check_writable_dir(output_dir)
-        except OutputDirError as e:
-            problem = str(e)
-    if not all_agree(problem is None):
-        raise OutputDirError(problem or 'the main process cannot write the output folder')
-
-    seed_everything(args.seed)  # the same on every process: identical initial weights
-    train_set, num_classes = build_dataset(True, args) if not args.eval else (None, None)
-    val_set, val_classes = build_dataset(False, args)
-    if train_set is not None:
-        check_same_classes(train_set, val_set)
-    num_classes = num_classes or val_classes
+    info, device, output_dir = main_deit.setup_process(args)
+    train_set, val_set, num_classes = main_deit.load_datasets(args)
 
     if not args.mix_token:
         args.model_kwargs = list(args.model_kwargs) + ['mix_token=False']
