@@ -71,8 +71,14 @@ def targets_line(d: Dict[str, Any]) -> str:
                 verdict = 'met' if min(eff) >= target else 'NOT met'
                 parts.append(f'{dtype} batch {batch}: FLOP efficiency {min(eff):.2f}-{max(eff):.2f} '
                              f'(target {target}: {verdict})')
-    return ('Against the targets: ' + '; '.join(parts) + '. At batch 1 the coarse stage runs 50-token '
-            'matrices, so per-operation overhead weighs more than at 197 tokens (DeiT-S); see the issue notes '
+    deit = {(r['dtype'], r['batch']): r['images_per_second'] for r in d['rows'] if r['exit_share'] is None}
+    bf16 = ''
+    if ('bfloat16', 64) in deit and ('float32', 64) in deit:
+        bf16 = (f" bfloat16 autocast is emulated on this CPU (no native bf16 instructions): DeiT-S runs at "
+                f"{deit['bfloat16', 64]:.1f} img/s in bf16 against {deit['float32', 64]:.1f} in float32 at batch 64, "
+                'so use float32 on such CPUs; the bf16 rows are there for the FLOP efficiency.')
+    return ('Against the targets: ' + '; '.join(parts) + '.' + bf16 + ' In float32 at batch 1 the coarse stage runs '
+            '50-token matrices, so per-operation overhead weighs more than at 197 tokens (DeiT-S); see the issue notes '
             'for what could narrow the gap.')
 
 
