@@ -601,12 +601,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-DeiT training and evaluation', parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    return run_main(run, args)
+
+
+def run_main(run_fn: Any, args: argparse.Namespace, user_errors: tuple = USER_ERRORS,
+             message: Any = str) -> int:
+    """Run ``run_fn(args)``; bad input, a non-finite loss or Ctrl-C become one message and an exit code.
+    Shared by the training scripts."""
     setup_logging(True)
     code = 0
     try:
-        run(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', e)
+        run_fn(args)
+    except user_errors as e:
+        _logger.error('%s', message(e))
         code = EXIT_BAD_INPUT
     except NonFiniteLossError as e:
         _logger.error('%s', e)
@@ -617,7 +624,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         cleanup()
     return code
-
 
 if __name__ == '__main__':
     sys.exit(main())

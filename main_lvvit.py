@@ -52,9 +52,9 @@ from datasets.token_label import (  # noqa: E402
 )
 from main_deit import ConfigError  # noqa: E402
 from utils.checkpoint import load_model_weights  # noqa: E402
-from utils.dist import all_agree, cleanup, epoch_seed, seed_everything  # noqa: E402
-from utils.engine import NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
-from utils.misc import OutputDirError, setup_logging  # noqa: E402
+from utils.dist import all_agree, epoch_seed, seed_everything  # noqa: E402
+from utils.engine import evaluate, format_eval, train_one_epoch  # noqa: E402
+from utils.misc import OutputDirError  # noqa: E402
 from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 
 _logger = logging.getLogger('main_lvvit')
@@ -354,22 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    setup_logging(True)
-    code = 0
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', user_message(e))
-        code = EXIT_BAD_INPUT
-    except NonFiniteLossError as e:
-        _logger.error('%s', e)
-        code = EXIT_TRAINING_FAILED
-    except KeyboardInterrupt:
-        _logger.error('interrupted; the last checkpoint (if any) is intact')
-        code = 130
-    finally:
-        cleanup()
-    return code
+    return main_deit.run_main(run, args, USER_ERRORS, user_message)
 
 
 if __name__ == '__main__':
