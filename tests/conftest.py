@@ -54,6 +54,15 @@ def build_from_config(cfg: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(ARCH_TO_MODEL[cfg['arch']], **kwargs)
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=golden_case_files(), ids=lambda p: p.stem)
 def golden_case(request):
     """(case dict, model with the case's weights in eval mode, x_coarse, x_fine)."""

@@ -49,13 +49,7 @@ def _make_image_folder(root: Path, per_class: Dict[str, int]) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """A model this small runs fastest on one thread (and does not fight other jobs for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 
 
 @pytest.fixture(scope='module')

@@ -66,13 +66,7 @@ def _script_env() -> Dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """A model this small runs fastest on one thread (and does not fight other jobs for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 
 
 @pytest.fixture(scope='module')

@@ -60,6 +60,16 @@ def _top5(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.topk(k, dim=1).indices.eq(targets.view(-1, 1)).any(dim=1)
 
 
+def _unpack(batch, device: torch.device):
+    """``(images, targets, n_skipped)`` of a loader batch, on ``device``; images is None when the
+    batch held no readable image. Accepts ``(images, targets)`` or ``datasets.collate_skipping``'s triple."""
+    images, targets = batch[0], batch[1]
+    skipped = batch[2] if len(batch) > 2 else 0
+    if images.numel() == 0:
+        return None, None, skipped
+    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True), skipped
+
+
 @torch.no_grad()
 def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
                    amp_dtype: Optional[torch.dtype] = None, desc: str = 'both stages') -> StagePredictions:
@@ -76,12 +86,10 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     conf, pred, top5, tgts = [], [], [], []
     skipped = 0
     for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
-        images, targets = batch[0], batch[1]
-        skipped += batch[2] if len(batch) > 2 else 0
-        if images.numel() == 0:
+        images, targets, n_skipped = _unpack(batch, device)
+        skipped += n_skipped
+        if images is None:
             continue
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):
             out = model.forward_details(images)
         logits = [out.coarse_logits.float(), out.fine_logits.float()]
@@ -149,12 +157,10 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         _logger.warning('only %d batches: timing all of them, warm-up included', n_batches)
         warmup_batches = 0
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
-        images, targets = batch[0], batch[1]
-        skipped += batch[2] if len(batch) > 2 else 0
-        if images.numel() == 0:
+        x_f, targets, n_skipped = _unpack(batch, device)
+        skipped += n_skipped
+        if x_f is None:
             continue
-        x_f = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         x_c = coarse_from_fine(x_f, (c, c))
         timed = i >= warmup_batches
         if use_events:
