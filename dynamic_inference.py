@@ -34,7 +34,7 @@ from utils.checkpoint import (
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import architecture_from_checkpoint, parse_model_kwargs
+from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, parse_model_kwargs, positive_int
 from utils.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -63,7 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--data-url', '--data_url', '--data-path', '--data_path', dest='data_url', default=None,
                    help='dataset root holding val/ in ImageFolder layout (modes 0-2; default: the built-in '
                         'synthetic shapes set)')
-    p.add_argument('--batch-size', '--batch_size', type=int, default=64)
+    p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
     p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
                    help="the model (default: the one a training checkpoint records, else cf_deit_small)")
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -73,7 +73,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--checkpoint-key', default=None,
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); "
                         "e.g. model_ema")
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=None,
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
     p.add_argument('--threshold', type=float, default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
@@ -308,12 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run(args)
     except (UsageError, CheckpointError, DatasetError) as e:
         print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if 'no readable images' in str(e):
-            print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
-            return 2
-        raise
+        return EXIT_BAD_INPUT
     return 0
 
 

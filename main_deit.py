@@ -53,9 +53,10 @@ import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.build import (  # noqa: E402
     DATA_SETS, attach_transform, build_dataset, build_transform, check_same_classes,
 )
-from datasets.folder import DatasetError  # noqa: E402
+from datasets.folder import DatasetError, collate_skipping  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
-    CheckpointError, check_state_dict, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic,
+    CheckpointError, check_state_dict, extract_state_dict, load_checkpoint_file, load_model_weights,
+    remove_stale_temp_files, save_atomic,
 )
 from utils.dist import (  # noqa: E402
     DistInfo, DistributedSetupError, all_agree, cleanup, default_device, epoch_seed, init_distributed,
@@ -63,8 +64,11 @@ from utils.dist import (  # noqa: E402
 )
 from utils.engine import AmpConfig, NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
 from utils.losses import CFViTLoss  # noqa: E402
-from utils.misc import OutputDirError, append_json_line, check_writable_dir, copy_atomic, setup_logging  # noqa: E402
+from utils.misc import (  # noqa: E402
+    OutputDirError, append_json_line, check_writable_dir, copy_atomic, positive_int, setup_logging,
+)
 from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
+import utils.misc as _misc  # noqa: E402
 
 _logger = logging.getLogger('main_deit')
 
@@ -76,9 +80,9 @@ TENSORBOARD_DIR = 'tensorboard'
 LR_REFERENCE_BATCH = 512.0
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
-#: Exit codes: bad input or configuration, and a training run that failed (non-finite loss).
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING_FAILED = 1
+#: Exit codes (shared by every script): bad input or configuration, and a training run that failed.
+EXIT_BAD_INPUT = _misc.EXIT_BAD_INPUT
+EXIT_TRAINING_FAILED = _misc.EXIT_FAILED
 
 
 class ConfigError(RuntimeError):
@@ -95,7 +99,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     bool_flag = argparse.BooleanOptionalAction
 
     g = parser.add_argument_group('run')
-    g.add_argument('--batch-size', '--batch_size', type=int, default=64, help='images per process and step')
+    g.add_argument('--batch-size', '--batch_size', type=positive_int, default=64, help='images per process and step')
     g.add_argument('--epochs', type=int, default=300)
     g.add_argument('--start_epoch', '--start-epoch', type=int, default=0, help='first epoch (set by --resume)')
     g.add_argument('--stop-at-epoch', type=int, default=None,
@@ -121,7 +125,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=7,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=7,
                    help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
     g.add_argument('--embed-dim', type=int, default=None, help='override the width (small CPU experiments)')
     g.add_argument('--depth', type=int, default=None, help='override the number of blocks')
@@ -297,7 +301,8 @@ def _seed_worker(worker_id: int) -> None:
 def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[Dataset],
                   val_set: Dataset) -> Tuple[Optional[DataLoader], DataLoader]:
     """Training loader (repeated augmentation or shuffled shards, full batches; None without a
-    training set) and validation loader (disjoint unpadded shards with ``--dist-eval``)."""
+    training set) and validation loader (disjoint unpadded shards with ``--dist-eval``; unreadable
+    images skipped and counted). Unreadable training images are replaced by the dataset itself."""
     pin = args.pin_mem and info.device.type == 'cuda'
     common: Dict[str, Any] = dict(num_workers=args.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
     if info.distributed and args.dist_eval:
@@ -305,7 +310,7 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[
     else:
         val_sampler = SequentialSampler(val_set)
     val_loader = DataLoader(val_set, sampler=val_sampler, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
-                            drop_last=False, **common)
+                            drop_last=False, collate_fn=collate_skipping, **common)
     if train_set is None:
         return None, val_loader
     if args.repeated_aug:
@@ -408,6 +413,10 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
             check_writable_dir(output_dir)
         except OutputDirError as e:
             problem = str(e)
+        else:  # left by a run killed while saving (SIGKILL, power loss); never loaded
+            stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME))
+            if stale:
+                _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
     if not all_agree(problem is None):
         raise OutputDirError(problem or 'the main process cannot write the output folder')
     return info, device, output_dir

@@ -54,7 +54,7 @@ from main_deit import ConfigError  # noqa: E402
 from utils.checkpoint import load_model_weights  # noqa: E402
 from utils.dist import all_agree, epoch_seed, seed_everything  # noqa: E402
 from utils.engine import evaluate, format_eval, train_one_epoch  # noqa: E402
-from utils.misc import OutputDirError  # noqa: E402
+from utils.misc import OutputDirError, positive_int  # noqa: E402
 from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 
 _logger = logging.getLogger('main_lvvit')
@@ -81,7 +81,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                         help='dataset root with train/ and val/ ImageFolder trees (or --data-path)')
 
     g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
-    g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=int, default=64,
+    g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
     g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int, default=8,
                    help='data loading processes per training process')

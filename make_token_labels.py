@@ -58,15 +58,14 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.dist import default_device  # noqa: E402
 from utils.misc import (  # noqa: E402
-    OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs, setup_logging,
+    EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
+    positive_int, setup_logging,
 )
 
 _logger = logging.getLogger('make_token_labels')
 
-EXIT_BAD_INPUT = 2
 #: Classes kept per location in the released ImageNet maps.
 DEFAULT_TOPK = 5
-EXIT_INCOMPLETE = 1
 
 
 class TeacherError(RuntimeError):
@@ -89,7 +88,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--checkpoint', default=None, help='teacher weights (a project or timm checkpoint)')
     g.add_argument('--use-ema', action='store_true', help="use the checkpoint's model_ema weights")
     g.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (local cache when offline)")
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=None,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid of a CF teacher (default: from the checkpoint, else 7)')
     g.add_argument('--embed-dim', type=int, default=None, help='width override of the teacher')
     g.add_argument('--depth', type=int, default=None, help='block count override of the teacher')
@@ -108,7 +107,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--map-size', type=int, default=None,
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
-    g.add_argument('-b', '--batch-size', type=int, default=64)
+    g.add_argument('-b', '--batch-size', type=positive_int, default=64)
     g.add_argument('-j', '--workers', type=int, default=4, help='image decoding processes')
     g.add_argument('--write-threads', type=int, default=4, help='threads writing files')
     g.add_argument('--device', default=default_device())
@@ -291,7 +290,7 @@ def resolve_image_folder(data: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    """Write the missing maps. Returns 0, or :data:`EXIT_INCOMPLETE` if some images were unreadable."""
+    """Write the missing maps (unreadable images are skipped, counted and logged). Returns 0."""
     if args.topk is not None and args.topk < 1:
         raise TeacherError('--topk must be >= 1')
     if not 0 <= args.shard_index < args.num_shards:
@@ -367,9 +366,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         _logger.info('nothing to write: every image of this shard has its label map in %s', out)
     if unreadable:
-        _logger.error('%d images could not be read (see the warnings above) and have no label map: training with '
-                      'these labels will stop at them; remove or replace them and run again', unreadable)
-        return EXIT_INCOMPLETE
+        _logger.warning('%d images could not be read (see the warnings above) and have no label map; training '
+                        'replaces each by the next readable image of its dataset', unreadable)
     return 0
 
 

@@ -35,7 +35,7 @@ import torch
 import models
 from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
-from utils.misc import architecture_from_checkpoint
+from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, positive_int
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
     collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
@@ -79,7 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'weights and a warning says so')
     p.add_argument('--unsafe-load', '--unsafe_load', action='store_true',
                    help='allow full unpickling of a checkpoint you trust (default: weights_only)')
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=int, default=None, metavar='G',
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None, metavar='G',
                    help='coarse grid side g (7 or 9 for the released models; default: what a training '
                         'checkpoint records, else 7); the fine input is 32*g px at patch 16')
     p.add_argument('--num-classes', '--num_classes', type=int, default=None,
@@ -105,7 +105,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='images per grid (default: %(default)s), drawn at random with --seed')
     p.add_argument('--max-images', '--max_images', type=int, default=None,
                    help='run the model on at most this many images, a random subset (default: all)')
-    p.add_argument('--batch-size', '--batch_size', type=int, default=64)
+    p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
     p.add_argument('--num-workers', '--num_workers', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--panel-size', '--panel_size', type=int, default=None,
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point: 0 on success, 1 with a one-line message on bad input."""
+    """Command-line entry point: 0 on success, :data:`EXIT_BAD_INPUT` (2) with a one-line message on bad input."""
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
@@ -383,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(args)
     except (InputError, CheckpointError) as e:
         print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     return 0
 
 

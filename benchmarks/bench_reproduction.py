@@ -24,8 +24,8 @@ import torch
 
 from common import RESULTS, ROOT, machine, save
 
-MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3', '--model-kwargs', 'patch_size=8',
-         '--coarse-stage-size', '4']
+MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3', '--model-kwargs', 'patch_size=8']
+PATCH = 8
 RECIPE = ['--warmup-epochs', '2', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0', '--mixup', '0',
           '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0', '--crop-scale', '0.35', '1',
           '--batch-size', '64', '--print-freq', '1000', '--device', 'cpu', '--seed', '0']
@@ -40,18 +40,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--data-path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette224'))
     p.add_argument('--epochs', type=int, default=30)
-    p.add_argument('--work-dir', default='output/bench_reproduction')
+    p.add_argument('--coarse-stage-size', type=int, default=6,
+                   help='coarse grid g (patch 8: the coarse stage sees 8g px, the fine stage and the baseline 16g px)')
+    p.add_argument('--selection-start-epoch', type=int, default=None,
+                   help='informative selection from the epoch after this one (default: the last third, as the '
+                        'released recipe: 200 of 300)')
+    p.add_argument('--name', default='reproduction', help='result name under benchmarks/results/')
+    p.add_argument('--work-dir', default=None, help='checkpoints (default output/bench_reproduction/g<g>_e<epochs>)')
     p.add_argument('--num-workers', type=int, default=2)
     args = p.parse_args()
-    work = (ROOT / args.work_dir).resolve()
+    g = args.coarse_stage_size
+    size = 2 * g * PATCH
+    start = args.selection_start_epoch if args.selection_start_epoch is not None else (2 * args.epochs) // 3 - 1
+    work = (ROOT / (args.work_dir or f'output/bench_reproduction/g{g}_e{args.epochs}')).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / 'reproduction'
+    out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
-    common = [*MODEL, *RECIPE, '--data-path', args.data_path, '--epochs', str(args.epochs),
+    common = [*MODEL, '--coarse-stage-size', str(g), *RECIPE, '--data-path', args.data_path, '--epochs', str(args.epochs),
               '--num_workers', str(args.num_workers)]
     times = {}
     for name, model, extra in (
-            ('cf_deit', 'cf_deit_tiny', ['--selection-start-epoch', str(args.epochs // 2 - 1)]),
+            ('cf_deit', 'cf_deit_tiny', ['--selection-start-epoch', str(start)]),
             ('deit_baseline', 'deit_tiny_patch16_224', [])):
         t0 = time.time()
         if not (work / name / 'checkpoint.pth').exists() or json.loads(
@@ -74,10 +83,10 @@ def main() -> None:
     from models.baseline import create_baseline
     from utils.flops import count_gflops
     from utils.plots import plot_budgeted_curve
-    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=4, patch_size=8, embed_dim=96, depth=6,
+    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=g, patch_size=PATCH, embed_dim=96, depth=6,
                            num_heads=3, num_classes=10).eval()
     with torch.no_grad():
-        base_gflops = count_gflops(base.model, torch.zeros(1, 3, 64, 64))
+        base_gflops = count_gflops(base.model, torch.zeros(1, 3, size, size))
     gflops, acc = cf['budgeted_batch_classification']
     matching = [g for g, a in zip(gflops, acc) if a >= base_top1]
     match_gflops = min(matching) if matching else None
@@ -87,8 +96,9 @@ def main() -> None:
                         operating_point=(base_gflops, base_top1, f'DeiT baseline: {base_top1:.2f}%'))
     result = {
         'benchmark': 'small-scale reproduction on imagenette224', 'machine': machine(), 'epochs': args.epochs,
-        'model': 'D=96, 6 blocks, 3 heads, patch 8; CF: 4x4 coarse grid on 32 px, 8x8 fine on 64 px; '
-                 'baseline: DeiT at 64 px (8x8 tokens)',
+        'model': f'D=96, 6 blocks, 3 heads, patch {PATCH}; CF: {g}x{g} coarse grid on {size // 2} px, '
+                 f'{2 * g}x{2 * g} fine on {size} px; baseline: DeiT at {size} px ({2 * g}x{2 * g} tokens)',
+        'selection_start_epoch': start,
         'recipe': ' '.join(RECIPE), 'train_seconds': times,
         'baseline_top1': base_top1, 'baseline_gflops': base_gflops,
         'cf_flop': cf['flop'], 'cf_anytime_classification': cf['anytime_classification'],
@@ -96,7 +106,7 @@ def main() -> None:
         'cf_gflops_to_match_baseline': match_gflops,
         'cf_gflops_to_match_baseline_share': match_gflops / base_gflops if match_gflops else None,
     }
-    save('reproduction', result)
+    save(args.name, result)
     print(json.dumps({k: v for k, v in result.items() if k != 'cf_budgeted_batch_classification'}, indent=1))
 
 

@@ -1,10 +1,10 @@
-"""Datasets and transforms (the token-label dataset lands with its issue)."""
+"""Datasets and transforms."""
 from .build import DATA_SETS, attach_transform, build_dataset, build_transform, check_same_classes
-from .folder import DatasetError, RobustImageFolder, collate_skipping, open_image_folder
+from .folder import DatasetError, RobustImageFolder, collate_skipping, open_image_folder, unreadable_images
 from .transforms import data_config, eval_resize_size, eval_transform
 
 __all__ = [
     'data_config', 'eval_transform', 'eval_resize_size',
-    'DatasetError', 'RobustImageFolder', 'collate_skipping', 'open_image_folder',
+    'DatasetError', 'RobustImageFolder', 'collate_skipping', 'open_image_folder', 'unreadable_images',
     'DATA_SETS', 'attach_transform', 'build_dataset', 'build_transform', 'check_same_classes',
 ]

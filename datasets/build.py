@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
-from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 
-from .folder import DatasetError
+from .folder import DatasetError, RobustImageFolder, UnreadableCounter, read_substituting, rgb_loader
 from .transforms import data_config, eval_transform
 
 __all__ = [
@@ -61,12 +60,13 @@ def resolve_data_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _image_folder(root: Path, split: str) -> tv_datasets.ImageFolder:
+def _image_folder(root: Path, split: str) -> RobustImageFolder:
+    """The ``split`` folder; unreadable images are replaced (training) or skipped (validation)."""
     folder = root / split
     if not folder.is_dir():
         raise DatasetError(f'{folder} does not exist: --data-path must hold {split}/ with one folder per class')
     try:
-        ds = tv_datasets.ImageFolder(str(folder))
+        ds = RobustImageFolder(str(folder), on_unreadable='substitute' if split == 'train' else 'skip')
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise DatasetError(f'{folder} holds no images in class folders ({e})') from e
     if len(ds) == 0:
@@ -96,12 +96,17 @@ class INatDataset(Dataset):
         year: 2018 or 2019.
         category: taxonomy level of the label (``'name'`` = species, ``'genus'``, ``'family'``, ...).
         transform: image transform.
+
+    Unreadable images are replaced by the next readable one in training and skipped (None) in
+    validation, as in :class:`datasets.folder.RobustImageFolder`.
     """
 
     def __init__(self, root: Path, train: bool = True, year: int = 2018, category: str = 'name',
                  transform: Optional[Callable] = None) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.train = train
+        self.unreadable = UnreadableCounter()
         split = 'train' if train else 'val'
         files = {name: self.root / name for name in (f'train{year}.json', f'{split}{year}.json', 'categories.json')}
         for path in files.values():
@@ -133,9 +138,17 @@ class INatDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        path, target = self.samples[index]
-        image = Image.open(path).convert('RGB')
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        if self.train:
+            image, index = read_substituting(self.samples, index, self.unreadable)
+        else:
+            try:
+                image = rgb_loader(self.samples[index][0])
+            except Exception as e:  # PIL raises many types for broken files
+                self.unreadable.add()
+                _logger.warning('skipping unreadable image %s (%s)', self.samples[index][0], e)
+                return None
+        target = self.samples[index][1]
         if self.transform is not None:
             image = self.transform(image)
         return image, target

@@ -1,17 +1,34 @@
-"""An ImageFolder that survives unreadable files, and the loader built on it for evaluation."""
+"""Image folders that survive unreadable files.
+
+Every image is decoded to RGB (grayscale, CMYK, RGBA and palette images included). A file PIL
+cannot decode (corrupt JPEG, truncated PNG, not an image) is handled in one of two ways:
+
+- ``'skip'`` (evaluation): the sample comes back as None; :func:`collate_skipping` drops it from
+  the batch and counts it, so the reported accuracy is over the readable images only.
+- ``'substitute'`` (training): the next readable image of the dataset (in index order) takes its
+  place, so every batch stays full (Mixup/CutMix need even batches, DDP needs the same number of
+  steps on every process). Each replacement is logged and counted in an :class:`UnreadableCounter`
+  shared with the loader's worker processes.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
-__all__ = ['DatasetError', 'RobustImageFolder', 'collate_skipping', 'open_image_folder']
+__all__ = ['DatasetError', 'RobustImageFolder', 'UnreadableCounter', 'collate_skipping', 'open_image_folder',
+           'read_substituting', 'rgb_loader', 'unreadable_images', 'MAX_CONSECUTIVE_UNREADABLE']
 
 _logger = logging.getLogger(__name__)
+
+#: ``'substitute'`` gives up (with a :class:`DatasetError`) after this many unreadable files in a row.
+MAX_CONSECUTIVE_UNREADABLE = 32
+ON_UNREADABLE = ('skip', 'substitute')
 
 
 class DatasetError(RuntimeError):
@@ -26,22 +43,82 @@ def rgb_loader(path: str) -> Image.Image:
     return img.convert('RGB')
 
 
-class RobustImageFolder(ImageFolder):
-    """``torchvision`` ImageFolder whose unreadable images come back as None (and are logged).
+class UnreadableCounter:
+    """How many unreadable images a dataset has met, counted across loader worker processes.
 
-    Use it with :func:`collate_skipping`, which drops them from the batch and counts them.
+    The count lives in a shared-memory tensor, so increments made in DataLoader workers are seen
+    by the main process (fork or spawn). Increments are not locked: with unreadable files being
+    rare, a lost increment between two workers is possible but harmless.
     """
 
-    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+    def __init__(self) -> None:
+        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> None:
+        self._count += n
+
+    def reset(self) -> None:
+        self._count.zero_()
+
+    @property
+    def value(self) -> int:
+        return int(self._count.item())
+
+
+def read_substituting(samples: Sequence[Tuple[str, int]], index: int,
+                      counter: Optional[UnreadableCounter] = None,
+                      loader: Callable[[str], Image.Image] = rgb_loader) -> Tuple[Image.Image, int]:
+    """``(RGB image, index of the sample read)``: ``samples[index]``, or if its file cannot be
+    decoded, the next readable sample (wrapping around); each unreadable file is logged and counted.
+
+    Raises:
+        DatasetError: :data:`MAX_CONSECUTIVE_UNREADABLE` files in a row cannot be read.
+    """
+    n = len(samples)
+    for k in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
+        i = (index + k) % n
+        path = samples[i][0]
+        try:
+            return loader(path), i
+        except Exception as e:  # PIL raises many types for broken files
+            if counter is not None:
+                counter.add()
+            _logger.warning('unreadable image %s (%s): the next image of the dataset takes its place', path, e)
+    raise DatasetError(f'{min(n, MAX_CONSECUTIVE_UNREADABLE)} images in a row from {samples[index][0]} cannot be '
+                       f'read: is this an image folder? Remove or replace the broken files')
+
+
+class RobustImageFolder(ImageFolder):
+    """``torchvision`` ImageFolder that decodes to RGB and survives unreadable images.
+
+    Args:
+        root: folder with one sub-folder per class.
+        transform: image transform.
+        on_unreadable: ``'skip'`` (the sample is None; use :func:`collate_skipping`) or
+            ``'substitute'`` (the next readable image takes its place; see the module docstring).
+
+    ``unreadable`` counts the unreadable files met (all worker processes together).
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, on_unreadable: str = 'skip') -> None:
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f'on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}')
         super().__init__(root, transform=transform, loader=rgb_loader)
+        self.on_unreadable = on_unreadable
+        self.unreadable = UnreadableCounter()
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
-        path, target = self.samples[index]
-        try:
-            sample = self.loader(path)
-        except Exception as e:  # PIL raises many types for broken files
-            _logger.warning('skipping unreadable image %s (%s)', path, e)
-            return None
+        if self.on_unreadable == 'substitute':
+            sample, index = read_substituting(self.samples, index, self.unreadable, self.loader)
+            target = self.samples[index][1]
+        else:
+            path, target = self.samples[index]
+            try:
+                sample = self.loader(path)
+            except Exception as e:  # PIL raises many types for broken files
+                self.unreadable.add()
+                _logger.warning('skipping unreadable image %s (%s)', path, e)
+                return None
         if self.transform is not None:
             sample = self.transform(sample)
         return sample, target
@@ -58,12 +135,27 @@ def collate_skipping(batch: List[Optional[Tuple[torch.Tensor, int]]]) -> Tuple[t
     return images, targets, skipped
 
 
-def open_image_folder(root: Path, transform: Optional[Callable] = None) -> RobustImageFolder:
-    """Open ``root`` as an ImageFolder, turning torchvision's errors into one clear message."""
+def unreadable_images(dataset: Any, reset: bool = False) -> int:
+    """How many unreadable images ``dataset`` (through any ``Subset``) has met so far in this
+    process and its loader workers; 0 for datasets that count none. ``reset`` starts again."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    counter = getattr(dataset, 'unreadable', None)
+    if not isinstance(counter, UnreadableCounter):
+        return 0
+    value = counter.value
+    if reset:
+        counter.reset()
+    return value
+
+
+def open_image_folder(root: Path, transform: Optional[Callable] = None,
+                      on_unreadable: str = 'skip') -> RobustImageFolder:
+    """Open ``root`` as a :class:`RobustImageFolder`, turning torchvision's errors into one clear message."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f'dataset folder not found: {root}')
     try:
-        return RobustImageFolder(str(root), transform=transform)
+        return RobustImageFolder(str(root), transform=transform, on_unreadable=on_unreadable)
     except FileNotFoundError as e:
         raise DatasetError(f'no images in {root}: expected one sub-folder per class holding image files ({e})') from e

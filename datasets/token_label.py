@@ -44,7 +44,7 @@ from torchvision.ops import roi_align
 
 from utils.token_labeling import TokenLabelTargets, smooth_distribution
 
-from .folder import DatasetError, rgb_loader
+from .folder import DatasetError, UnreadableCounter, read_substituting, rgb_loader
 from .transforms import data_config
 
 __all__ = [
@@ -171,9 +171,11 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
     Returns:
         ``(K, H, W)`` of the maps (every other map is checked against it when loaded).
 
+    Unreadable images may lack a map (the generator skips them, training replaces them).
+
     Raises:
-        TokenLabelError: naming the first image without a map, two images sharing one map file, or
-            what is wrong with the first map.
+        TokenLabelError: naming the first readable image without a map, two images sharing one map
+            file, or what is wrong with the first map.
     """
     root = Path(label_root)
     if not root.is_dir():
@@ -198,11 +200,19 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
                                       f'folder and file stem): rename one of them')
             seen[path] = image
     missing = [i for i, ok in enumerate(_all_exist(paths)) if not ok]
-    if missing:
+    for i in missing:  # an unreadable image needs no map (training replaces it); stops at the first readable one
+        try:
+            rgb_loader(samples[i][0])
+        except Exception:  # PIL raises many types for broken files
+            continue
         raise TokenLabelError(f'{len(missing)} of {len(samples)} training images have no label map, e.g. '
-                              f'{paths[missing[0]]} for {samples[missing[0]][0]}; make them with '
-                              f'make_token_labels.py')
-    first = label_map_path(root, samples[0][0])
+                              f'{paths[i]} for {samples[i][0]}; make them with make_token_labels.py')
+    if len(missing) == len(samples):
+        raise TokenLabelError(f'none of the {len(samples)} training images can be read')
+    if missing:
+        _logger.warning('%d training images have no label map because they cannot be read; training replaces each '
+                        'by the next readable image', len(missing))
+    first = label_map_path(root, samples[sorted(set(range(len(samples))) - set(missing))[0]][0])
     shape = tuple(load_label_map(first, num_classes).shape[1:])
     _logger.info('label maps in %s: %d files of shape %s', root, len(samples), (2, *shape))
     return shape  # type: ignore[return-value]
@@ -391,7 +401,8 @@ class TokenLabelDataset(Dataset):
         check: check every map's presence and the first map's shape now.
 
     A sample is ``(image (3, S, S), (class index, label map (2, K, H, W), box (4,), flipped, theta
-    (2, 3)))``.
+    (2, 3)))``. An unreadable image is replaced, with its label map, by the next readable one
+    (logged, counted in ``unreadable``).
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], label_root: PathLike, num_classes: int,
@@ -404,6 +415,7 @@ class TokenLabelDataset(Dataset):
         self.num_classes = int(num_classes)
         self.classes = list(classes or [])
         self.transform = transform
+        self.unreadable = UnreadableCounter()
         self.map_shape = check_label_maps(self.samples, label_root, num_classes, classes) if check else None
 
     def __len__(self) -> int:
@@ -413,12 +425,9 @@ class TokenLabelDataset(Dataset):
                                                                    torch.Tensor]]:
         if self.transform is None:
             raise RuntimeError('TokenLabelDataset needs a transform (build_token_label_transform)')
+        img, index = read_substituting(self.samples, index, self.unreadable)
         path, label = self.samples[index]
         label_map = load_label_map(label_map_path(self.label_root, path), self.num_classes, self.map_shape)
-        try:
-            img = rgb_loader(path)
-        except Exception as e:  # PIL raises many types for broken files
-            raise TokenLabelError(f'cannot read training image {path}: {e}') from e
         img, box, flip, theta = self.transform(img)
         return img, (label, label_map, box, flip, theta)
 

@@ -178,6 +178,9 @@ def resolve_img_size_list(
     coarse, fine = sizes
     if fine != FINE_SCALE * coarse:
         raise ValueError(f'the fine input must be {FINE_SCALE}x the coarse one, got {sizes}')
+    if coarse < patch_size:
+        raise ValueError(f'the coarse input must hold at least one {patch_size} px patch, got {sizes} from {name}'
+                         + (f'={coarse_stage_size}' if name == 'coarse_stage_size' else ''))
     if coarse % patch_size:
         raise ValueError(f'input size {coarse} is not a multiple of the patch size {patch_size}')
     return sizes

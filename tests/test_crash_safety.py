@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from test_main_deit import NUM_CLASSES, TINY, _make_image_folder
+from helpers import make_image_folder
+from test_main_deit import NUM_CLASSES, TINY
 
 from utils.checkpoint import load_checkpoint_file
 
@@ -37,7 +38,7 @@ def _args(data: Path, out: Path, epochs: int, resume: bool):
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
 def test_sigkill_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
-    data = _make_image_folder(tmp_path / 'data', {'train': 6, 'val': 2})
+    data = make_image_folder(tmp_path / 'data', {'train': 6, 'val': 2}, NUM_CLASSES)
     out = tmp_path / 'out'
     env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', MPLBACKEND='Agg')
     rng = random.Random(0)
@@ -67,3 +68,4 @@ def test_sigkill_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(load_checkpoint_file(out / 'checkpoint.pth')['epoch']) == last + 1
+    assert not list(out.glob('.*.tmp'))  # temporary files of killed saves are cleaned up at start-up

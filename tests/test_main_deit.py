@@ -25,6 +25,8 @@ import utils.losses
 from models import CFVisionTransformer
 from utils.checkpoint import load_checkpoint_file
 
+from helpers import make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 
@@ -36,26 +38,13 @@ TINY = [
 ]
 
 
-def _make_image_folder(root: Path, per_class: Dict[str, int]) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for c in range(NUM_CLASSES):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-                pixels[..., c] = 220  # a class signal
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
-
-
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 
 
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory) -> Path:
     """train/ with 8 and val/ with 4 images for each of 3 classes."""
-    return _make_image_folder(tmp_path_factory.mktemp('imagefolder'), {'train': 8, 'val': 4})
+    return make_image_folder(tmp_path_factory.mktemp('imagefolder'), {'train': 8, 'val': 4}, NUM_CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -230,7 +219,7 @@ def test_missing_or_empty_dataset_folders(tmp_path, caplog, layout):
     if layout != 'no_folder':
         (root / 'train' / 'class0').mkdir(parents=True)
     if layout == 'no_val':
-        _make_image_folder(root, {'train': 1})
+        make_image_folder(root, {'train': 1}, NUM_CLASSES)
     if layout == 'empty_classes':
         (root / 'val' / 'class0').mkdir(parents=True)
     code = main_deit.main(TINY + ['--data-path', str(root)])

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main_lvvit
 import make_token_labels
 from models.token_ops import coarse_from_fine, scatter_to_fine_grid
 from utils.checkpoint import load_checkpoint_file
 from utils.token_labeling import TokenLabelingLoss, TokenLabelTargets, soft_target_cross_entropy
+
+from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -34,19 +35,6 @@ TINY = [
     '--device', 'cpu', '-j', '0', '-b', '4', '--epochs', '1', '--warmup-epochs', '1', '--warmup-lr', '1e-4',
     '--lr', '1e-3', '--print-freq', '1000', '--seed', '3',
 ]
-
-
-def _make_image_folder(root: Path, per_class: Dict[str, int]) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for c in range(NUM_CLASSES):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-                pixels[..., c % 3] = 220 if c < 3 else 30  # a class signal
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
 
 
 def _log_lines(out: Path) -> List[dict]:
@@ -72,7 +60,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory) -> Path:
     """train/ with 6 and val/ with 2 images for each of 4 classes."""
-    return _make_image_folder(tmp_path_factory.mktemp('imagefolder'), {'train': 6, 'val': 2})
+    return make_image_folder(tmp_path_factory.mktemp('imagefolder'), {'train': 6, 'val': 2}, NUM_CLASSES)
 
 
 @pytest.fixture(scope='module')

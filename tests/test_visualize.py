@@ -251,7 +251,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(bad_inputs, checkpoint, tmp_p
     if '--output-dir' not in args:
         args += ['--output-dir', str(tmp_path / 'out')]
     code, err = run_main(CLI + args, capsys)
-    assert code == 1
+    assert code == visualize.EXIT_BAD_INPUT == 2
     lines = [ln for ln in err.splitlines() if ln.startswith('visualize.py: error:')]
     assert len(lines) == 1 and message in lines[0], err
     assert 'Traceback' not in err
@@ -264,6 +264,6 @@ def test_cli_takes_one_source_and_runs_as_a_script(bad_inputs, capsys):
     env = dict(os.environ, HF_HUB_OFFLINE='1', MPLBACKEND='Agg')
     proc = subprocess.run([sys.executable, str(ROOT / 'visualize.py'), '--img-path', str(bad_inputs / 'notes.txt')],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('visualize.py: error:')
     assert 'Traceback' not in proc.stderr

@@ -18,14 +18,14 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = [
     'CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint_file', 'extract_state_dict', 'check_state_dict',
-    'load_model_weights', 'save_atomic', 'atomic_file', 'write_json_atomic',
+    'load_model_weights', 'save_atomic', 'atomic_file', 'write_json_atomic', 'remove_stale_temp_files',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -191,6 +191,21 @@ def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temp_files(folder: PathLike, names: Sequence[str]) -> List[Path]:
+    """Delete the temporary files that :func:`atomic_file` left beside ``folder/<name>`` when its
+    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything). Call it only where
+    no other process is writing these files. Returns the deleted paths."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f'.{name}.*.tmp'):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(tmp)
+    return removed
 
 
 def save_atomic(obj: Any, path: PathLike) -> None:

@@ -21,7 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets.folder import unreadable_images
+
 from .dist import all_agree, is_main_process, reduce
+from .inference import unpack_batch
 from .losses import class_logits
 from .misc import MetricMeter
 
@@ -143,7 +146,8 @@ def train_one_epoch(
 
     Returns:
         Means over the epoch and over every process: ``loss`` and the criterion's other entries,
-        plus ``lr`` (the learning rate at the end of the epoch).
+        plus ``lr`` (the learning rate at the end of the epoch) and ``unreadable_images`` (reads of
+        unreadable files that the dataset replaced, this process only).
 
     Raises:
         NonFiniteLossError: the loss of some process was not finite; every process raises it at
@@ -198,6 +202,11 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     stats = meter.global_means()
     stats['lr'] = optimizer.param_groups[0]['lr']
+    unreadable = unreadable_images(getattr(data_loader, 'dataset', None), reset=True)
+    if unreadable:  # this process's count; the dataset replaced each by its next readable image
+        _logger.warning('epoch %d: %d reads of unreadable training images were replaced by the next readable '
+                        'image (see the warnings naming them)', epoch, unreadable)
+    stats['unreadable_images'] = unreadable
     return stats
 
 
@@ -215,7 +224,8 @@ def evaluate(
     Args:
         model: the unwrapped model; ``model(images)`` in eval mode returns ``[coarse_logits,
             fine_logits]``, each (B, C).
-        data_loader: yields ``(images, class_indices)``.
+        data_loader: yields ``(images, class_indices)`` or ``datasets.collate_skipping``'s
+            ``(images, class_indices, n_skipped)``.
         device: device of the model.
         amp: mixed precision; full precision if None.
         reduce_over_processes: the processes evaluated disjoint shards (``--dist-eval``): sum
@@ -224,17 +234,20 @@ def evaluate(
 
     Returns:
         ``coarse_acc1``, ``coarse_acc5``, ``fine_acc1``, ``fine_acc5`` (percent), ``loss`` (mean
-        cross-entropy of the fine logits) and ``num_samples``; exact over the whole set.
+        cross-entropy of the fine logits), ``num_samples`` and ``num_skipped`` (unreadable images,
+        left out of the accuracy); exact over the whole set.
     """
     amp = amp or AmpConfig()
     was_training = model.training
     model.eval()
-    # correct counts: coarse top-1, coarse top-5, fine top-1, fine top-5; loss sum; samples
-    totals = torch.zeros(6, dtype=torch.float64, device=device)
+    # correct counts: coarse top-1, coarse top-5, fine top-1, fine top-5; loss sum; samples; unreadable
+    totals = torch.zeros(7, dtype=torch.float64, device=device)
     bar = tqdm(data_loader, desc='eval', disable=not progress or None, dynamic_ncols=True, leave=False)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    for batch in bar:
+        images, targets, skipped = unpack_batch(batch, device)
+        totals[6] += skipped
+        if images is None:
+            continue
         with amp.autocast(device):
             coarse, fine = model(images)
         coarse, fine = class_logits(coarse).float(), class_logits(fine).float()  # (B, C) each
@@ -251,11 +264,14 @@ def evaluate(
         totals = reduce(totals, 'sum')
     model.train(was_training)
     n = max(totals[5].item(), 1.0)
-    c1, c5, f1, f5, loss_sum, count = totals.tolist()
+    c1, c5, f1, f5, loss_sum, count, skipped = totals.tolist()
+    if skipped and is_main_process():
+        _logger.warning('%d unreadable validation images were skipped: the accuracy is over the other %d',
+                        int(skipped), int(count))
     return {
         'coarse_acc1': 100.0 * c1 / n, 'coarse_acc5': 100.0 * c5 / n,
         'fine_acc1': 100.0 * f1 / n, 'fine_acc5': 100.0 * f5 / n,
-        'loss': loss_sum / n, 'num_samples': int(count),
+        'loss': loss_sum / n, 'num_samples': int(count), 'num_skipped': int(skipped),
     }
 
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
-__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context']
+__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _top5(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.topk(k, dim=1).indices.eq(targets.view(-1, 1)).any(dim=1)
 
 
-def _unpack(batch, device: torch.device):
+def unpack_batch(batch, device: torch.device):
     """``(images, targets, n_skipped)`` of a loader batch, on ``device``; images is None when the
     batch held no readable image. Accepts ``(images, targets)`` or ``datasets.collate_skipping``'s triple."""
     images, targets = batch[0], batch[1]
@@ -86,7 +87,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     conf, pred, top5, tgts = [], [], [], []
     skipped = 0
     for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
-        images, targets, n_skipped = _unpack(batch, device)
+        images, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if images is None:
             continue
@@ -100,7 +101,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
         top5.append(torch.stack([_top5(lg, targets) for lg in logits]).cpu())
         tgts.append(targets.cpu())
     if not tgts:
-        raise RuntimeError('no readable images in the dataset')
+        raise DatasetError('no readable images in the dataset')
     return StagePredictions(torch.cat(conf, 1), torch.cat(pred, 1), torch.cat(top5, 1), torch.cat(tgts), skipped)
 
 
@@ -157,7 +158,7 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         _logger.warning('only %d batches: timing all of them, warm-up included', n_batches)
         warmup_batches = 0
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
-        x_f, targets, n_skipped = _unpack(batch, device)
+        x_f, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if x_f is None:
             continue
@@ -187,6 +188,6 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         n_top1 += int(logits.argmax(dim=1).eq(targets).sum())
         n_top5 += int(_top5(logits, targets).sum())
     if n_images == 0:
-        raise RuntimeError('no readable images in the dataset')
+        raise DatasetError('no readable images in the dataset')
     return ExitResult(n_images, n_timed, seconds, 100.0 * n_top1 / n_images, 100.0 * n_top5 / n_images,
                       n_exit / n_images, skipped, batch_seconds)

@@ -5,6 +5,7 @@ Everything that writes is meant to run on the main process only; the callers che
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import logging
@@ -23,11 +24,16 @@ from .checkpoint import atomic_file
 from .dist import collective_device, reduce
 
 __all__ = [
-    'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
+    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'positive_int', 'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
     'parse_model_kwargs', 'architecture_from_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
+
+#: Exit status of every script: bad input or configuration (a one-line message says what; the
+#: argparse convention), and a run that started but failed (e.g. a non-finite training loss).
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 
 class OutputDirError(RuntimeError):
@@ -113,6 +119,17 @@ def check_writable_dir(path: PathLike) -> Path:
     except OSError as e:
         raise OutputDirError(f'cannot write to the output folder {path}: {e.strerror or e}') from e
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts and sizes that must be at least 1 (grid sides, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
 
 
 def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:

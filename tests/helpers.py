@@ -1,0 +1,63 @@
+"""Small builders shared by the test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+from PIL import Image
+
+__all__ = ['make_image_folder', 'write_broken_images', 'tree_digest', 'BROKEN_FILES', 'UNREADABLE_FILES']
+
+
+def make_image_folder(root: Path, per_class: Dict[str, int], num_classes: int = 3, size=(40, 48),
+                      seed: int = 0) -> Path:
+    """``root/<split>/class<c>/<i>.png``: ``per_class[split]`` random PNGs per class, each class
+    with a learnable colour signal. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, n in per_class.items():
+        for c in range(num_classes):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] = 220 if c < 3 else 30  # a class signal
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+#: What :func:`write_broken_images` writes: file name -> readable (decodes to RGB) or not.
+BROKEN_FILES = {'corrupt.jpg': False, 'truncated.png': False, 'gray.png': True, 'cmyk.jpg': True, 'rgba.png': True}
+UNREADABLE_FILES = sum(not ok for ok in BROKEN_FILES.values())
+
+
+def write_broken_images(folder: Path, size=(40, 48)) -> None:
+    """A corrupt JPEG, a truncated PNG, and grayscale / CMYK / RGBA images into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    rgb.save(folder / 'full.jpg')
+    jpeg = (folder / 'full.jpg').read_bytes()
+    (folder / 'full.jpg').unlink()
+    (folder / 'corrupt.jpg').write_bytes(jpeg[:20] + bytes(200) + b'\xff\xd9')  # header kept, data garbled
+    rgb.save(folder / 'full.png')
+    png = (folder / 'full.png').read_bytes()
+    (folder / 'full.png').unlink()
+    (folder / 'truncated.png').write_bytes(png[:len(png) // 3])
+    rgb.convert('L').save(folder / 'gray.png')
+    rgb.convert('CMYK').save(folder / 'cmyk.jpg')
+    rgb.convert('RGBA').save(folder / 'rgba.png')
+
+
+def tree_digest(*roots: Path) -> Dict[str, str]:
+    """SHA-256 of every file under ``roots`` (or of the file itself), with its size and mtime."""
+    out = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob('*') if p.is_file())
+        for p in files:
+            st = p.stat()
+            out[str(p)] = f'{hashlib.sha256(p.read_bytes()).hexdigest()} {st.st_size} {st.st_mtime_ns}'
+    return out

@@ -1,0 +1,304 @@
+"""The bad-input matrix of the five scripts (README, "Safety and failure behaviour").
+
+For every script -- ``main_deit.py``, ``main_lvvit.py``, ``dynamic_inference.py``, ``visualize.py``
+and ``make_token_labels.py`` -- and every bad input that applies to it, the script either handles
+it correctly (and the test checks the result) or ends with exit status 2 and a one-line message
+that says what is wrong, never a traceback. Every test here also checks that no input file (images,
+checkpoints, label maps) was modified, created or deleted.
+
+All scripts run in this process (``main(argv)``) on a tiny model and a dataset with a corrupt JPEG,
+a truncated PNG and grayscale / CMYK / RGBA images in every class-0 folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+
+import dynamic_inference
+import main_deit
+import main_lvvit
+import make_token_labels
+import visualize
+from helpers import BROKEN_FILES, UNREADABLE_FILES, make_image_folder, tree_digest, write_broken_images
+from utils.checkpoint import load_checkpoint_file
+from utils.misc import EXIT_BAD_INPUT
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+NUM_CLASSES, G = 3, 2
+ARCH = dict(embed_dim=48, depth=2, num_heads=3)
+GOOD = {'train': 5, 'val': 2}  # readable PNGs per class; class0 also holds the BROKEN_FILES
+READABLE = {split: NUM_CLASSES * n + len(BROKEN_FILES) - UNREADABLE_FILES for split, n in GOOD.items()}
+TRAIN = ['--embed-dim', '48', '--depth', '2', '--num-heads', '3', '--coarse-stage-size', str(G), '--device', 'cpu',
+         '--epochs', '1', '--warmup-epochs', '0', '--lr', '1e-3', '--print-freq', '1000', '--seed', '0',
+         '--no-repeated-aug', '--aa', 'none']
+DEIT = ['--model', 'cf_deit_tiny', '--no-amp', '--num_workers', '0', '--batch-size', '2', *TRAIN]
+LVVIT = ['--model', 'cf_lvvit_tiny', '-j', '0', '-b', '2', *TRAIN]
+EVAL_ARCH = ['--model', 'cf_deit_tiny', '--coarse-stage-size', str(G), '--model-kwargs',
+             *[f'{k}={v}' for k, v in ARCH.items()]]
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory) -> Dict[str, Path]:
+    """The read-only inputs: the dataset, a released-layout checkpoint, an empty tree, a tree with
+    an empty class folder, and a file where a folder is expected."""
+    root = tmp_path_factory.mktemp('inputs')
+    data = make_image_folder(root / 'data', GOOD, NUM_CLASSES)
+    for split in GOOD:
+        write_broken_images(data / split / 'class0')
+    torch.manual_seed(0)
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=G, num_classes=NUM_CLASSES, **ARCH)
+    torch.save({'model': model.state_dict()}, root / 'released.pth')
+    (root / 'empty' / 'train').mkdir(parents=True)
+    (root / 'empty' / 'val').mkdir(parents=True)
+    hole = make_image_folder(root / 'hole', {'train': 2, 'val': 2}, NUM_CLASSES)
+    for split in ('train', 'val'):
+        for f in (hole / split / 'class1').iterdir():
+            f.unlink()
+    (root / 'notes.txt').write_text('not a folder\n')
+    (root / 'garbage.pth').write_bytes(b'PK\x03\x04 this is not a checkpoint' * 10)
+    return {'root': root, 'data': data, 'ckpt': root / 'released.pth', 'empty': root / 'empty',
+            'hole': hole, 'file': root / 'notes.txt', 'garbage': root / 'garbage.pth'}
+
+
+@pytest.fixture(scope='module')
+def label_maps(inputs, tmp_path_factory) -> Path:
+    """Label maps of the training images from the released checkpoint as teacher (made once)."""
+    out = tmp_path_factory.mktemp('maps') / 'maps'
+    argv = [str(inputs['data']), '--teacher', 'cf_deit_tiny', '--checkpoint', str(inputs['ckpt']), *EVAL_ARCH[2:],
+            '--output', str(out), '-j', '0', '-b', '4']
+    assert make_token_labels.main([a for a in argv if a != '--model']) == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def untouched_inputs(inputs):
+    """No test may modify, create or delete a file among the inputs."""
+    before = tree_digest(inputs['root'])
+    yield
+    assert tree_digest(inputs['root']) == before
+
+
+@pytest.fixture(autouse=True)
+def _own_logging():
+    """Start each run without the root-logger handlers other tests' scripts left behind."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [h for h in saved if type(h).__module__.startswith('_pytest')]
+    yield
+    root.handlers = saved
+
+
+def run(script, argv: List[str], capsys, caplog):
+    """``(exit status, everything the run printed or logged)``; argparse's SystemExit gives its code."""
+    with caplog.at_level(logging.INFO):
+        try:
+            code = script.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    return code, '\n'.join([out, err, caplog.text])
+
+
+def one_line_error(code: int, text: str, message: str) -> None:
+    """Exit status 2, no traceback, and ``message`` on one line of the output."""
+    assert code == EXIT_BAD_INPUT == 2, text[-3000:]
+    assert 'Traceback' not in text, text[-3000:]
+    assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_training_replaces_unreadable_images_and_decodes_the_rest(inputs, tmp_path, capsys, caplog):
+    code, text = run(main_deit, [*DEIT, '--data-path', inputs['data'], '--output', tmp_path / 'o'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / 'o' / 'log.txt').read_text().splitlines()]
+    # RandomSampler visits every index once; 5 * 3 + 5 = 20 files, batches of 2 drop nothing
+    assert record['train_unreadable_images'] == UNREADABLE_FILES
+    assert record['test_num_samples'] == READABLE['val'] and record['test_num_skipped'] == UNREADABLE_FILES
+    assert 'corrupt.jpg' in text and 'truncated.png' in text and 'takes its place' in text
+    assert f'{UNREADABLE_FILES} unreadable validation images were skipped' in text
+
+
+def test_token_labeling_skips_unreadable_images_and_trains_on_the_rest(inputs, label_maps, tmp_path, capsys, caplog):
+    maps = sorted(p.relative_to(label_maps).as_posix() for p in label_maps.rglob('*.pt'))
+    assert len(maps) == READABLE['train']
+    assert 'class0/corrupt.pt' not in maps and 'class0/cmyk.pt' in maps
+    assert load_checkpoint_file(label_maps / 'class0' / 'cmyk.pt').shape[1:] == (NUM_CLASSES, 2 * G, 2 * G)
+    code, text = run(main_lvvit, [*LVVIT, inputs['data'], '--token-label', '--token-label-data', label_maps,
+                                  '--output', tmp_path / 'o'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / 'o' / 'log.txt').read_text().splitlines()]
+    assert record['train_unreadable_images'] == UNREADABLE_FILES
+    assert record['test_num_skipped'] == UNREADABLE_FILES
+    assert 'have no label map because they cannot be read' in text
+
+
+def test_evaluation_scripts_skip_and_count_unreadable_images(inputs, tmp_path, capsys, caplog):
+    code, text = run(dynamic_inference, ['--eval-mode', '0', '--data_url', inputs['data'], '--checkpoint_path',
+                                         inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0', '--output-dir',
+                                         tmp_path / 'di'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    result = json.loads((tmp_path / 'di' / 'anytime.json').read_text())
+    assert result['images'] == READABLE['val'] and result['skipped_images'] == UNREADABLE_FILES
+    code, text = run(visualize, ['--data-path', inputs['data'] / 'val', '--resume', inputs['ckpt'], *EVAL_ARCH,
+                                 '--num-workers', '0', '--no-progress', '--output-dir', tmp_path / 'vis'],
+                     capsys, caplog)
+    assert code == 0, text[-3000:]
+    summary = json.loads((tmp_path / 'vis' / 'summary.json').read_text())
+    assert summary['images'] == READABLE['val'] and summary['unreadable'] == UNREADABLE_FILES
+
+
+# ------------------------------------------------------------------------------- batch sizes
+def test_batch_size_one_everywhere(inputs, label_maps, tmp_path, capsys, caplog):
+    """Batch size 1 trains (without mixup, which pairs images), evaluates and labels."""
+    deit = [a if a != '2' or prev != '--batch-size' else '1' for prev, a in zip([''] + DEIT, DEIT)]
+    code, text = run(main_deit, [*deit, '--mixup', '0', '--cutmix', '0', '--data-path', inputs['data'],
+                                 '--output', tmp_path / 'deit'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert json.loads((tmp_path / 'deit' / 'log.txt').read_text())['test_num_samples'] == READABLE['val']
+    lv = [a if a != '2' or prev != '-b' else '1' for prev, a in zip([''] + LVVIT, LVVIT)]
+    code, text = run(main_lvvit, [*lv, '--mixup', '0', '--cutmix', '0', inputs['data'], '--token-label',
+                                  '--token-label-data', label_maps, '--output', tmp_path / 'lv'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    code, text = run(dynamic_inference, ['--eval-mode', '2', '--threshold', '0.5', '--batch_size', '1', '--data_url',
+                                         inputs['data'], '--checkpoint_path', inputs['ckpt'], *EVAL_ARCH,
+                                         '--num-workers', '0', '--output-dir', tmp_path / 'di'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert json.loads((tmp_path / 'di' / 'throughput.json').read_text())['images'] == READABLE['val']
+    code, text = run(visualize, ['--data-path', inputs['data'] / 'val', '--resume', inputs['ckpt'], *EVAL_ARCH,
+                                 '--batch-size', '1', '--num-workers', '0', '--no-progress', '--output-dir',
+                                 tmp_path / 'vis'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    code, text = run(make_token_labels, [inputs['data'], '--teacher', 'cf_deit_tiny', '--checkpoint', inputs['ckpt'],
+                                         *EVAL_ARCH[2:], '--output', tmp_path / 'maps', '-j', '0', '-b', '1'],
+                     capsys, caplog)
+    assert code == 0, text[-3000:]
+    for p in label_maps.rglob('*.pt'):  # batch 1 writes the same maps as batch 4
+        torch.testing.assert_close(load_checkpoint_file(tmp_path / 'maps' / p.relative_to(label_maps)),
+                                   load_checkpoint_file(p), rtol=1e-4, atol=1e-4)
+
+
+def test_mixup_with_an_odd_batch_is_refused(inputs, tmp_path, capsys, caplog):
+    deit = [a if a != '2' or prev != '--batch-size' else '3' for prev, a in zip([''] + DEIT, DEIT)]
+    code, text = run(main_deit, [*deit, '--data-path', inputs['data'], '--output', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, '--batch-size must be even')
+
+
+def test_batch_larger_than_the_dataset(inputs, tmp_path, capsys, caplog):
+    """Training refuses (every batch would be dropped); evaluation runs one partial batch."""
+    big = [a if a != '2' or prev != '--batch-size' else '64' for prev, a in zip([''] + DEIT, DEIT)]
+    code, text = run(main_deit, [*big, '--data-path', inputs['data'], '--output', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, 'fewer than --batch-size 64')
+    big = [a if a != '2' or prev != '-b' else '64' for prev, a in zip([''] + LVVIT, LVVIT)]
+    code, text = run(main_lvvit, [*big, inputs['data'], '--output', tmp_path / 'lv'], capsys, caplog)
+    one_line_error(code, text, 'fewer than --batch-size 64')
+    code, text = run(dynamic_inference, ['--eval-mode', '0', '--batch_size', '1000', '--data_url', inputs['data'],
+                                         '--checkpoint_path', inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0',
+                                         '--output-dir', tmp_path / 'di'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert json.loads((tmp_path / 'di' / 'anytime.json').read_text())['images'] == READABLE['val']
+
+
+# --------------------------------------------------------------------------------- the matrix
+def _argv(script: str, data: str, inputs: Dict[str, Path], tmp: Path, extra: List[str]) -> List[str]:
+    """A valid command line of ``script`` on ``data``, then ``extra`` (later flags win)."""
+    if script == 'main_deit':
+        return [*DEIT, '--data-path', data, '--output', tmp / 'o', *extra]
+    if script == 'main_lvvit':
+        return [*LVVIT, data, '--output', tmp / 'o', *extra]
+    if script == 'dynamic_inference':
+        return ['--eval-mode', '0', '--data_url', data, '--checkpoint_path', inputs['ckpt'], *EVAL_ARCH,
+                '--num-workers', '0', '--output-dir', tmp / 'o', *extra]
+    if script == 'visualize':
+        return ['--data-path', f'{data}/val', '--resume', inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0',
+                '--no-progress', '--output-dir', tmp / 'o', *extra]
+    return [data, '--teacher', 'cf_deit_tiny', '--checkpoint', inputs['ckpt'], *EVAL_ARCH[2:], '--output', tmp / 'o',
+            '-j', '0', *extra]
+
+
+SCRIPTS = {'main_deit': main_deit, 'main_lvvit': main_lvvit, 'dynamic_inference': dynamic_inference,
+           'visualize': visualize, 'make_token_labels': make_token_labels}
+ALL = tuple(SCRIPTS)
+# (case, scripts, data (a key of ``inputs`` or a missing path), extra flags, message per script or for all;
+# 'OK: <message>' means the input is handled: exit 0 with that warning)
+CASES = [
+    ('missing-data', ALL, 'missing', [], {
+        'main_deit': 'is not a folder', 'main_lvvit': 'is not a folder', 'dynamic_inference': 'not found',
+        'visualize': 'does not exist', 'make_token_labels': 'not found'}),
+    ('empty-data', ALL, 'empty', [], {
+        'main_deit': 'no images', 'main_lvvit': 'no images', 'dynamic_inference': 'no images',
+        'visualize': 'no class folders', 'make_token_labels': 'no images'}),
+    # training and labelling refuse a class without images; visualize warns and shows the other classes
+    ('empty-class-folder', ALL, 'hole', [], {
+        'main_deit': 'class1', 'main_lvvit': 'class1', 'dynamic_inference': 'class1',
+        'visualize': 'OK: 1 class folder(s) without images: class1', 'make_token_labels': 'class1'}),
+    ('data-is-a-file', ALL, 'file', [], {
+        'main_deit': 'is not a folder', 'main_lvvit': 'is not a folder', 'dynamic_inference': 'not found',
+        'visualize': 'notes.txt', 'make_token_labels': 'notes.txt'}),
+    ('unknown-model', ('main_deit', 'main_lvvit', 'dynamic_inference', 'visualize'), 'data',
+     ['--model', 'cf_resnet_tiny'], 'cf_resnet_tiny'),
+    ('unknown-teacher', ('make_token_labels',), 'data', ['--teacher', 'cf_resnet_tiny'], 'cf_resnet_tiny'),
+    ('coarse-stage-size-0', ALL, 'data', ['--coarse-stage-size', '0'], 'must be at least 1, got 0'),
+    ('coarse-stage-size-text', ALL, 'data', ['--coarse-stage-size', 'seven'], "expected a positive integer, got 'seven'"),
+    ('coarse-stage-size-other', ('dynamic_inference', 'visualize', 'make_token_labels'), 'data',
+     ['--coarse-stage-size', '3'], 'pos_embed'),
+    ('threshold-above-1', ('dynamic_inference', 'visualize'), 'data', ['@MODE2', '--threshold', '1.5'],
+     'must be in [0, 1]'),
+    ('threshold-below-0', ('dynamic_inference', 'visualize'), 'data', ['@MODE2', '--threshold', '-0.1'],
+     'must be in [0, 1]'),
+    ('batch-size-0', ALL, 'data', ['--batch-size', '0'], 'must be at least 1, got 0'),
+    ('output-not-writable', ALL, 'data', ['@OUTPUT_UNDER_FILE'], 'notes.txt'),
+    ('missing-checkpoint', ('dynamic_inference', 'visualize', 'make_token_labels'), 'data', ['@MISSING_CKPT'],
+     'not found'),
+    ('missing-resume', ('main_deit', 'main_lvvit'), 'data', ['--resume', '@MISSING'], 'not found'),
+    ('garbage-checkpoint', ALL, 'data', ['@GARBAGE_CKPT'], 'not a PyTorch checkpoint'),
+]
+MATRIX = [pytest.param(script, data, extra, message if isinstance(message, str) else message[script],
+                       id=f'{script}-{case}')
+          for case, scripts, data, extra, message in CASES for script in scripts]
+
+
+@pytest.mark.parametrize('script,data,extra,message', MATRIX)
+def test_bad_input_matrix(script, data, extra, message, inputs, tmp_path, capsys, caplog):
+    data_path = str(inputs[data]) if data in inputs else str(tmp_path / 'no' / 'such' / 'folder')
+    garbage = inputs['garbage']
+    flag = {'main_deit': '--resume', 'main_lvvit': '--resume', 'dynamic_inference': '--checkpoint_path',
+            'visualize': '--resume', 'make_token_labels': '--checkpoint'}[script]
+    output = {'main_deit': '--output', 'main_lvvit': '--output', 'make_token_labels': '--output'}.get(
+        script, '--output-dir')
+    expanded: List[str] = []
+    for a in extra:
+        if a == '@OUTPUT_UNDER_FILE':
+            expanded += [output, str(inputs['file'] / 'out')]
+        elif a == '@MISSING_CKPT':
+            expanded += [flag, str(tmp_path / 'missing.pth')]
+        elif a == '@GARBAGE_CKPT':
+            expanded += [flag, str(garbage)]
+        elif a == '@MODE2':
+            expanded += ['--eval-mode', '2'] if script == 'dynamic_inference' else []
+        elif a == '@MISSING':
+            expanded.append(str(tmp_path / 'missing.pth'))
+        elif a == '--batch-size' and script in ('main_lvvit', 'make_token_labels'):
+            expanded.append('-b')
+        else:
+            expanded.append(a)
+    code, text = run(SCRIPTS[script], _argv(script, data_path, inputs, tmp_path, expanded), capsys, caplog)
+    if message.startswith('OK: '):
+        assert code == 0 and message[4:] in text, text[-3000:]
+    else:
+        one_line_error(code, text, message)
+
+
+def test_matrix_covers_every_script_and_the_issue_list():
+    covered = {(case, script) for case, scripts, *_ in CASES for script in scripts}
+    for script in SCRIPTS:
+        for case in ('missing-data', 'empty-data', 'empty-class-folder', 'coarse-stage-size-0', 'batch-size-0',
+                     'output-not-writable', 'garbage-checkpoint'):
+            assert (case, script) in covered
+    assert len(MATRIX) >= 60
