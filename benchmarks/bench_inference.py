@@ -7,6 +7,16 @@ exit shares are set by choosing thresholds on the measured confidences, so no tr
 needed for timing).
 
     python benchmarks/bench_inference.py [--reps 7] [--batches 64 1] [--dtypes float32 bfloat16]
+
+A reference program, timm's ``deit_small_patch16_224`` at 112 px (the coarse stage's 7x7 tokens
+without anything CF adds), shows what a plain ViT of the coarse stage's size achieves: at batch 1
+its FLOP efficiency is the ceiling for the 100%-exit row.
+
+``--compile`` runs every program through ``torch.compile`` (the CF model's ``forward_coarse`` and
+``forward_fine``; the early-exit control flow stays eager). Compilation needs a C++ compiler on CPU
+and takes minutes; it is meant for batch 1, where the shapes are static.
+
+    python benchmarks/bench_inference.py [--reps 7] [--batches 64 1] [--dtypes float32 bfloat16] [--threads N] [--compile]
 """
 from __future__ import annotations
 
@@ -18,7 +28,12 @@ import torch
 
 from common import interleaved, machine, median, save
 import models  # noqa: E402,F401
+from models.token_ops import coarse_from_fine
 from utils.flops import count_gflops, stage_gflops
+
+
+#: The plain ViT at the coarse stage's size (7x7 tokens of a 112 px image).
+REFERENCE = 'reference: deit_small_patch16_224 at 112 px'
 
 
 def autocast(dtype: torch.dtype):
@@ -32,12 +47,23 @@ def main() -> None:
     p.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     p.add_argument('--images-batch1', type=int, default=16, help='images per repetition at batch 1')
     p.add_argument('--name', default='inference_throughput', help='result file name (benchmarks/results/NAME.json)')
+    p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    p.add_argument('--compile', action='store_true', help='torch.compile every program (see the docstring)')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     deit = timm.create_model('deit_small_patch16_224').eval()
+    deit112 = timm.create_model('deit_small_patch16_224', img_size=112).eval()
     cf = timm.create_model('cf_deit_small', coarse_stage_size=7).eval()
     deit_gflops = count_gflops(deit, torch.zeros(1, 3, 224, 224))
+    ref_gflops = count_gflops(deit112, torch.zeros(1, 3, 112, 112))
     cf_flops = stage_gflops(cf)
+    deit_fn, ref_fn = deit, deit112
+    if args.compile:
+        deit_fn, ref_fn = torch.compile(deit), torch.compile(deit112)
+        cf.forward_coarse = torch.compile(cf.forward_coarse)  # instance attributes: forward_details calls these
+        cf.forward_fine = torch.compile(cf.forward_fine)
     g = torch.Generator().manual_seed(1)
     pool = torch.randn(64, 3, 224, 224, generator=g)
     with torch.no_grad():
@@ -58,7 +84,14 @@ def main() -> None:
             def run_deit(chunks=chunks, dtype=dtype) -> None:
                 with torch.no_grad(), autocast(dtype):
                     for x in chunks:
-                        deit(x)
+                        deit_fn(x)
+
+            small = [coarse_from_fine(c, (112, 112)) for c in chunks]  # inputs made ahead: not timed
+
+            def run_reference(small=small, dtype=dtype) -> None:
+                with torch.no_grad(), autocast(dtype):
+                    for x in small:
+                        ref_fn(x)
 
             def make_cf(t: float, chunks=chunks, dtype=dtype) -> Callable[[], None]:
                 def run() -> None:
@@ -67,32 +100,36 @@ def main() -> None:
                             cf.forward_early_exit(x, t)
                 return run
 
-            programs = {'deit_small_patch16_224': run_deit}
+            programs = {'deit_small_patch16_224': run_deit, REFERENCE: run_reference}
             programs.update({f'cf_deit_small {k}': make_cf(t) for k, t in thresholds.items()})
             times = interleaved(programs, args.reps)
             base = median(times['deit_small_patch16_224'])
             for name, ts in times.items():
-                if name.startswith('cf'):
+                kind = 'cf' if name.startswith('cf') else 'reference' if name == REFERENCE else 'baseline'
+                if kind == 'cf':
                     t = thresholds[name.split(' ', 1)[1]]
                     with torch.no_grad():
                         share = float(torch.cat([cf.forward_details(x, t).exited for x in chunks]).float().mean())
                     gflops = share * cf_flops[0] + (1 - share) * cf_flops[1]
                 else:
-                    share, gflops = None, deit_gflops
+                    share, gflops = None, ref_gflops if kind == 'reference' else deit_gflops
                 speedup = base / median(ts)
                 predicted = deit_gflops / gflops
                 rows.append({
-                    'program': name, 'dtype': dtype_name, 'batch': batch, 'images_per_rep': n_images,
+                    'program': name, 'kind': kind, 'mode': 'torch.compile' if args.compile else 'eager',
+                    'threads': torch.get_num_threads(),
+                    'dtype': dtype_name, 'batch': batch, 'images_per_rep': n_images,
                     'exit_share': share, 'gflops_per_image': gflops,
                     'median_seconds': median(ts), 'images_per_second': n_images / median(ts),
                     'speedup_vs_deit': speedup, 'gflops_predicted_speedup': predicted,
                     'flop_efficiency': speedup / predicted, 'all_seconds': ts,
                 })
-                print(f'{dtype_name:9s} b={batch:<3d} {name:28s} {n_images / median(ts):8.1f} img/s  '
+                print(f'{dtype_name:9s} b={batch:<3d} {name:44s} {n_images / median(ts):8.1f} img/s  '
                       f'speed-up {speedup:5.2f}  predicted {predicted:5.2f}  efficiency {speedup / predicted:5.2f}')
     save(args.name, {
         'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
-        'thresholds': thresholds, 'deit_gflops': deit_gflops, 'cf_flop': cf_flops, 'rows': rows,
+        'thresholds': thresholds, 'deit_gflops': deit_gflops, 'reference_gflops': ref_gflops, 'cf_flop': cf_flops,
+        'mode': 'torch.compile' if args.compile else 'eager', 'rows': rows,
     })
 
 

@@ -98,7 +98,7 @@ def main() -> None:
         'benchmark': 'small-scale reproduction on imagenette224', 'machine': machine(), 'epochs': args.epochs,
         'model': f'D=96, 6 blocks, 3 heads, patch {PATCH}; CF: {g}x{g} coarse grid on {size // 2} px, '
                  f'{2 * g}x{2 * g} fine on {size} px; baseline: DeiT at {size} px ({2 * g}x{2 * g} tokens)',
-        'selection_start_epoch': start,
+        'selection_start_epoch': start, 'coarse_stage_size': g,
         'recipe': ' '.join(RECIPE), 'train_seconds': times,
         'baseline_top1': base_top1, 'baseline_gflops': base_gflops,
         'cf_flop': cf['flop'], 'cf_anytime_classification': cf['anytime_classification'],
