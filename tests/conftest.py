@@ -1,6 +1,7 @@
 """Shared fixtures: golden case discovery and a model builder from a golden case's config."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from functools import partial
@@ -52,6 +53,17 @@ def build_from_config(cfg: Dict[str, Any]) -> torch.nn.Module:
         assert cfg.get('p_emb', '4_2') == '4_2'
         kwargs.update(skip_lam=cfg['skip_lam'], mix_token=cfg.get('mix_token', True))
     return timm.create_model(ARCH_TO_MODEL[cfg['arch']], **kwargs)
+
+
+@pytest.fixture
+def own_logging():
+    """Hide root-logger handlers that scripts run in earlier tests left behind (e.g. bound to a closed
+    capture), so a script run in this test configures logging afresh."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [h for h in saved if type(h).__module__.startswith('_pytest')]
+    yield
+    root.handlers = saved
 
 
 @pytest.fixture(scope='module')

@@ -29,7 +29,7 @@ from helpers import BROKEN_FILES, UNREADABLE_FILES, make_image_folder, tree_dige
 from utils.checkpoint import load_checkpoint_file
 from utils.misc import EXIT_BAD_INPUT
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
 
 NUM_CLASSES, G = 3, 2
 ARCH = dict(embed_dim=48, depth=2, num_heads=3)
@@ -83,16 +83,6 @@ def untouched_inputs(inputs):
     before = tree_digest(inputs['root'])
     yield
     assert tree_digest(inputs['root']) == before
-
-
-@pytest.fixture(autouse=True)
-def _own_logging():
-    """Start each run without the root-logger handlers other tests' scripts left behind."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if type(h).__module__.startswith('_pytest')]
-    yield
-    root.handlers = saved
 
 
 def run(script, argv: List[str], capsys, caplog):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from utils.visualization import (
     GridItem, GridLayout, ClassIndex, draw_grid, fade_unselected, fine_patch_boxes, grid_png_size,
     read_class_index, resolve_classes, unnormalize,
 )
+
+pytestmark = pytest.mark.usefixtures('own_logging')
 
 ROOT = Path(__file__).resolve().parents[1]
 G, CLASSES, SIDE = 3, 4, 96  # coarse grid 3x3 -> fine input 96 px
@@ -42,16 +43,6 @@ def write_image(path: Path, seed: int, size=(120, 100), mode: str = 'RGB') -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.numpy()).convert(mode).save(path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _own_logging():
-    """Hide root-logger handlers that other tests' scripts left behind (e.g. bound to a closed capture)."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if type(h).__module__.startswith('_pytest')]
-    yield
-    root.handlers = saved
 
 
 def run_main(argv, capsys):
