@@ -34,7 +34,9 @@ from utils.checkpoint import (
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, parse_model_kwargs, positive_int
+from utils.misc import (
+    EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
+)
 from utils.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -308,6 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run(args)
     except (UsageError, CheckpointError, DatasetError) as e:
         print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
+        print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

@@ -627,6 +627,9 @@ def run_main(run_fn: Any, args: argparse.Namespace, user_errors: tuple = USER_ER
     except NonFiniteLossError as e:
         _logger.error('%s', e)
         code = EXIT_TRAINING_FAILED
+    except OSError as e:  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
+        _logger.error('%s; the last checkpoint (if any) is intact', _misc.describe_os_error(e, 'I/O error'))
+        code = EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _logger.error('interrupted; the last checkpoint (if any) is intact')
         code = 130

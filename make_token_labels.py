@@ -59,7 +59,7 @@ from utils.checkpoint import (  # noqa: E402
 from utils.dist import default_device  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
-    positive_int, setup_logging,
+    describe_os_error, positive_int, setup_logging,
 )
 
 _logger = logging.getLogger('make_token_labels')
@@ -379,6 +379,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     except USER_ERRORS as e:
         _logger.error('%s', e)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
+        _logger.error('%s; the maps written so far are complete, run again to continue',
+                      describe_os_error(e, 'cannot write the label maps'))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _logger.error('interrupted; the maps written so far are complete, run again to continue')

@@ -35,7 +35,7 @@ import torch
 import models
 from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
-from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, positive_int
+from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
     collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
@@ -383,6 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(args)
     except (InputError, CheckpointError) as e:
         print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # writing the pictures failed (full disk, ...)
+        print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

@@ -292,3 +292,45 @@ def test_matrix_covers_every_script_and_the_issue_list():
                      'output-not-writable', 'garbage-checkpoint'):
             assert (case, script) in covered
     assert len(MATRIX) >= 60
+
+
+# ---------------------------------------------------------------------------------- disk full
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every atomic write (checkpoints, label maps, JSON results, logs) fails with ENOSPC after
+    writing part of its temporary file, as on a full disk."""
+    import contextlib
+
+    import utils.checkpoint
+    real = utils.checkpoint.atomic_file  # every module writes through this one
+
+    @contextlib.contextmanager
+    def full(path, mode='wb'):
+        with real(path, mode) as f:
+            yield f
+            f.write(b'\0' if 'b' in mode else '\0')
+            raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(utils.checkpoint, 'atomic_file', full)
+
+
+@pytest.mark.parametrize('script', ['main_deit', 'make_token_labels', 'dynamic_inference', 'visualize'])
+def test_disk_full_keeps_previous_outputs(script, inputs, tmp_path, capsys, caplog, request):
+    """A run whose saves hit a full disk stops with one line (exit 2); the previous run's files stay as
+    they were and no temporary file is left."""
+    argv = _argv(script, str(inputs['data']), inputs, tmp_path, [])
+    if script == 'dynamic_inference':
+        argv += ['--eval-mode', '1', '--write-checkpoint']
+    code, text = run(SCRIPTS[script], argv, capsys, caplog)
+    assert code == 0, text[-3000:]
+    if script == 'make_token_labels':
+        next(iter((tmp_path / 'o').rglob('*.pt'))).unlink()  # one map to write again
+    elif script == 'main_deit':
+        argv += ['--resume', str(tmp_path / 'o' / 'checkpoint.pth'), '--epochs', '2']
+    def outputs():  # a new TensorBoard event file per run is expected
+        return {k: v for k, v in tree_digest(tmp_path / 'o').items() if '/tensorboard/' not in k}
+    before = outputs()
+    request.getfixturevalue('disk_full')
+    code, text = run(SCRIPTS[script], argv, capsys, caplog)
+    one_line_error(code, text, 'No space left on device')
+    assert outputs() == before
+    assert not list((tmp_path / 'o').rglob('*.tmp'))

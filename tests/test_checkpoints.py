@@ -159,3 +159,16 @@ def test_safetensors_roundtrip(tmp_path):
     load_model_weights(other, path)
     for a, b in zip(model.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp makes 0600 files; saved checkpoints must be as readable as any file the user writes."""
+    import os
+
+    import utils.checkpoint
+    save_atomic({'epoch': 1}, tmp_path / 'checkpoint.pth')
+    with open(tmp_path / 'plain', 'wb'):
+        pass
+    mode = (tmp_path / 'checkpoint.pth').stat().st_mode & 0o777
+    assert mode == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o666 & ~utils.checkpoint._UMASK
+    assert os.access(tmp_path / 'checkpoint.pth', os.R_OK)

@@ -167,6 +167,11 @@ def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, An
     return checkpoint
 
 
+# the process umask, read once (os.umask can only be read by setting it, which is not thread-safe later)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
@@ -181,6 +186,7 @@ def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,11 +20,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import atomic_file
+from . import checkpoint as checkpoint_io
 from .dist import collective_device, reduce
 
 __all__ = [
-    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'positive_int', 'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
+    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
     'parse_model_kwargs', 'architecture_from_checkpoint',
 ]
 
@@ -100,7 +100,7 @@ def append_json_line(path: PathLike, record: Mapping[str, Any]) -> None:
 
 def copy_atomic(src: PathLike, dst: PathLike) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and a rename (``dst`` is never half-written)."""
-    with open(src, 'rb') as fin, atomic_file(dst) as fout:
+    with open(src, 'rb') as fin, checkpoint_io.atomic_file(dst) as fout:
         shutil.copyfileobj(fin, fout)
 
 
@@ -119,6 +119,12 @@ def check_writable_dir(path: PathLike) -> Path:
     except OSError as e:
         raise OutputDirError(f'cannot write to the output folder {path}: {e.strerror or e}') from e
     return path
+
+
+def describe_os_error(e: OSError, doing: str = 'cannot write') -> str:
+    """One line for an OSError that reached a script's entry point (a full disk, a vanished folder)."""
+    where = f' {e.filename}' if getattr(e, 'filename', None) else ''
+    return f'{doing}{where}: {e.strerror or e}'
 
 
 def positive_int(text: str) -> int:

@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from .checkpoint import atomic_file
+from . import checkpoint as checkpoint_io
 
 __all__ = ['plot_budgeted_curve']
 
@@ -58,5 +58,5 @@ def plot_budgeted_curve(
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)
-    with atomic_file(path) as f:
+    with checkpoint_io.atomic_file(path) as f:
         f.write(buf.getvalue())

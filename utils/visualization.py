@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models.token_ops import FINE_SCALE, fine_children
+
+from . import checkpoint as checkpoint_io
 
 __all__ = [
     'InputError', 'FADE', 'FADE_COLOR', 'IMG_EXTENSIONS', 'ImageSample', 'ImageFileDataset', 'Batch',
@@ -707,20 +708,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
 
     An interruption leaves any previous file at ``path`` intact and no partial file behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with checkpoint_io.atomic_file(path) as f:
+        write(f)
 
 
 def save_figure(fig: Any, path: PathLike, dpi: int) -> None:
