@@ -21,7 +21,6 @@ scalars under ``tensorboard/``.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -455,81 +455,150 @@ def run(args: argparse.Namespace) -> None:
     _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
         ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
     if args.eval:
-        _, val_loader = build_loaders(args, info, None, val_set)
-        if args.resume:
-            load_model_weights(model_without_ddp, args.resume, unsafe=args.unsafe_load)
-        else:
-            _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
-                            else 'randomly initialized weights')
-        set_selection(True, model)  # inference always uses informative selection
-        stats = evaluate(model, val_loader, device, amp, reduce_over_processes=info.distributed and args.dist_eval,
-                         progress=info.rank == 0)
-        _logger.info('evaluation: %s', format_eval(stats))
-        if info.rank == 0:
-            print(json.dumps({'coarse_acc1': stats['coarse_acc1'], 'fine_acc1': stats['fine_acc1'],
-                              'num_samples': stats['num_samples']}))
+        evaluate_only(args, info, model, val_set, amp)
         return
 
     train_loader, val_loader = build_loaders(args, info, train_set, val_set)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_ema = build_ema(args, model)
     if info.distributed:
         # find_unused_parameters: while selection is off, the released CF-DeiT's fine stage leaves
         # pos_embed_list.1 out of the graph (SPEC 4.4), so some parameters get no gradient.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=True)
     optimizer = build_optimizer(args, model_without_ddp, info.world_size)
+    criterion, mixup_fn = build_criterion(args, num_classes)
+    fit(TrainingRun(args, info, output_dir, model, model_without_ddp, model_ema, optimizer,
+                    build_scheduler(args, optimizer), amp, criterion, mixup_fn, train_loader, val_loader, n_parameters))
+
+
+# ---------------------------------------------------------------------------------------------- shared by main_lvvit
+def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, val_set: Dataset,
+                  amp: AmpConfig) -> None:
+    """``--eval``: load ``--resume`` (or keep the ``--finetune``/initial weights), evaluate both
+    stages with informative selection, log the result and print it as one JSON line."""
+    _, val_loader = build_loaders(args, info, None, val_set)
+    if args.resume:
+        load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+    else:
+        _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
+                        else 'randomly initialized weights')
+    set_selection(True, model)  # inference always uses informative selection
+    stats = evaluate(model, val_loader, info.device, amp, reduce_over_processes=info.distributed and args.dist_eval,
+                     progress=info.rank == 0)
+    _logger.info('evaluation: %s', format_eval(stats))
+    if info.rank == 0:
+        print(json.dumps({'coarse_acc1': stats['coarse_acc1'], 'fine_acc1': stats['fine_acc1'],
+                          'num_samples': stats['num_samples']}))
+
+
+def build_ema(args: argparse.Namespace, model: nn.Module) -> Optional[ModelEmaV3]:
+    """timm's ModelEmaV3 of ``model`` with ``--model-ema``, else None."""
+    if not args.model_ema:
+        return None
+    return ModelEmaV3(model, decay=args.model_ema_decay,
+                      device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> Any:
+    """timm's scheduler from the ``--sched`` flags (stepped per epoch with ``epoch + 1``)."""
     lr_scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
-    criterion, mixup_fn = build_criterion(args, num_classes)
+    return lr_scheduler
 
-    start_epoch, max_fine_acc1 = args.start_epoch, -1.0  # the first epoch's checkpoint is always a best one
+
+@dataclass
+class TrainingRun:
+    """What the epoch loop (:func:`fit`) needs; ``main_deit.run`` and ``main_lvvit.run`` build it.
+
+    ``model`` may be DDP-wrapped, ``model_without_ddp`` is the module itself. With ``ema_eval`` the
+    EMA is evaluated every epoch too and epochs are ranked by its ``metric_key`` (the released
+    CF-LV-ViT run); ``eval_metric`` names the ranking in the log and checkpoint (None: fine top-1,
+    the DeiT release). ``after_train_epoch`` runs after each epoch's training (e.g. BatchNorm sync).
+    """
+    args: argparse.Namespace
+    info: DistInfo
+    output_dir: Optional[Path]
+    model: nn.Module
+    model_without_ddp: nn.Module
+    model_ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    amp: AmpConfig
+    criterion: Any
+    batch_transform: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    n_parameters: int
+    ema_eval: bool = False
+    metric_key: str = 'fine_acc1'
+    eval_metric: Optional[str] = None
+    after_train_epoch: Optional[Any] = None
+
+
+def fit(run: TrainingRun) -> None:
+    """Resume if asked, then train and evaluate epoch by epoch, writing the checkpoint, the best
+    checkpoint, ``log.txt`` and TensorBoard scalars on the main process. Every process stops together
+    when the outputs cannot be written."""
+    args, info, output_dir = run.args, run.info, run.output_dir
+    model_ema, lr_scheduler, amp = run.model_ema, run.lr_scheduler, run.amp
+    start_epoch, best_metric = args.start_epoch, -1.0  # the first epoch's checkpoint is always a best one
     if args.resume:
-        start_epoch, max_fine_acc1 = resume(args, model_without_ddp, model_ema, optimizer, lr_scheduler, amp)
+        start_epoch, best_metric = resume(args, run.model_without_ddp, model_ema, run.optimizer, lr_scheduler, amp)
     if lr_scheduler is not None and start_epoch > 0:
         lr_scheduler.step(start_epoch)
+    metric_name = run.eval_metric or 'fine top-1'
 
     writer = None
     if output_dir is not None and info.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
     end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
-    _logger.info('training epochs %d..%d of %d, %d steps each', start_epoch, end_epoch - 1, args.epochs,
-                 len(train_loader))
+    _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
+                 end_epoch - 1, args.epochs, len(run.train_loader), metric_name, ' of the EMA' if run.ema_eval else '')
     started = time.time()
     try:
         for epoch in range(start_epoch, end_epoch):
             seed_everything(epoch_seed(args.seed, epoch, info.rank, info.world_size))
-            if hasattr(train_loader.sampler, 'set_epoch'):
-                train_loader.sampler.set_epoch(epoch)
+            if hasattr(run.train_loader.sampler, 'set_epoch'):
+                run.train_loader.sampler.set_epoch(epoch)
             selection = epoch > args.selection_start_epoch
-            set_selection(selection, model_without_ddp, model_ema.module if model_ema is not None else None)
+            set_selection(selection, run.model_without_ddp, model_ema.module if model_ema is not None else None)
 
             train_stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, device, epoch, amp=amp, clip_grad=args.clip_grad,
-                clip_mode=args.clip_mode, model_ema=model_ema, batch_transform=mixup_fn, lr_scheduler=lr_scheduler,
-                log_writer=writer, print_freq=args.print_freq, progress=info.rank == 0)
-            test_stats = evaluate(model_without_ddp, val_loader, device, amp,
-                                  reduce_over_processes=info.distributed and args.dist_eval, progress=info.rank == 0)
+                run.model, run.criterion, run.train_loader, run.optimizer, info.device, epoch, amp=amp,
+                clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
+                batch_transform=run.batch_transform, lr_scheduler=lr_scheduler, log_writer=writer,
+                print_freq=args.print_freq, progress=info.rank == 0)
+            if run.after_train_epoch is not None:
+                run.after_train_epoch()
+            reduce = info.distributed and args.dist_eval
+            test_stats = evaluate(run.model_without_ddp, run.val_loader, info.device, amp,
+                                  reduce_over_processes=reduce, progress=info.rank == 0)
+            ema_stats = evaluate(model_ema.module, run.val_loader, info.device, amp, reduce_over_processes=reduce,
+                                 progress=info.rank == 0) if run.ema_eval else None
+            metric = (ema_stats or test_stats)[run.metric_key]
             if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, test_stats['fine_acc1'])
-            is_best = test_stats['fine_acc1'] > max_fine_acc1
-            max_fine_acc1 = max(max_fine_acc1, test_stats['fine_acc1'])
-            _logger.info('epoch %d: %s | best fine top-1 %.3f', epoch, format_eval(test_stats), max_fine_acc1)
+                lr_scheduler.step(epoch + 1, metric)
+            is_best = metric > best_metric
+            best_metric = max(best_metric, metric)
+            _logger.info('epoch %d: %s%s | best %s %.3f', epoch, format_eval(test_stats),
+                         f' | EMA: {format_eval(ema_stats)}' if ema_stats else '', metric_name, best_metric)
 
-            record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                      **{f'test_{k}': v for k, v in test_stats.items()},
-                      'informative_selection': selection, 'n_parameters': n_parameters}
+            record: Dict[str, Any] = {
+                'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                **{f'test_{k}': v for k, v in test_stats.items()},
+                **{f'test_ema_{k}': v for k, v in (ema_stats or {}).items()}}
+            if run.eval_metric:
+                record.update(eval_metric=run.eval_metric, best_metric=best_metric)
+            record.update(informative_selection=selection, n_parameters=run.n_parameters)
             problem = None
             if output_dir is not None and info.rank == 0:
                 checkpoint = {
-                    'model': model_without_ddp.state_dict(),
-                    'optimizer': optimizer.state_dict(),
+                    'model': run.model_without_ddp.state_dict(),
+                    'optimizer': run.optimizer.state_dict(),
                     'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
                     'epoch': epoch,
                     'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
@@ -537,9 +606,13 @@ def run(args: argparse.Namespace) -> None:
                     'args': args,
                     'coarse_acc1': test_stats['coarse_acc1'],
                     'fine_acc1': test_stats['fine_acc1'],
-                    'max_fine_acc1': max_fine_acc1,
+                    **({'eval_metric': run.eval_metric} if run.eval_metric else {}),
+                    'max_fine_acc1': best_metric,  # resume() restores the best-so-far value from this key
                 }
                 try:
+                    for key, value in (ema_stats or {}).items():
+                        if key not in ('num_samples', 'num_skipped'):
+                            writer.add_scalar(f'test_ema/{key}', value, epoch)
                     write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
                 except OSError as e:
                     problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
@@ -548,9 +621,9 @@ def run(args: argparse.Namespace) -> None:
     finally:
         if writer is not None:
             writer.close()
-    _logger.info('done in %.1f s; best fine top-1 %.3f', time.time() - started, max_fine_acc1)
+    _logger.info('done in %.1f s; best %s %.3f', time.time() - started, metric_name, best_metric)
     if args.debug_weights_digest:
-        digest = {'rank': info.rank, 'model': weights_digest(model_without_ddp),
+        digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
                   'model_ema': weights_digest(model_ema.module) if model_ema is not None else None}
         Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
 

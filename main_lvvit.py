@@ -28,21 +28,17 @@ by ``--eval-metric``), one JSON line per epoch in ``log.txt`` and TensorBoard sc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import ModelEmaV3, distribute_bn  # noqa: E402
+from timm.utils import distribute_bn  # noqa: E402
 
 import main_deit  # noqa: E402  (the shared training pieces)
 from datasets.build import attach_transform, build_transform  # noqa: E402
@@ -51,10 +47,7 @@ from datasets.token_label import (  # noqa: E402
     keep_zero_bit_posterize,
 )
 from main_deit import ConfigError  # noqa: E402
-from utils.checkpoint import load_model_weights  # noqa: E402
-from utils.dist import all_agree, epoch_seed, seed_everything  # noqa: E402
-from utils.engine import evaluate, format_eval, train_one_epoch  # noqa: E402
-from utils.misc import OutputDirError, positive_int  # noqa: E402
+from utils.misc import positive_int  # noqa: E402
 from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 
 _logger = logging.getLogger('main_lvvit')
@@ -221,26 +214,11 @@ def run(args: argparse.Namespace) -> None:
     _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
         ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
     if args.eval:
-        _, val_loader = main_deit.build_loaders(args, info, None, val_set)
-        if args.resume:
-            load_model_weights(model_without_ddp, args.resume, unsafe=args.unsafe_load)
-        else:
-            _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
-                            else 'randomly initialized weights')
-        main_deit.set_selection(True, model)  # inference always uses informative selection
-        stats = evaluate(model, val_loader, device, amp, reduce_over_processes=info.distributed and args.dist_eval,
-                         progress=info.rank == 0)
-        _logger.info('evaluation: %s', format_eval(stats))
-        if info.rank == 0:
-            print(json.dumps({'coarse_acc1': stats['coarse_acc1'], 'fine_acc1': stats['fine_acc1'],
-                              'num_samples': stats['num_samples']}))
+        main_deit.evaluate_only(args, info, model, val_set, amp)
         return
 
     train_loader, val_loader = main_deit.build_loaders(args, info, train_set, val_set)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_ema = main_deit.build_ema(args, model)
     if info.distributed:
         # aux_head gets no gradient without dense targets; with them every parameter is used
         dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
@@ -248,97 +226,20 @@ def run(args: argparse.Namespace) -> None:
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=not dense_loss)
     optimizer = main_deit.build_optimizer(args, model_without_ddp, info.world_size)
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
-        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
     criterion, batch_transform = build_objective(args, num_classes, label_size)
 
-    start_epoch, best_metric = args.start_epoch, -1.0  # the first epoch's checkpoint is always a best one
-    if args.resume:
-        start_epoch, best_metric = main_deit.resume(args, model_without_ddp, model_ema, optimizer, lr_scheduler, amp)
-    if lr_scheduler is not None and start_epoch > 0:
-        lr_scheduler.step(start_epoch)
+    def sync_batchnorm_stats() -> None:  # the conv stem's BatchNorm statistics differ across processes
+        if info.distributed and args.dist_bn:
+            distribute_bn(model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
+            if model_ema is not None and not args.model_ema_force_cpu:
+                distribute_bn(model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
 
-    writer = None
-    if output_dir is not None and info.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(output_dir / main_deit.TENSORBOARD_DIR))
-    ema_eval = model_ema is not None and not args.model_ema_force_cpu
-    metric_key = EVAL_METRICS[args.eval_metric]
-    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
-    _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
-                 end_epoch - 1, args.epochs, len(train_loader), args.eval_metric, ' of the EMA' if ema_eval else '')
-    started = time.time()
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank, info.world_size))
-            if hasattr(train_loader.sampler, 'set_epoch'):
-                train_loader.sampler.set_epoch(epoch)
-            selection = epoch > args.selection_start_epoch
-            main_deit.set_selection(selection, model_without_ddp, model_ema.module if model_ema is not None else None)
-
-            train_stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, device, epoch, amp=amp, clip_grad=args.clip_grad,
-                clip_mode=args.clip_mode, model_ema=model_ema, batch_transform=batch_transform,
-                lr_scheduler=lr_scheduler, log_writer=writer, print_freq=args.print_freq, progress=info.rank == 0)
-            if info.distributed and args.dist_bn:
-                distribute_bn(model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
-                if model_ema is not None and not args.model_ema_force_cpu:
-                    distribute_bn(model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
-            reduce = info.distributed and args.dist_eval
-            test_stats = evaluate(model_without_ddp, val_loader, device, amp, reduce_over_processes=reduce,
-                                  progress=info.rank == 0)
-            ema_stats = evaluate(model_ema.module, val_loader, device, amp, reduce_over_processes=reduce,
-                                 progress=info.rank == 0) if ema_eval else None
-            metric = (ema_stats or test_stats)[metric_key]  # the release ranked epochs by the EMA's metric
-            if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, metric)
-            is_best = metric > best_metric
-            best_metric = max(best_metric, metric)
-            _logger.info('epoch %d: %s%s | best %s %.3f', epoch, format_eval(test_stats),
-                         f' | EMA: {format_eval(ema_stats)}' if ema_stats else '', args.eval_metric, best_metric)
-
-            record: Dict[str, Any] = {
-                'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                **{f'test_{k}': v for k, v in test_stats.items()},
-                **{f'test_ema_{k}': v for k, v in (ema_stats or {}).items()},
-                'eval_metric': args.eval_metric, 'best_metric': best_metric,
-                'informative_selection': selection, 'n_parameters': n_parameters}
-            problem = None
-            if output_dir is not None and info.rank == 0:
-                checkpoint = {
-                    'model': model_without_ddp.state_dict(),
-                    'optimizer': optimizer.state_dict(),
-                    'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                    'epoch': epoch,
-                    'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-                    'scaler': amp.scaler.state_dict() if amp.scaler is not None else None,
-                    'args': args,
-                    'coarse_acc1': test_stats['coarse_acc1'],
-                    'fine_acc1': test_stats['fine_acc1'],
-                    'eval_metric': args.eval_metric,
-                    # main_deit.resume() restores the best-so-far value from this key
-                    'max_fine_acc1': best_metric,
-                }
-                try:
-                    for key, value in (ema_stats or {}).items():
-                        if key != 'num_samples':
-                            writer.add_scalar(f'test_ema/{key}', value, epoch)
-                    main_deit.write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
-                except OSError as e:
-                    problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
-            if not all_agree(problem is None):  # every process stops together
-                raise OutputDirError(problem or 'the main process could not write its outputs')
-    finally:
-        if writer is not None:
-            writer.close()
-    _logger.info('done in %.1f s; best %s %.3f', time.time() - started, args.eval_metric, best_metric)
-    if args.debug_weights_digest:
-        digest = {'rank': info.rank, 'model': main_deit.weights_digest(model_without_ddp),
-                  'model_ema': main_deit.weights_digest(model_ema.module) if model_ema is not None else None}
-        Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+    main_deit.fit(main_deit.TrainingRun(
+        args, info, output_dir, model, model_without_ddp, model_ema, optimizer, main_deit.build_scheduler(args, optimizer),
+        amp, criterion, batch_transform, train_loader, val_loader, n_parameters,
+        ema_eval=model_ema is not None and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA
+        metric_key=EVAL_METRICS[args.eval_metric], eval_metric=args.eval_metric,
+        after_train_epoch=sync_batchnorm_stats))
 
 
 def user_message(error: BaseException) -> str:

@@ -1,8 +1,6 @@
 """The released checkpoint layout: state_dict names and shapes, loading, and the loader's errors."""
 import json
 import os
-import pickle
-from pathlib import Path
 
 import pytest
 import timm
