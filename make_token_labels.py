@@ -52,7 +52,7 @@ from tqdm import tqdm  # noqa: E402
 import models  # noqa: E402  (registers the CF models with timm)
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from datasets.folder import DatasetError, open_image_folder, rgb_loader  # noqa: E402
-from datasets.token_label import METADATA_NAME, label_map_path  # noqa: E402
+from datasets.token_label import METADATA_NAME, check_distinct_label_maps, label_map_path  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
@@ -300,12 +300,7 @@ def run(args: argparse.Namespace) -> int:
     samples, classes = dataset.samples, dataset.classes
     out = check_writable_dir(args.output)
     targets = [label_map_path(out, path) for path, _ in samples]
-    owner: Dict[Path, str] = {}
-    for (path, _), target in zip(samples, targets):
-        if target in owner:
-            raise DatasetError(f'images {owner[target]} and {path} would share the label map {target} (same class '
-                               f'folder and file stem): rename one of them')
-        owner[target] = path
+    check_distinct_label_maps(samples, targets)
     if args.topk is None:
         args.topk = min(DEFAULT_TOPK, len(classes))
     if args.topk > len(classes):

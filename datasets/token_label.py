@@ -158,6 +158,19 @@ def folder_samples(dataset: Dataset) -> Tuple[List[Tuple[str, int]], List[str]]:
     return list(samples), list(getattr(dataset, 'classes', []))
 
 
+def check_distinct_label_maps(samples: Sequence[Tuple[str, Any]], paths: Sequence[PathLike]) -> None:
+    """Raise :class:`TokenLabelError` naming two images whose label maps would be one file (same
+    class folder and file stem, e.g. ``a.jpg`` and ``a.png``)."""
+    if len(set(paths)) == len(paths):
+        return
+    seen: Dict[str, str] = {}
+    for (image, _), path in zip(samples, paths):
+        if str(path) in seen:
+            raise TokenLabelError(f'images {seen[str(path)]} and {image} share the label map {path} (same class '
+                                  f'folder and file stem): rename one of them')
+        seen[str(path)] = image
+
+
 def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, num_classes: int,
                      classes: Optional[Sequence[str]] = None) -> Tuple[int, int, int]:
     """Check before training that every image has a label map and that the first map fits.
@@ -192,13 +205,7 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
                                   f'({", ".join(meta["classes"][:3])}, ...) than the training set\'s '
                                   f'{len(classes)} ({", ".join(list(classes)[:3])}, ...)')
     paths = [_label_map_str(str(root), image) for image, _ in samples]
-    if len(set(paths)) != len(paths):
-        seen: Dict[str, str] = {}
-        for (image, _), path in zip(samples, paths):
-            if path in seen:
-                raise TokenLabelError(f'images {seen[path]} and {image} share the label map {path} (same class '
-                                      f'folder and file stem): rename one of them')
-            seen[path] = image
+    check_distinct_label_maps(samples, paths)
     missing = [i for i, ok in enumerate(_all_exist(paths)) if not ok]
     for i in missing:  # an unreadable image needs no map (training replaces it); stops at the first readable one
         try:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['make_image_folder', 'write_broken_images', 'tree_digest', 'BROKEN_FILES', 'UNREADABLE_FILES']
+__all__ = ['make_image_folder', 'write_broken_images', 'tree_digest', 'log_lines', 'free_port', 'script_env',
+           'BROKEN_FILES', 'UNREADABLE_FILES']
 
 
 def make_image_folder(root: Path, per_class: Dict[str, int], num_classes: int = 3, size=(40, 48),
@@ -61,3 +65,22 @@ def tree_digest(*roots: Path) -> Dict[str, str]:
             st = p.stat()
             out[str(p)] = f'{hashlib.sha256(p.read_bytes()).hexdigest()} {st.st_size} {st.st_mtime_ns}'
     return out
+
+
+def log_lines(out: Path) -> List[dict]:
+    """The records of a training run's ``log.txt``."""
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def script_env() -> Dict[str, str]:
+    """Environment of a script run as a subprocess: offline, one thread, no inherited launcher variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(key, None)
+    return env

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ import utils.losses
 from models import CFVisionTransformer
 from utils.checkpoint import load_checkpoint_file
 
-from helpers import make_image_folder
+from helpers import free_port, log_lines, make_image_folder, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -63,23 +61,6 @@ def _state_digest(state: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _log_lines(out: Path) -> List[dict]:
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _script_env() -> Dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(key, None)
-    return env
-
-
 # ---------------------------------------------------------------------------------------------- one epoch
 def test_one_epoch_writes_checkpoint_log_and_events(trained):
     files = sorted(p.name for p in trained.iterdir())
@@ -93,7 +74,7 @@ def test_one_epoch_writes_checkpoint_log_and_events(trained):
     best = load_checkpoint_file(trained / 'best_checkpoint.pth')
     assert _state_digest(best['model']) == _state_digest(ckpt['model'])
 
-    (line,) = _log_lines(trained)
+    (line,) = log_lines(trained)
     assert line['epoch'] == 0 and line['informative_selection'] is False
     for key in ('train_loss', 'train_loss_fine', 'train_loss_kl', 'train_lr', 'test_coarse_acc1', 'test_fine_acc1'):
         assert np.isfinite(line[key]), key
@@ -135,7 +116,7 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
         for name, tensor in state.items():
             torch.testing.assert_close(b['optimizer']['state'][pid][name], tensor, rtol=0, atol=0)
     assert a['lr_scheduler'] == b['lr_scheduler']
-    assert [r['train_loss'] for r in _log_lines(full)] == [r['train_loss'] for r in _log_lines(part)]
+    assert [r['train_loss'] for r in log_lines(full)] == [r['train_loss'] for r in log_lines(part)]
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -165,7 +146,7 @@ def test_selection_switches_after_configured_epoch(image_folder, tmp_path, monke
     assert len(models) == 2
     for m in models:
         assert [e for mm, e in calls if mm == m] == [False, False, True]
-    assert [r['informative_selection'] for r in _log_lines(out)] == [False, False, True]
+    assert [r['informative_selection'] for r in log_lines(out)] == [False, False, True]
     # fine tokens of a 2x2 coarse grid: 1 + 16 without selection, 1 + 4*2 + 2 with (k = 2)
     steps = len(seen) // 3
     assert seen[:2 * steps] == [(False, 17)] * (2 * steps)
@@ -257,17 +238,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, image_folder, 
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert 'not finite' in error
     assert (out / 'checkpoint.pth').read_bytes() == before
-    assert len(_log_lines(out)) == 1
+    assert len(log_lines(out)) == 1
 
 
 # ---------------------------------------------------------------------------------------------- distributed
 def test_torchrun_two_processes(image_folder, tmp_path):
     out, digest = tmp_path / 'out', tmp_path / 'digest'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            'main_deit.py', *TINY, '--epochs', '2', '--selection-start-epoch', '0', '--data-path', str(image_folder),
            '--dist-eval',
            '--output', str(out), '--debug-weights-digest', str(digest)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = json.loads(Path(f'{digest}.rank0.json').read_text())
     rank1 = json.loads(Path(f'{digest}.rank1.json').read_text())
@@ -278,7 +259,7 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt',
                                                      'tensorboard']
     assert len(list((out / 'tensorboard').iterdir())) == 1
-    lines = _log_lines(out)
+    lines = log_lines(out)
     assert [r['epoch'] for r in lines] == [0, 1]  # one line per epoch: rank 1 wrote none
     assert [r['informative_selection'] for r in lines] == [False, True]
     assert all(r['test_num_samples'] == 4 * NUM_CLASSES for r in lines)  # --dist-eval: exact shards, no padding
@@ -287,10 +268,10 @@ def test_torchrun_two_processes(image_folder, tmp_path):
 
 def test_release_launch_form_evaluates(trained, image_folder):
     """``python -m torch.distributed.launch`` passes ``--local-rank``; --dist-eval splits the set."""
-    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}',
            'main_deit.py', *TINY, '--eval', '--resume', str(trained / 'checkpoint.pth'), '--dist-eval',
            '--data-path', str(image_folder)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
     assert result['num_samples'] == 4 * NUM_CLASSES

@@ -7,12 +7,10 @@ Runs call ``main(argv)`` in this process; the two-process gloo run is a subproce
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from models.token_ops import coarse_from_fine, scatter_to_fine_grid
 from utils.checkpoint import load_checkpoint_file
 from utils.token_labeling import TokenLabelingLoss, TokenLabelTargets, soft_target_cross_entropy
 
-from helpers import make_image_folder
+from helpers import free_port, log_lines, make_image_folder, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -35,23 +33,6 @@ TINY = [
     '--device', 'cpu', '-j', '0', '-b', '4', '--epochs', '1', '--warmup-epochs', '1', '--warmup-lr', '1e-4',
     '--lr', '1e-3', '--print-freq', '1000', '--seed', '3',
 ]
-
-
-def _log_lines(out: Path) -> List[dict]:
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _script_env() -> Dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(key, None)
-    return env
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
@@ -135,7 +116,7 @@ def test_one_epoch_with_token_labels_trains_evaluates_and_checkpoints(trained):
     assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args', 'fine_acc1'} <= set(ckpt)
     assert ckpt['epoch'] == 0 and ckpt['args'].token_label and ckpt['args'].amp
     assert ckpt['model']['aux_head.weight'].shape == (NUM_CLASSES, 48)
-    (line,) = _log_lines(trained)
+    (line,) = log_lines(trained)
     for key in ('train_loss', 'train_loss_fine', 'train_loss_kl', 'test_fine_acc1', 'test_ema_fine_acc1'):
         assert np.isfinite(line[key]), key
     assert line['test_num_samples'] == 2 * NUM_CLASSES and line['eval_metric'] == 'top1_f'
@@ -166,23 +147,23 @@ def test_resume_equals_uninterrupted_run(image_folder, label_dir, tmp_path):
     for key in ('model', 'model_ema'):
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f'{key}.{name}')
-    assert [r['train_loss'] for r in _log_lines(full)] == [r['train_loss'] for r in _log_lines(part)]
-    assert [r['informative_selection'] for r in _log_lines(full)] == [False, True]
+    assert [r['train_loss'] for r in log_lines(full)] == [r['train_loss'] for r in log_lines(part)]
+    assert [r['informative_selection'] for r in log_lines(full)] == [False, True]
 
 
 def test_torchrun_two_processes_gloo(image_folder, label_dir, tmp_path):
     out, digest = tmp_path / 'out', tmp_path / 'digest'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            'main_lvvit.py', str(image_folder), *TINY, '--token-label', '--token-label-data', str(label_dir),
            '--model-ema', '--dist-eval', '--epochs', '2', '--selection-start-epoch', '0', '--output', str(out),
            '--debug-weights-digest', str(digest)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = json.loads(Path(f'{digest}.rank0.json').read_text())
     rank1 = json.loads(Path(f'{digest}.rank1.json').read_text())
     assert rank0['model'] == rank1['model'] and rank0['model_ema'] == rank1['model_ema']
     assert sorted(p.name for p in out.iterdir()) == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tensorboard']
-    lines = _log_lines(out)  # one line per epoch: rank 1 wrote none
+    lines = log_lines(out)  # one line per epoch: rank 1 wrote none
     assert [r['informative_selection'] for r in lines] == [False, True]
     assert all(r['test_num_samples'] == 2 * NUM_CLASSES for r in lines)  # --dist-eval: exact shards summed
     assert 'distributed: 2 processes, gloo backend' in proc.stderr
