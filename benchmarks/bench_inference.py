@@ -62,8 +62,7 @@ def main() -> None:
     deit_fn, ref_fn = deit, deit112
     if args.compile:
         deit_fn, ref_fn = torch.compile(deit), torch.compile(deit112)
-        cf.forward_coarse = torch.compile(cf.forward_coarse)  # instance attributes: forward_details calls these
-        cf.forward_fine = torch.compile(cf.forward_fine)
+        cf.compile_stages()
     g = torch.Generator().manual_seed(1)
     pool = torch.randn(64, 3, 224, 224, generator=g)
     with torch.no_grad():

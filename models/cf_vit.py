@@ -539,6 +539,19 @@ class CFVisionTransformer(nn.Module):
         return CFOutput(coarse_logits, fine_logits, exited, confidence, state.cls_attn,
                         important, important_fine)
 
+    def compile_stages(self, **compile_kwargs: Any) -> 'CFVisionTransformer':
+        """``torch.compile`` the two stages (``forward_coarse``, ``forward_fine``) of this instance.
+
+        Every path goes through them, so ``forward``, ``forward_details`` and early exit all use the
+        compiled code, while the data-dependent exit decision stays in eager Python. Useful at small
+        batches, where per-operation overhead dominates (see BENCHMARKS.md, benchmark 1); the fine
+        stage recompiles for each new number of rows that go on, so prefer it for fixed batch sizes
+        or pass ``dynamic=True``. Keyword arguments go to ``torch.compile``. Returns ``self``.
+        """
+        self.forward_coarse = torch.compile(self.forward_coarse, **compile_kwargs)  # type: ignore[method-assign]
+        self.forward_fine = torch.compile(self.forward_fine, **compile_kwargs)  # type: ignore[method-assign]
+        return self
+
     def forward_early_exit(self, x: Inputs, threshold: float) -> torch.Tensor:
         """Early-exit inference: (B, C) coarse logits where confident enough, fine elsewhere."""
         return self.forward_details(x, threshold).fine_logits

@@ -196,6 +196,28 @@ def test_mode2_throughput(setup, tmp_path, batch):
     assert res['throughput'] == pytest.approx(res['timed_images'] / res['seconds'])
 
 
+def test_mode2_compiled_gives_the_same_predictions(setup, tmp_path, monkeypatch):
+    """--compile runs the compiled stages (torch.compile's 'eager' backend here, no C++ build)."""
+    calls = []
+    real = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        calls.append(getattr(fn, '__name__', fn))
+        return real(fn, **dict(kwargs, backend='eager'))
+    monkeypatch.setattr(torch, 'compile', eager_compile)
+    root, data, ckpts = setup
+    argv = ['--eval-mode', '2', '--data-url', str(data), '--batch-size', '4', '--model', 'cf_deit_tiny',
+            '--model-kwargs', json.dumps(TINY), '--checkpoint-path', str(ckpts['cf_deit_tiny', 3]),
+            '--coarse-stage-size', '3', '--num-workers', '0', '--threshold', '0.4']
+    assert dynamic_inference.main(argv + ['--output-dir', str(tmp_path / 'eager')]) == 0
+    assert calls == []
+    assert dynamic_inference.main(argv + ['--compile', '--output-dir', str(tmp_path / 'compiled')]) == 0
+    assert calls == ['forward_coarse', 'forward_fine']
+    eager, compiled = (json.loads((tmp_path / d / 'throughput.json').read_text()) for d in ('eager', 'compiled'))
+    for key in ('images', 'top1', 'top5', 'exit_share', 'average_gflops'):
+        assert compiled[key] == eager[key], key
+
+
 def test_mode3_report_of_a_released_checkpoint(tmp_path, capsys):
     path = REPO_GOLDEN_DIR / 'deit_c7_synthetic_checkpoint.pth'
     rc = dynamic_inference.main(['--eval-mode', '3', '--checkpoint_path', str(path), '--output-dir', str(tmp_path)])

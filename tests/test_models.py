@@ -78,6 +78,24 @@ def test_eval_outputs(name, g, batch):
     assert all(len(set(r.tolist())) == k for r in out.important_coarse_index)
 
 
+@torch.no_grad()
+def test_compiled_stages_compute_the_same():
+    """compile_stages() swaps in torch.compile'd stages (the 'eager' backend here: no C++ build in the
+    test) for every path: forward, forward_details and early exit give the eager results."""
+    model = make('cf_deit_tiny', 3).eval()
+    model.set_informative_selection(True)
+    x_f = images(model, 4)
+    expected = model.forward_details(x_f, threshold=0.5)
+    plain = model(x_f)
+    assert model.compile_stages(backend='eager') is model
+    assert {'forward_coarse', 'forward_fine'} <= set(vars(model))  # instance attributes now
+    got = model.forward_details(x_f, threshold=0.5)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(model(x_f), plain):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('g', [7, 9])
 @torch.no_grad()
