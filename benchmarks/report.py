@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from common import RESULTS, ROOT
