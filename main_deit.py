@@ -413,10 +413,11 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
             check_writable_dir(output_dir)
         except OutputDirError as e:
             problem = str(e)
-        else:  # left by a run killed while saving (SIGKILL, power loss); never loaded
-            stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME))
-            if stale:
-                _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
+        else:
+            if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
+                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME))
+                if stale:
+                    _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
     if not all_agree(problem is None):
         raise OutputDirError(problem or 'the main process cannot write the output folder')
     return info, device, output_dir
@@ -686,8 +687,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(run, args)
 
 
+def user_message(error: BaseException) -> str:
+    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
+    text = str(error)
+    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
+
+
 def run_main(run_fn: Any, args: argparse.Namespace, user_errors: tuple = USER_ERRORS,
-             message: Any = str) -> int:
+             message: Any = user_message) -> int:
     """Run ``run_fn(args)``; bad input, a non-finite loss or Ctrl-C become one message and an exit code.
     Shared by the training scripts."""
     setup_logging(True)

@@ -242,20 +242,11 @@ def run(args: argparse.Namespace) -> None:
         after_train_epoch=sync_batchnorm_stats))
 
 
-def user_message(error: BaseException) -> str:
-    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
-    text = str(error)
-    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        text = last.split(': ', 1)[1] if ': ' in last else last
-    return text
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    return main_deit.run_main(run, args, USER_ERRORS, user_message)
+    return main_deit.run_main(run, args, USER_ERRORS)
 
 
 if __name__ == '__main__':

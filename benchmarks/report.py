@@ -88,7 +88,8 @@ def targets_line(d: Dict[str, Any]) -> str:
                 parts.append(f'{label} batch {batch}: FLOP efficiency {min(eff):.2f}-{max(eff):.2f} '
                              f'(target {target}: {verdict})' + (f', plain-ViT reference {ref[0]:.2f}' if ref else ''))
     deit = {(r['dtype'], r['batch']): r['images_per_second'] for r in d['rows']
-            if _kind(r) == 'baseline' and r.get('mode', 'eager') == 'eager' and not r.get('threads')}
+            if _kind(r) == 'baseline' and r.get('mode', 'eager') == 'eager'
+            and r.get('threads', d['machine']['threads']) == d['machine']['threads']}
     bf16 = ''
     if ('bfloat16', 64) in deit and ('float32', 64) in deit:
         bf16 = (f" bfloat16 autocast is emulated on this CPU (no native bf16 instructions): DeiT-S runs at "
@@ -104,7 +105,7 @@ def targets_line(d: Dict[str, Any]) -> str:
     limit = ''
     if ratios:
         refs = [r['flop_efficiency'] for r in d['rows'] if r['batch'] == 1 and _kind(r) == 'reference']
-        limit = (f' At batch 1 the 100%-exit row cannot reach 0.8 with these kernels: the plain timm ViT with the coarse '
+        limit = (f' In float32 at batch 1 the 100%-exit row cannot reach 0.8 with these kernels: the plain timm ViT with the coarse '
                  f"stage's 50 tokens (the reference rows) itself reaches only {min(refs):.2f}-{max(refs):.2f} against "
                  "the 197-token DeiT-S, because the fixed cost of each operation weighs more on 50-token matrices. "
                  f"CF-DeiT's all-exit row runs at {100 * min(ratios):.0f}-{100 * max(ratios):.0f}% of the reference's "

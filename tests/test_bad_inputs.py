@@ -334,3 +334,46 @@ def test_disk_full_keeps_previous_outputs(script, inputs, tmp_path, capsys, capl
     one_line_error(code, text, 'No space left on device')
     assert outputs() == before
     assert not list((tmp_path / 'o').rglob('*.tmp'))
+
+
+# ------------------------------------------------------------------------ leftovers and empty sets
+def test_stale_temp_files_of_killed_saves_are_removed(inputs, tmp_path, capsys, caplog):
+    """A save killed mid-write leaves ``.checkpoint.pth.<random>.tmp``: the next training run in that folder
+    deletes it (and nothing else); ``--eval`` leaves the folder alone."""
+    out = tmp_path / 'o'
+    out.mkdir()
+    stale = out / '.checkpoint.pth.k3j2_x9.tmp'
+    stale.write_bytes(b'partial pickle')
+    foreign = out / '.notes.txt.abc.tmp'
+    foreign.write_bytes(b'not ours')
+    code, text = run(main_deit, [*DEIT, '--data-path', inputs['data'], '--output', out], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert not stale.exists() and foreign.exists()
+    assert 'removed 1 temporary files of an interrupted save' in text
+    stale.write_bytes(b'partial pickle')
+    code, text = run(main_deit, [*DEIT, '--data-path', inputs['data'], '--output', out, '--eval', '--resume',
+                                 out / 'checkpoint.pth'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert stale.exists()
+
+
+def test_validation_without_a_readable_image_is_refused(inputs, tmp_path, capsys, caplog):
+    data = make_image_folder(tmp_path / 'data', {'train': 2}, NUM_CLASSES)
+    for c in range(NUM_CLASSES):
+        (data / 'val' / f'class{c}').mkdir(parents=True)
+        (data / 'val' / f'class{c}' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\nnot really')
+    code, text = run(main_deit, [*DEIT, '--data-path', data, '--output', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, 'no readable validation images (3 unreadable)')
+
+
+def test_training_set_without_a_readable_image_is_one_line_even_from_a_worker(inputs, tmp_path, capsys, caplog):
+    """The error raised in a DataLoader worker reaches the user without the worker's traceback."""
+    data = make_image_folder(tmp_path / 'data', {'val': 1}, NUM_CLASSES)
+    for c in range(NUM_CLASSES):
+        (data / 'train' / f'class{c}').mkdir(parents=True)
+        for i in range(2):
+            (data / 'train' / f'class{c}' / f'{i}.png').write_bytes(b'\x89PNG\r\n\x1a\nnot really')
+    argv = [a if prev != '--num_workers' else '1' for prev, a in zip([''] + DEIT, DEIT)]
+    code, text = run(main_deit, [*argv, '--data-path', data, '--output', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, '6 images in a row from')
+    assert 'Original Traceback' not in text

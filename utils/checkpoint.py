@@ -186,7 +186,10 @@ def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
+        except OSError:  # file systems without modes (vfat, some network mounts): keep what it has
+            pass
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

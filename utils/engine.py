@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.folder import unreadable_images
+from datasets.folder import DatasetError, unreadable_images
 
-from .dist import all_agree, is_main_process, reduce
+from .dist import all_agree, collective_device, is_main_process, reduce
 from .inference import unpack_batch
 from .losses import class_logits
 from .misc import MetricMeter
@@ -147,7 +147,7 @@ def train_one_epoch(
     Returns:
         Means over the epoch and over every process: ``loss`` and the criterion's other entries,
         plus ``lr`` (the learning rate at the end of the epoch) and ``unreadable_images`` (reads of
-        unreadable files that the dataset replaced, this process only).
+        unreadable files that the datasets replaced, summed over the processes).
 
     Raises:
         NonFiniteLossError: the loss of some process was not finite; every process raises it at
@@ -202,8 +202,10 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     stats = meter.global_means()
     stats['lr'] = optimizer.param_groups[0]['lr']
-    unreadable = unreadable_images(getattr(data_loader, 'dataset', None), reset=True)
-    if unreadable:  # this process's count; the dataset replaced each by its next readable image
+    # reads of unreadable files the dataset replaced by its next readable image, summed over the processes
+    local = unreadable_images(getattr(data_loader, 'dataset', None), reset=True)
+    unreadable = int(reduce(torch.tensor([local], dtype=torch.int64, device=collective_device()), 'sum').item())
+    if unreadable and is_main_process():
         _logger.warning('epoch %d: %d reads of unreadable training images were replaced by the next readable '
                         'image (see the warnings naming them)', epoch, unreadable)
     stats['unreadable_images'] = unreadable
@@ -265,6 +267,9 @@ def evaluate(
     model.train(was_training)
     n = max(totals[5].item(), 1.0)
     c1, c5, f1, f5, loss_sum, count, skipped = totals.tolist()
+    if count == 0:  # the same totals on every process: all raise together
+        raise DatasetError(f'no readable validation images ({int(skipped)} unreadable)' if skipped
+                           else 'the validation set is empty')
     if skipped and is_main_process():
         _logger.warning('%d unreadable validation images were skipped: the accuracy is over the other %d',
                         int(skipped), int(count))
