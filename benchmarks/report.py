@@ -59,7 +59,7 @@ def section_inference(d: Dict[str, Any]) -> str:
         f"{d['rows'][0]['images_per_rep'] if d['rows'][0]['batch'] == 1 else 16} images one at a time per repetition. "
         'FLOP efficiency = measured speed-up / the speed-up GFLOPs predict. The reference row is timm\'s '
         '`deit_small_patch16_224` at 112 px: a plain ViT with the coarse stage\'s 7x7 tokens and nothing CF adds '
-        '(its input is resized ahead, untimed), i.e. the best the 100%-exit row could do with the same kernels.', '',
+        '(its input is resized ahead, untimed), the yardstick for the 100%-exit row.', '',
         machine_line(d['machine']) + f" {d['reps']} interleaved repetitions."
         + ''.join(f" {o['file']}: {o['reps']} repetitions, {o['machine']['threads']} threads, run "
                   f"{o['machine']['date']}." for o in d.get('other_runs', [])),
