@@ -146,8 +146,6 @@ def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.n
     head = state_dict.get('head.weight')
     if head is None:
         raise UsageError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    if args.coarse_stage_size < 1:
-        raise UsageError(f'--coarse-stage-size must be a positive grid side, got {args.coarse_stage_size}')
     try:
         model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size,
                                   num_classes=head.shape[0], **extra)

@@ -27,9 +27,9 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -65,10 +65,10 @@ from utils.dist import (  # noqa: E402
 from utils.engine import AmpConfig, NonFiniteLossError, evaluate, format_eval, train_one_epoch  # noqa: E402
 from utils.losses import CFViTLoss  # noqa: E402
 from utils.misc import (  # noqa: E402
-    OutputDirError, append_json_line, check_writable_dir, copy_atomic, positive_int, setup_logging,
+    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, append_json_line, check_writable_dir, copy_atomic,
+    describe_os_error, positive_int, setup_logging,
 )
 from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
-import utils.misc as _misc  # noqa: E402
 
 _logger = logging.getLogger('main_deit')
 
@@ -80,9 +80,8 @@ TENSORBOARD_DIR = 'tensorboard'
 LR_REFERENCE_BATCH = 512.0
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
-#: Exit codes (shared by every script): bad input or configuration, and a training run that failed.
-EXIT_BAD_INPUT = _misc.EXIT_BAD_INPUT
-EXIT_TRAINING_FAILED = _misc.EXIT_FAILED
+#: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
+EXIT_TRAINING_FAILED = EXIT_FAILED
 
 
 class ConfigError(RuntimeError):
@@ -367,14 +366,15 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, world_size: int)
 
 
 def build_amp(args: argparse.Namespace, device: torch.device) -> AmpConfig:
-    """Autocast dtype and (float16 only) gradient scaler."""
+    """Autocast dtype and (float16 only) gradient scaler; the log says which precision."""
     enabled = args.amp if args.amp is not None else device.type == 'cuda'
-    if not enabled:
-        return AmpConfig()
-    name = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
-    dtype = getattr(torch, name)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return AmpConfig(dtype=dtype, scaler=scaler)
+    amp = AmpConfig()
+    if enabled:
+        dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
+        amp = AmpConfig(dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
+    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
+        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
+    return amp
 
 
 def set_selection(enabled: bool, *models_: Optional[nn.Module]) -> None:
@@ -453,8 +453,6 @@ def run(args: argparse.Namespace) -> None:
                  n_parameters / 1e6)
 
     amp = build_amp(args, device)
-    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
-        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
     if args.eval:
         evaluate_only(args, info, model, val_set, amp)
         return
@@ -611,9 +609,6 @@ def fit(run: TrainingRun) -> None:
                     'max_fine_acc1': best_metric,  # resume() restores the best-so-far value from this key
                 }
                 try:
-                    for key, value in (ema_stats or {}).items():
-                        if key not in ('num_samples', 'num_skipped'):
-                            writer.add_scalar(f'test_ema/{key}', value, epoch)
                     write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
                 except OSError as e:
                     problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
@@ -643,6 +638,8 @@ def write_epoch_outputs(output_dir: Path, writer: Any, checkpoint: Dict[str, Any
             writer.add_scalar(f'train/{key[len("train_"):]}', value, epoch)
     for key in ('loss', 'coarse_acc1', 'fine_acc1', 'coarse_acc5', 'fine_acc5'):
         writer.add_scalar(f'test/{key}', record[f'test_{key}'], epoch)
+        if f'test_ema_{key}' in record:  # the EMA's evaluation (main_lvvit)
+            writer.add_scalar(f'test_ema/{key}', record[f'test_ema_{key}'], epoch)
     writer.flush()
 
 
@@ -696,22 +693,21 @@ def user_message(error: BaseException) -> str:
     return text
 
 
-def run_main(run_fn: Any, args: argparse.Namespace, user_errors: tuple = USER_ERRORS,
-             message: Any = user_message) -> int:
+def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     """Run ``run_fn(args)``; bad input, a non-finite loss or Ctrl-C become one message and an exit code.
     Shared by the training scripts."""
     setup_logging(True)
     code = 0
     try:
         run_fn(args)
-    except user_errors as e:
-        _logger.error('%s', message(e))
+    except USER_ERRORS as e:
+        _logger.error('%s', user_message(e))
         code = EXIT_BAD_INPUT
     except NonFiniteLossError as e:
         _logger.error('%s', e)
         code = EXIT_TRAINING_FAILED
     except OSError as e:  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
-        _logger.error('%s; the last checkpoint (if any) is intact', _misc.describe_os_error(e, 'I/O error'))
+        _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
         code = EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _logger.error('interrupted; the last checkpoint (if any) is intact')
@@ -719,6 +715,7 @@ def run_main(run_fn: Any, args: argparse.Namespace, user_errors: tuple = USER_ER
     finally:
         cleanup()
     return code
+
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -52,7 +52,7 @@ from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabe
 
 _logger = logging.getLogger('main_lvvit')
 
-EXIT_BAD_INPUT = main_deit.EXIT_BAD_INPUT
+EXIT_BAD_INPUT = main_deit.EXIT_BAD_INPUT  # utils.misc's
 EXIT_TRAINING_FAILED = main_deit.EXIT_TRAINING_FAILED
 USER_ERRORS = main_deit.USER_ERRORS
 #: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
@@ -211,8 +211,6 @@ def run(args: argparse.Namespace) -> None:
                  if args.token_label else 'class labels only')
 
     amp = main_deit.build_amp(args, device)
-    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
-        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
     if args.eval:
         main_deit.evaluate_only(args, info, model, val_set, amp)
         return
@@ -246,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    return main_deit.run_main(run, args, USER_ERRORS)
+    return main_deit.run_main(run, args)
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402  (registers the CF models with timm)
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
-from datasets.folder import DatasetError, open_image_folder, rgb_loader  # noqa: E402
+from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
 from datasets.token_label import METADATA_NAME, check_distinct_label_maps, label_map_path  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
@@ -266,18 +266,8 @@ class _PendingImages(Dataset):
 
     def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, int]]:
         index = self.indices[i]
-        try:
-            img = rgb_loader(self.samples[index][0])
-        except Exception as e:  # PIL raises many types for broken files
-            _logger.warning('skipping unreadable image %s (%s)', self.samples[index][0], e)
-            return None
-        return self.transform(img), index
-
-
-def _collate(batch: List[Optional[Tuple[torch.Tensor, int]]]) -> Tuple[torch.Tensor, List[int], int]:
-    good = [b for b in batch if b is not None]
-    images = torch.stack([b[0] for b in good]) if good else torch.empty(0)
-    return images, [b[1] for b in good], len(batch) - len(good)
+        img = read_or_skip(self.samples[index][0])
+        return None if img is None else (self.transform(img), index)
 
 
 def resolve_image_folder(data: str) -> Path:
@@ -322,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                  name, size, size, device, len(samples), folder, len(classes), args.shard_index, args.num_shards,
                  len(pending), len(shard) - len(pending))
     loader = DataLoader(_PendingImages(samples, pending, transform), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=_collate, pin_memory=device.type == 'cuda')
+                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda')
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     written = unreadable = 0
     map_shape: Optional[Tuple[int, ...]] = None
@@ -330,8 +320,9 @@ def run(args: argparse.Namespace) -> int:
     futures: List[Future] = []
     with ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
         bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True)
-        for images, indices, skipped in bar:
+        for images, indices, skipped in bar:  # indices: the samples' positions, as collate_skipping's targets
             unreadable += skipped
+            indices = indices.tolist()
             if not indices:
                 continue
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):

@@ -34,12 +34,14 @@ import torch
 
 import models
 from datasets.transforms import data_config, eval_transform
-from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights
+from utils.checkpoint import (
+    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
+)
 from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
     collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
-    list_image_folder, list_images, read_class_index, resolve_classes, unnormalize, write_json,
+    list_image_folder, list_images, read_class_index, resolve_classes, unnormalize,
 )
 
 log = logging.getLogger('visualize')
@@ -122,9 +124,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f'--threshold must be in [0, 1], got {args.threshold}')
     if not 0.0 <= args.fade <= 1.0:
         raise InputError(f'--fade must be in [0, 1], got {args.fade}')
-    for name in ('num_images', 'batch_size', 'coarse_stage_size'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    if args.num_images < 1:  # --batch-size and --coarse-stage-size are checked by argparse (positive_int)
+        raise InputError(f'--num-images must be at least 1, got {args.num_images}')
     if args.max_images is not None and args.max_images < 1:
         raise InputError(f'--max-images must be at least 1, got {args.max_images}')
     if args.num_workers < 0:
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         },
         'outputs': {**outputs, 'histogram': hist.name},
     }
-    write_json(summary, out_dir / 'summary.json')
+    write_json_atomic(summary, out_dir / 'summary.json')
     acc = summary['accuracy_percent']
     log.info('%d images, %d exited at the coarse stage (%.1f%%)%s; results in %s', n, n_exit, 100 * n_exit / n,
              f', top-1 coarse {acc["coarse"]:.2f}% early-exit {acc["early_exit"]:.2f}%' if acc else '', out_dir)

@@ -23,7 +23,9 @@ from timm.data import create_transform
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 
-from .folder import DatasetError, RobustImageFolder, UnreadableCounter, read_substituting, rgb_loader
+from .folder import (
+    DatasetError, RobustImageFolder, UnreadableCounter, read_or_skip, read_substituting, unwrap_subset,
+)
 from .transforms import data_config, eval_transform
 
 __all__ = [
@@ -142,11 +144,8 @@ class INatDataset(Dataset):
         if self.train:
             image, index = read_substituting(self.samples, index, self.unreadable)
         else:
-            try:
-                image = rgb_loader(self.samples[index][0])
-            except Exception as e:  # PIL raises many types for broken files
-                self.unreadable.add()
-                _logger.warning('skipping unreadable image %s (%s)', self.samples[index][0], e)
+            image = read_or_skip(self.samples[index][0], self.unreadable)
+            if image is None:
                 return None
         target = self.samples[index][1]
         if self.transform is not None:
@@ -202,24 +201,18 @@ def build_dataset(is_train: bool, args: argparse.Namespace,
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
     """Raise :class:`DatasetError` if two ImageFolder splits name different class folders."""
-    a = getattr(_unwrap(train), 'classes', None)
-    b = getattr(_unwrap(val), 'classes', None)
-    if isinstance(_unwrap(train), tv_datasets.ImageFolder) and a != b:
+    a = getattr(unwrap_subset(train), 'classes', None)
+    b = getattr(unwrap_subset(val), 'classes', None)
+    if isinstance(unwrap_subset(train), tv_datasets.ImageFolder) and a != b:
         only_train = sorted(set(a) - set(b))[:5]
         only_val = sorted(set(b) - set(a))[:5]
         raise DatasetError(f'train/ and val/ have different class folders (only in train: {only_train}, '
                         f'only in val: {only_val})')
 
 
-def _unwrap(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
 def attach_transform(dataset: Dataset, transform: Callable) -> None:
     """Set the image transform of a dataset built by :func:`build_dataset` (through any subset)."""
-    _unwrap(dataset).transform = transform
+    unwrap_subset(dataset).transform = transform
 
 
 def build_transform(is_train: bool, args: argparse.Namespace, model: nn.Module) -> Callable:

@@ -22,7 +22,8 @@ from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 __all__ = ['DatasetError', 'RobustImageFolder', 'UnreadableCounter', 'collate_skipping', 'open_image_folder',
-           'read_substituting', 'rgb_loader', 'unreadable_images', 'MAX_CONSECUTIVE_UNREADABLE']
+           'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
+           'MAX_CONSECUTIVE_UNREADABLE']
 
 _logger = logging.getLogger(__name__)
 
@@ -65,6 +66,19 @@ class UnreadableCounter:
         return int(self._count.item())
 
 
+def read_or_skip(path: str, counter: Optional[UnreadableCounter] = None,
+                 loader: Callable[[str], Image.Image] = rgb_loader,
+                 then: str = 'skipped') -> Optional[Image.Image]:
+    """The decoded image, or None for a file that cannot be decoded (logged with ``then``, counted)."""
+    try:
+        return loader(path)
+    except Exception as e:  # PIL raises many types for broken files
+        if counter is not None:
+            counter.add()
+        _logger.warning('unreadable image %s (%s): %s', path, e, then)
+        return None
+
+
 def read_substituting(samples: Sequence[Tuple[str, int]], index: int,
                       counter: Optional[UnreadableCounter] = None,
                       loader: Callable[[str], Image.Image] = rgb_loader) -> Tuple[Image.Image, int]:
@@ -77,13 +91,9 @@ def read_substituting(samples: Sequence[Tuple[str, int]], index: int,
     n = len(samples)
     for k in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
         i = (index + k) % n
-        path = samples[i][0]
-        try:
-            return loader(path), i
-        except Exception as e:  # PIL raises many types for broken files
-            if counter is not None:
-                counter.add()
-            _logger.warning('unreadable image %s (%s): the next image of the dataset takes its place', path, e)
+        image = read_or_skip(samples[i][0], counter, loader, 'the next image of the dataset takes its place')
+        if image is not None:
+            return image, i
     raise DatasetError(f'{min(n, MAX_CONSECUTIVE_UNREADABLE)} images in a row from {samples[index][0]} cannot be '
                        f'read: is this an image folder? Remove or replace the broken files')
 
@@ -110,15 +120,11 @@ class RobustImageFolder(ImageFolder):
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         if self.on_unreadable == 'substitute':
             sample, index = read_substituting(self.samples, index, self.unreadable, self.loader)
-            target = self.samples[index][1]
         else:
-            path, target = self.samples[index]
-            try:
-                sample = self.loader(path)
-            except Exception as e:  # PIL raises many types for broken files
-                self.unreadable.add()
-                _logger.warning('skipping unreadable image %s (%s)', path, e)
+            sample = read_or_skip(self.samples[index][0], self.unreadable, self.loader)
+            if sample is None:
                 return None
+        target = self.samples[index][1]
         if self.transform is not None:
             sample = self.transform(sample)
         return sample, target
@@ -135,12 +141,17 @@ def collate_skipping(batch: List[Optional[Tuple[torch.Tensor, int]]]) -> Tuple[t
     return images, targets, skipped
 
 
+def unwrap_subset(dataset: Any) -> Any:
+    """The dataset under any number of ``torch.utils.data.Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def unreadable_images(dataset: Any, reset: bool = False) -> int:
     """How many unreadable images ``dataset`` (through any ``Subset``) has met so far in this
     process and its loader workers; 0 for datasets that count none. ``reset`` starts again."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    counter = getattr(dataset, 'unreadable', None)
+    counter = getattr(unwrap_subset(dataset), 'unreadable', None)
     if not isinstance(counter, UnreadableCounter):
         return 0
     value = counter.value

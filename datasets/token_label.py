@@ -206,7 +206,8 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
                                   f'{len(classes)} ({", ".join(list(classes)[:3])}, ...)')
     paths = [_label_map_str(str(root), image) for image, _ in samples]
     check_distinct_label_maps(samples, paths)
-    missing = [i for i, ok in enumerate(_all_exist(paths)) if not ok]
+    exists = _all_exist(paths)
+    missing = [i for i, ok in enumerate(exists) if not ok]
     for i in missing:  # an unreadable image needs no map (training replaces it); stops at the first readable one
         try:
             rgb_loader(samples[i][0])
@@ -219,8 +220,7 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
     if missing:
         _logger.warning('%d training images have no label map because they cannot be read; training replaces each '
                         'by the next readable image', len(missing))
-    first = label_map_path(root, samples[sorted(set(range(len(samples))) - set(missing))[0]][0])
-    shape = tuple(load_label_map(first, num_classes).shape[1:])
+    shape = tuple(load_label_map(paths[exists.index(True)], num_classes).shape[1:])
     _logger.info('label maps in %s: %d files of shape %s', root, len(samples), (2, *shape))
     return shape  # type: ignore[return-value]
 

@@ -265,18 +265,17 @@ def evaluate(
     if reduce_over_processes:
         totals = reduce(totals, 'sum')
     model.train(was_training)
-    n = max(totals[5].item(), 1.0)
-    c1, c5, f1, f5, loss_sum, count, skipped = totals.tolist()
-    if count == 0:  # the same totals on every process: all raise together
+    c1, c5, f1, f5, loss_sum, n, skipped = totals.tolist()
+    if n == 0:  # the same totals on every process: all raise together
         raise DatasetError(f'no readable validation images ({int(skipped)} unreadable)' if skipped
                            else 'the validation set is empty')
     if skipped and is_main_process():
         _logger.warning('%d unreadable validation images were skipped: the accuracy is over the other %d',
-                        int(skipped), int(count))
+                        int(skipped), int(n))
     return {
         'coarse_acc1': 100.0 * c1 / n, 'coarse_acc5': 100.0 * c5 / n,
         'fine_acc1': 100.0 * f1 / n, 'fine_acc5': 100.0 * f5 / n,
-        'loss': loss_sum / n, 'num_samples': int(count), 'num_skipped': int(skipped),
+        'loss': loss_sum / n, 'num_samples': int(n), 'num_skipped': int(skipped),
     }
 
 

@@ -24,8 +24,9 @@ from . import checkpoint as checkpoint_io
 from .dist import collective_device, reduce
 
 __all__ = [
-    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter', 'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError',
-    'parse_model_kwargs', 'architecture_from_checkpoint',
+    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
+    'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
+    'architecture_from_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]

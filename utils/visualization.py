@@ -11,7 +11,7 @@ nothing here re-implements the patch selection or the exit rule. This module onl
   re-split ones (:func:`fade_unselected`, pure tensor functions);
 - draws grids and a histogram with matplotlib's object API at exact pixel sizes
   (:func:`draw_grid`, :func:`grid_png_size`, :func:`draw_confidence_histogram`);
-- writes every file atomically (:func:`atomic_write`).
+- writes every file atomically (``utils.checkpoint.atomic_file``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, IO, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ __all__ = [
     'collate_skip_unreadable', 'find_image_folder', 'list_image_folder', 'list_images', 'ClassIndex',
     'read_class_index', 'resolve_classes', 'short_name', 'Details', 'collect_details', 'unnormalize',
     'selected_pixel_mask', 'fine_patch_boxes', 'fade_unselected', 'GridItem', 'GridLayout',
-    'grid_png_size', 'draw_grid', 'draw_confidence_histogram', 'atomic_write', 'save_figure', 'write_json',
+    'grid_png_size', 'draw_grid', 'draw_confidence_histogram', 'save_figure',
 ]
 
 log = logging.getLogger(__name__)
@@ -703,23 +703,9 @@ def draw_confidence_histogram(
 
 
 # ------------------------------------------------------------------------------------------- io
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file atomically: ``write(f)`` into a temp file in the same folder, then rename it.
-
-    An interruption leaves any previous file at ``path`` intact and no partial file behind.
-    """
-    with checkpoint_io.atomic_file(path) as f:
-        write(f)
-
-
 def save_figure(fig: Any, path: PathLike, dpi: int) -> None:
     """Save a matplotlib figure as PNG atomically, at its own size (no tight bounding box)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=dpi, facecolor='white')
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def write_json(obj: Any, path: PathLike) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    data = (json.dumps(obj, indent=2) + '\n').encode('utf-8')
-    atomic_write(path, lambda f: f.write(data))
+    with checkpoint_io.atomic_file(path) as f:
+        f.write(buffer.getvalue())
