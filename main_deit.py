@@ -78,6 +78,8 @@ LOG_NAME = 'log.txt'
 TENSORBOARD_DIR = 'tensorboard'
 #: The DeiT rule: the base ``--lr`` is for this many images per step over all processes.
 LR_REFERENCE_BATCH = 512.0
+#: --sched-step choices: what is added to the finished epoch's index when the scheduler is stepped after it.
+SCHED_STEPS = {'epoch': 0, 'next-epoch': 1}
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
 #: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
@@ -153,6 +155,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, help='clip gradients to this norm (default: off)')
     g.add_argument('--clip-mode', choices=('norm', 'value'), default='norm')
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
+    g.add_argument('--sched-step', choices=SCHED_STEPS, default='epoch',
+                   help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
+                        "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
+                        "'next-epoch' = step(E + 1), timm's train.py and the released main_lvvit.py")
     g.add_argument('--lr', type=float, default=5e-4, help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
     g.add_argument('--lr-noise', type=float, nargs='+', default=None)
@@ -498,8 +504,15 @@ def build_ema(args: argparse.Namespace, model: nn.Module) -> Optional[ModelEmaV3
                       device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
 
+def step_scheduler(lr_scheduler: Any, args: argparse.Namespace, finished_epoch: int,
+                   metric: Optional[float] = None) -> None:
+    """Step the per-epoch scheduler after ``finished_epoch`` (also on resume, for the epoch the checkpoint
+    finished), with ``--sched-step``'s rule: ``step(E)`` as the released main_deit.py, or ``step(E + 1)``."""
+    lr_scheduler.step(finished_epoch + SCHED_STEPS[args.sched_step], metric)
+
+
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> Any:
-    """timm's scheduler from the ``--sched`` flags (stepped per epoch with ``epoch + 1``)."""
+    """timm's scheduler from the ``--sched`` flags (stepped once per epoch, see ``--sched-step``)."""
     lr_scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
@@ -547,7 +560,7 @@ def fit(run: TrainingRun) -> None:
     if args.resume:
         start_epoch, best_metric = resume(args, run.model_without_ddp, model_ema, run.optimizer, lr_scheduler, amp)
     if lr_scheduler is not None and start_epoch > 0:
-        lr_scheduler.step(start_epoch)
+        step_scheduler(lr_scheduler, args, start_epoch - 1)
     metric_name = run.eval_metric or 'fine top-1'
 
     writer = None
@@ -580,7 +593,7 @@ def fit(run: TrainingRun) -> None:
                                  progress=info.rank == 0) if run.ema_eval else None
             metric = (ema_stats or test_stats)[run.metric_key]
             if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, metric)
+                step_scheduler(lr_scheduler, args, epoch, metric)
             is_best = metric > best_metric
             best_metric = max(best_metric, metric)
             _logger.info('epoch %d: %s%s | best %s %.3f', epoch, format_eval(test_stats),

@@ -116,7 +116,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     parser.set_defaults(
         model='cf_lvvit_small', amp=False, model_ema=False, model_ema_decay=0.99992, unscale_lr=True, seed=42,
-        mixup=0.0, cutmix=0.0, repeated_aug=False, train_interpolation='random')
+        mixup=0.0, cutmix=0.0, repeated_aug=False, train_interpolation='random', sched_step='next-epoch')
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,7 @@ import torch
 
 from common import RESULTS, ROOT, machine, save
 
-MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3', '--model-kwargs', 'patch_size=8']
-PATCH = 8
+MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 RECIPE = ['--warmup-epochs', '2', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0', '--mixup', '0',
           '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0', '--crop-scale', '0.35', '1',
           '--batch-size', '64', '--print-freq', '1000', '--device', 'cpu', '--seed', '0']
@@ -36,12 +36,28 @@ def run(cmd: List[str], log: Path) -> None:
         subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
+def launch(cmd: List[str], log: Path, threads: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, 'w') as f:
+        return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def finished(work: Path, name: str, epochs: int) -> bool:
+    log = work / name / 'log.txt'
+    return (work / name / 'checkpoint.pth').exists() and log.exists() and \
+        json.loads(log.read_text().splitlines()[-1])['epoch'] >= epochs - 1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--data-path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette224'))
     p.add_argument('--epochs', type=int, default=30)
     p.add_argument('--coarse-stage-size', type=int, default=6,
-                   help='coarse grid g (patch 8: the coarse stage sees 8g px, the fine stage and the baseline 16g px)')
+                   help='coarse grid g (the coarse stage sees patch*g px, the fine stage and the baseline 2*patch*g)')
+    p.add_argument('--patch-size', type=int, default=8, help='patch side in pixels (16: the paper\'s geometry)')
+    p.add_argument('--parallel', action='store_true',
+                   help='train both models at once, each on --threads threads (both progress if the run is cut)')
+    p.add_argument('--threads', type=int, default=1, help='threads per training with --parallel')
     p.add_argument('--selection-start-epoch', type=int, default=None,
                    help='informative selection from the epoch after this one (default: the last third, as the '
                         'released recipe: 200 of 300)')
@@ -49,25 +65,35 @@ def main() -> None:
     p.add_argument('--work-dir', default=None, help='checkpoints (default output/bench_reproduction/g<g>_e<epochs>)')
     p.add_argument('--num-workers', type=int, default=2)
     args = p.parse_args()
-    g = args.coarse_stage_size
+    g, PATCH = args.coarse_stage_size, args.patch_size
     size = 2 * g * PATCH
     start = args.selection_start_epoch if args.selection_start_epoch is not None else (2 * args.epochs) // 3 - 1
-    work = (ROOT / (args.work_dir or f'output/bench_reproduction/g{g}_e{args.epochs}')).resolve()
+    default_work = f'output/bench_reproduction/g{g}_e{args.epochs}' + (f'_p{PATCH}' if PATCH != 8 else '')
+    work = (ROOT / (args.work_dir or default_work)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = RESULTS / args.name
     out.mkdir(parents=True, exist_ok=True)
-    common = [*MODEL, '--coarse-stage-size', str(g), *RECIPE, '--data-path', args.data_path, '--epochs', str(args.epochs),
-              '--num_workers', str(args.num_workers)]
+    common = [*MODEL, '--model-kwargs', f'patch_size={PATCH}', '--coarse-stage-size', str(g), *RECIPE,
+              '--data-path', args.data_path, '--epochs', str(args.epochs), '--num_workers', str(args.num_workers)]
     times = {}
+    jobs = {}
     for name, model, extra in (
             ('cf_deit', 'cf_deit_tiny', ['--selection-start-epoch', str(start)]),
             ('deit_baseline', 'deit_tiny_patch16_224', [])):
         t0 = time.time()
-        if not (work / name / 'checkpoint.pth').exists() or json.loads(
-                (work / name / 'log.txt').read_text().splitlines()[-1])['epoch'] < args.epochs - 1:
-            run(['main_deit.py', '--model', model, *common, *extra, '--output', str(work / name)],
-                out / f'{name}_train.out')
+        if not finished(work, name, args.epochs):
+            resume = ['--resume', str(work / name / 'checkpoint.pth')] if (work / name / 'checkpoint.pth').exists() else []
+            cmd = ['main_deit.py', '--model', model, *common, *extra, *resume, '--output', str(work / name)]
+            if args.parallel:
+                jobs[name] = (launch(cmd, out / f'{name}_train.out', args.threads), t0)
+                continue
+            run(cmd, out / f'{name}_train.out')
         times[name] = time.time() - t0
+    for name, (proc, t0) in jobs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f'{name} training failed: see {out / (name + "_train.out")}')
+        times[name] = time.time() - t0
+    for name in ('cf_deit', 'deit_baseline'):
         shutil.copyfile(work / name / 'log.txt', out / f'{name}_log.txt')
 
     # CF-DeiT: the four-mode evaluation's sweep on the 1,500 validation images
@@ -96,6 +122,7 @@ def main() -> None:
                         operating_point=(base_gflops, base_top1, f'DeiT baseline: {base_top1:.2f}%'))
     result = {
         'benchmark': 'small-scale reproduction on imagenette224', 'machine': machine(), 'epochs': args.epochs,
+        'patch_size': PATCH, 'parallel': args.parallel,
         'model': f'D=96, 6 blocks, 3 heads, patch {PATCH}; CF: {g}x{g} coarse grid on {size // 2} px, '
                  f'{2 * g}x{2 * g} fine on {size} px; baseline: DeiT at {size} px ({2 * g}x{2 * g} tokens)',
         'selection_start_epoch': start, 'coarse_stage_size': g,

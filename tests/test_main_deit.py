@@ -332,3 +332,47 @@ def test_weight_decay_of_position_embeddings(exempt):
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert ('pos_embed_list.0' in names) is not exempt and ('pos_embed_list.1' in names) is not exempt
     assert 'cls_token' not in names and 'blocks.0.attn.qkv.weight' in names and 'head.bias' not in names
+
+
+# ---------------------------------------------------------------------------------------------- lr schedule
+def _released_cosine_lr(epoch: int, base: float = 5e-4 * 1024 / 512, warmup_lr: float = 1e-6, min_lr: float = 1e-5,
+                        warmup: int = 5, total: int = 300) -> float:
+    """The lr the released main_deit.py trains epoch ``epoch`` with, by hand: timm's cosine-with-warm-up
+    value at ``t``, where the scheduler is stepped with ``step(epoch)`` after each epoch, so epoch 0 runs at
+    the initial (warm-up) lr and epoch e >= 1 at the value for t = e - 1."""
+    t = max(epoch - 1, 0)
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    return min_lr + 0.5 * (base - min_lr) * (1 + np.cos(np.pi * t / total))
+
+
+@pytest.mark.parametrize('rule', ['epoch', 'next-epoch'])
+def test_released_lr_schedule_epoch_by_epoch(rule):
+    """The released command (batch 256 on 4 GPUs: lr 5e-4 scaled to 1024 images) under fit's stepping rule."""
+    args = main_deit.get_args_parser().parse_args(['--sched-step', rule] if rule != 'epoch' else [])
+    assert args.sched_step == 'epoch' or rule != 'epoch'  # the default is the release's
+    args.lr = 5e-4 * 1024 / 512
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = main_deit.build_scheduler(args, optimizer)
+    lrs = []
+    for epoch in range(201):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        main_deit.step_scheduler(scheduler, args, epoch, 0.0)
+    shift = 0 if rule == 'epoch' else 1
+    for epoch in [0, 1, 2, 3, 4, 5, 6, 200]:
+        expected = _released_cosine_lr(epoch + shift) if epoch + shift > 0 else 1e-6
+        assert lrs[epoch] == pytest.approx(expected, rel=1e-9), epoch
+    if rule == 'epoch':
+        assert lrs[0] == lrs[1] == pytest.approx(1e-6) and max(lrs) == lrs[6]
+
+
+def test_resumed_run_keeps_the_released_lr(image_folder, tmp_path):
+    """Stopped after epoch 1 and resumed: epoch 2's lr is the one the uninterrupted run used."""
+    data = ['--data-path', str(image_folder), '--epochs', '4', '--warmup-epochs', '2']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    assert main_deit.main(TINY + data + ['--output', str(full)]) == 0
+    assert main_deit.main(TINY + data + ['--output', str(part), '--stop-at-epoch', '2']) == 0
+    assert main_deit.main(TINY + data + ['--output', str(part), '--resume', str(part / 'checkpoint.pth')]) == 0
+    full_lr = [r['train_lr'] for r in log_lines(full)]
+    assert [r['train_lr'] for r in log_lines(part)] == full_lr
+    assert full_lr[0] == full_lr[1] == pytest.approx(1e-4)  # the release's two epochs at --warmup-lr
