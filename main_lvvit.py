@@ -20,15 +20,15 @@ RoI-aligned dense target) + KL(coarse || fine, detached). Without ``--token-labe
 token alone is trained with soft-target cross-entropy. Informative selection switches on after
 ``--selection-start-epoch``.
 
-Everything around the loop is shared with ``main_deit.py``: data sets, model building, loaders,
-optimizer, AMP, EMA, resume, checkpoints (``checkpoint.pth`` atomically, ``best_checkpoint.pth``
-by ``--eval-metric``), one JSON line per epoch in ``log.txt`` and TensorBoard scalars under
-``--output``.
+This file holds the recipe only (its flags, data, criterion and ``run``). Everything around it is
+shared with ``main_deit.py`` through the library: flags, data sets, model building, loaders, optimizer,
+AMP, EMA (:mod:`utils.train_setup`), and the epoch loop with resume and checkpoints
+(``checkpoint.pth`` atomically, ``best_checkpoint.pth`` by ``--eval-metric``), one JSON line per
+epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.train_loop`).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -40,21 +40,22 @@ import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.utils import distribute_bn  # noqa: E402
 
-import main_deit  # noqa: E402  (the shared training pieces)
 from datasets.build import attach_transform, build_transform  # noqa: E402
 from datasets.token_label import (  # noqa: E402
     TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
-from main_deit import ConfigError  # noqa: E402
 from utils.misc import positive_int  # noqa: E402
 from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
+from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
+from utils.train_setup import (  # noqa: E402
+    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, load_datasets,
+    load_finetune_weights, run_main, setup_process,
+)
+from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
 
-_logger = logging.getLogger('main_lvvit')
-
-EXIT_BAD_INPUT = main_deit.EXIT_BAD_INPUT  # utils.misc's
-EXIT_TRAINING_FAILED = main_deit.EXIT_TRAINING_FAILED
-USER_ERRORS = main_deit.USER_ERRORS
+__all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
+           'EXIT_TRAINING_FAILED', 'USER_ERRORS']
 #: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
 EVAL_METRICS = {'top1_f': 'fine_acc1', 'top1_c': 'coarse_acc1'}
 #: LV-ViT's learning rate and the global batch it was tuned for (8 GPUs x 128, or 4 x 256).
@@ -63,12 +64,13 @@ LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
 
 # ---------------------------------------------------------------------------------------------- flags
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    """main_deit.py's flags with TokenLabeling's spellings and LV-ViT defaults, plus token labeling.
+    """The training flags (:func:`utils.train_setup.get_args_parser`) with TokenLabeling's spellings and
+    LV-ViT defaults, plus token labeling.
 
     Reusable with ``parents=[get_args_parser()]``.
     """
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', add_help=add_help,
-                                     parents=[main_deit.get_args_parser()], conflict_handler='resolve')
+                                     parents=[training_args_parser()], conflict_handler='resolve')
     bool_flag = argparse.BooleanOptionalAction
     parser.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
                         help='dataset root with train/ and val/ ImageFolder trees (or --data-path)')
@@ -191,60 +193,42 @@ def build_objective(args: argparse.Namespace, num_classes: int, label_size: int)
 def run(args: argparse.Namespace) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
     check_args(args)
-    info, device, output_dir = main_deit.setup_process(args)
-    train_set, val_set, num_classes = main_deit.load_datasets(args)
+    info, _, output_dir = setup_process(args)
+    train_set, val_set, num_classes = load_datasets(args)
 
     if not args.mix_token:
         args.model_kwargs = list(args.model_kwargs) + ['mix_token=False']
-    model = main_deit.build_model(args, num_classes, dense=True)
+    model = build_model(args, num_classes, dense=True)
     label_size = resolve_label_size(args, model) if args.token_label else 1
     if train_set is not None:
         train_set = build_train_set(args, model, train_set, num_classes)
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
-        main_deit.load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
-    model.to(device)
-    model_without_ddp = model
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _logger.info('%s, %d classes, input %s, %.2fM parameters; %s', args.model, num_classes, model.img_size_list,
-                 n_parameters / 1e6, f'token labels {label_size}x{label_size} from {args.token_label_data}'
-                 if args.token_label else 'class labels only')
+        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
 
-    amp = main_deit.build_amp(args, device)
-    if args.eval:
-        main_deit.evaluate_only(args, info, model, val_set, amp)
-        return
-
-    train_loader, val_loader = main_deit.build_loaders(args, info, train_set, val_set)
-    model_ema = main_deit.build_ema(args, model)
-    if info.distributed:
-        # aux_head gets no gradient without dense targets; with them every parameter is used
-        dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            find_unused_parameters=not dense_loss)
-    optimizer = main_deit.build_optimizer(args, model_without_ddp, info.world_size)
-    criterion, batch_transform = build_objective(args, num_classes, label_size)
-
-    def sync_batchnorm_stats() -> None:  # the conv stem's BatchNorm statistics differ across processes
+    def sync_batchnorm_stats(run: TrainingRun) -> None:  # the conv stem's BatchNorm statistics differ across processes
         if info.distributed and args.dist_bn:
-            distribute_bn(model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
-            if model_ema is not None and not args.model_ema_force_cpu:
-                distribute_bn(model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
+            distribute_bn(run.model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
+            if run.model_ema is not None and not args.model_ema_force_cpu:
+                distribute_bn(run.model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
 
-    main_deit.fit(main_deit.TrainingRun(
-        args, info, output_dir, model, model_without_ddp, model_ema, optimizer, main_deit.build_scheduler(args, optimizer),
-        amp, criterion, batch_transform, train_loader, val_loader, n_parameters,
-        ema_eval=model_ema is not None and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA
+    # aux_head gets no gradient without dense targets; with them every parameter is used
+    dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
+    train_or_evaluate(
+        args, info, output_dir, model, num_classes, train_set, val_set,
+        lambda: build_objective(args, num_classes, label_size), find_unused_parameters=not dense_loss,
+        summary=f'token labels {label_size}x{label_size} from {args.token_label_data}' if args.token_label
+        else 'class labels only',
+        ema_eval=args.model_ema and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA
         metric_key=EVAL_METRICS[args.eval_metric], eval_metric=args.eval_metric,
-        after_train_epoch=sync_batchnorm_stats))
+        after_train_epoch=sync_batchnorm_stats)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    return main_deit.run_main(run, args)
+    return run_main(run, args)
 
 
 if __name__ == '__main__':

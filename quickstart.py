@@ -29,13 +29,10 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import torch  # noqa: E402
 
-import dynamic_inference  # noqa: E402
-import main_deit  # noqa: E402
-import visualize  # noqa: E402
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from utils.checkpoint import load_checkpoint_file, write_json_atomic  # noqa: E402
-from utils.misc import architecture_from_checkpoint  # noqa: E402
+from utils.misc import architecture_from_checkpoint, run_script  # noqa: E402
 
 _logger = logging.getLogger('quickstart')
 
@@ -61,17 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _step(title: str) -> None:
     _logger.info('')
     _logger.info('=== %s', title)
-
-
-def _call(fn, argv: Sequence[str]) -> int:
-    """Run a script's ``main(argv)`` in this process, then drop the log handler it installed."""
-    try:
-        return fn(list(argv))
-    finally:
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if getattr(handler, '_cfvit', False):
-                root.removeHandler(handler)
 
 
 @torch.no_grad()
@@ -149,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--data-path', str(data), '--epochs', str(args.epochs),
         '--selection-start-epoch', str(args.epochs // 2 - 1), '--num_workers', str(args.num_workers),
         '--device', args.device, '--output', str(train_dir)]
-    rc = _call(main_deit.main, train_argv)
+    rc = run_script('main_deit', train_argv)
     if rc != 0:
         _logger.error('training failed (exit %d); see above', rc)
         return rc
@@ -159,13 +145,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     eval_dir = out / 'eval'
     common = ['--data_url', str(data), '--checkpoint_path', str(ckpt), '--batch_size', '128',
               '--num-workers', str(args.num_workers), '--device', args.device]
-    rc = _call(dynamic_inference.main, ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
-                                              '--write-checkpoint'])
-    rc = rc or _call(dynamic_inference.main, ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
-                                                    '--output-dir', str(eval_dir / 'throughput')])
-    rc = rc or _call(dynamic_inference.main, ['--eval-mode', '0', *common,
-                                                    '--output-dir', str(eval_dir / 'anytime')])
-    rc = rc or _call(dynamic_inference.main, [
+    rc = run_script('dynamic_inference', ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
+                                          '--write-checkpoint'])
+    rc = rc or run_script('dynamic_inference', ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
+                                                '--output-dir', str(eval_dir / 'throughput')])
+    rc = rc or run_script('dynamic_inference', ['--eval-mode', '0', *common,
+                                                '--output-dir', str(eval_dir / 'anytime')])
+    rc = rc or run_script('dynamic_inference', [
         '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
         '--output-dir', str(eval_dir / 'report')])
     if rc != 0:
@@ -174,9 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     _step('4/5 visualization (visualize.py)')
     vis_dir = out / 'visualize'
-    rc = _call(visualize.main, ['--resume', str(ckpt), '--data-path', str(data), '--output-dir', str(vis_dir),
-                                      '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
-                                      '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
+    rc = run_script('visualize', ['--resume', str(ckpt), '--data-path', str(data), '--output-dir', str(vis_dir),
+                                  '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
+                                  '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
     if rc != 0:
         _logger.error('visualization failed (exit %d)', rc)
         return rc

@@ -33,15 +33,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import models
+from datasets.folder import DatasetError, ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
 from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import (
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
 )
 from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
 from utils.visualization import (
-    FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
-    collate_skip_unreadable, collect_details, draw_confidence_histogram, draw_grid, find_image_folder,
-    list_image_folder, list_images, read_class_index, resolve_classes, unnormalize,
+    FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
+    draw_grid, read_class_index, resolve_classes, unnormalize,
 )
 
 log = logging.getLogger('visualize')
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     index_file = _class_index_file(args, folder)
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
     names, folder_to_target = resolve_classes(num_classes, folders, class_index)
-    samples = [ImageSample(f, -1 if c is None else folder_to_target[c]) for f, c in files]
+    samples = [(f, -1 if c is None else folder_to_target[c]) for f, c in files]
     if args.max_images is not None and args.max_images < len(samples):
         keep = sorted(random.Random(args.seed).sample(range(len(samples)), args.max_images))
         samples = [samples[i] for i in keep]
@@ -294,12 +294,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model = _build_model(args, num_classes, state_dict).to(device).eval()
     grid = model.coarse_grid
     cfg = data_config(model)
-    dataset = ImageFileDataset(samples, eval_transform(model))
+    dataset = ImageList(samples, eval_transform(model), return_index=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        collate_fn=collate_skip_unreadable, pin_memory=device.type == 'cuda')
+        collate_fn=collate_skipping, pin_memory=device.type == 'cuda')
     details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
-    bad = [samples[i].path for i in sorted(details.unreadable)]
+    bad = [samples[i][0] for i in sorted(details.unreadable)]
     if bad:
         log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
     if len(details) == 0:
@@ -339,14 +339,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for i in chosen:
             image, _, _ = dataset[int(details.indices[i])]
             items.append(GridItem(unnormalize(image, cfg['mean'], cfg['std']), details.important[i],
-                                  _title(details, i, names, args.threshold, samples[int(details.indices[i])].path)))
+                                  _title(details, i, names, args.threshold, samples[int(details.indices[i])][0])))
         header = [f'{heading}: {len(chosen)} of {int(mask.sum())} shown',
                   f'{args.model} {g}, threshold {args.threshold:.3g}, {weights}',
                   'Left: input.  Right: patches kept coarse faded, re-split ones outlined on the fine grid.']
         size = draw_grid(items, grid, png, header, layout, fade=args.fade)
         log.info('wrote %s (%dx%d px)', png, *size)
         outputs[key] = {'count': int(mask.sum()), 'png': png.name,
-                        'shown': [samples[int(details.indices[i])].path for i in chosen]}
+                        'shown': [samples[int(details.indices[i])][0] for i in chosen]}
 
     hist = out_dir / 'confidence_histogram.png'
     draw_confidence_histogram(details.confidence, args.threshold, hist, coarse_right if known else None,
@@ -382,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     try:
         run(args)
-    except (InputError, CheckpointError) as e:
+    except (InputError, DatasetError, CheckpointError) as e:
         print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # writing the pictures failed (full disk, ...)

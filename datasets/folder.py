@@ -1,4 +1,7 @@
-"""Image folders that survive unreadable files.
+"""Image folders and image lists that survive unreadable files; finding and listing image files.
+
+:class:`RobustImageFolder` (an ImageFolder) and :class:`ImageList` (given ``(path, target)`` pairs,
+e.g. one's own images) read their samples alike.
 
 Every image is decoded to RGB (grayscale, CMYK, RGBA and palette images included). A file PIL
 cannot decode (corrupt JPEG, truncated PNG, not an image) is handled in one of two ways:
@@ -13,23 +16,26 @@ cannot decode (corrupt JPEG, truncated PNG, not an image) is handled in one of t
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-__all__ = ['DatasetError', 'RobustImageFolder', 'UnreadableCounter', 'collate_skipping', 'open_image_folder',
-           'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
-           'MAX_CONSECUTIVE_UNREADABLE']
+__all__ = ['DatasetError', 'RobustImageFolder', 'ImageList', 'UnreadableCounter', 'collate_skipping',
+           'open_image_folder', 'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
+           'find_image_folder', 'list_image_folder', 'list_images', 'IMG_EXTENSIONS', 'MAX_CONSECUTIVE_UNREADABLE']
 
 _logger = logging.getLogger(__name__)
 
 #: ``'substitute'`` gives up (with a :class:`DatasetError`) after this many unreadable files in a row.
 MAX_CONSECUTIVE_UNREADABLE = 32
 ON_UNREADABLE = ('skip', 'substitute')
+#: File name endings read as images (torchvision's ImageFolder list).
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 class DatasetError(RuntimeError):
@@ -98,26 +104,24 @@ def read_substituting(samples: Sequence[Tuple[str, int]], index: int,
                        f'read: is this an image folder? Remove or replace the broken files')
 
 
-class RobustImageFolder(ImageFolder):
-    """``torchvision`` ImageFolder that decodes to RGB and survives unreadable images.
+class _ReadsSamples:
+    """``__getitem__`` of the datasets below: ``self.samples`` are ``(path, target)`` pairs read with
+    ``self.loader`` as ``self.on_unreadable`` says; with ``self.return_index`` items end with the index."""
+    samples: List[Tuple[str, int]]
+    loader: Callable[[str], Image.Image]
+    transform: Optional[Callable]
+    on_unreadable: str
+    unreadable: UnreadableCounter
+    return_index: bool = False
 
-    Args:
-        root: folder with one sub-folder per class.
-        transform: image transform.
-        on_unreadable: ``'skip'`` (the sample is None; use :func:`collate_skipping`) or
-            ``'substitute'`` (the next readable image takes its place; see the module docstring).
-
-    ``unreadable`` counts the unreadable files met (all worker processes together).
-    """
-
-    def __init__(self, root: str, transform: Optional[Callable] = None, on_unreadable: str = 'skip') -> None:
+    def _init_reading(self, on_unreadable: str, return_index: bool) -> None:
         if on_unreadable not in ON_UNREADABLE:
             raise ValueError(f'on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}')
-        super().__init__(root, transform=transform, loader=rgb_loader)
         self.on_unreadable = on_unreadable
+        self.return_index = return_index
         self.unreadable = UnreadableCounter()
 
-    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, ...]]:
         if self.on_unreadable == 'substitute':
             sample, index = read_substituting(self.samples, index, self.unreadable, self.loader)
         else:
@@ -127,17 +131,56 @@ class RobustImageFolder(ImageFolder):
         target = self.samples[index][1]
         if self.transform is not None:
             sample = self.transform(sample)
-        return sample, target
+        return (sample, target, index) if self.return_index else (sample, target)
 
 
-def collate_skipping(batch: List[Optional[Tuple[torch.Tensor, int]]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the readable samples of a batch: ``(images (B', C, H, W), targets (B',), n_skipped)``."""
+class RobustImageFolder(_ReadsSamples, ImageFolder):
+    """``torchvision`` ImageFolder that decodes to RGB and survives unreadable images.
+
+    Args:
+        root: folder with one sub-folder per class.
+        transform: image transform.
+        on_unreadable: ``'skip'`` (the sample is None; use :func:`collate_skipping`) or
+            ``'substitute'`` (the next readable image takes its place; see the module docstring).
+        return_index: items are ``(image, target, index)`` instead of ``(image, target)``.
+
+    ``unreadable`` counts the unreadable files met (all worker processes together).
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, on_unreadable: str = 'skip',
+                 return_index: bool = False) -> None:
+        super().__init__(root, transform=transform, loader=rgb_loader)
+        self._init_reading(on_unreadable, return_index)
+
+
+class ImageList(_ReadsSamples, Dataset):
+    """Given image files read like :class:`RobustImageFolder`'s: ``samples`` are ``(path, target)``
+    pairs (target -1: unknown), e.g. one's own images or a subset of a folder (``visualize.py``)."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Optional[Callable] = None,
+                 on_unreadable: str = 'skip', return_index: bool = False) -> None:
+        self.samples = [(str(path), int(target)) for path, target in samples]
+        self.loader = rgb_loader
+        self.transform = transform
+        self._init_reading(on_unreadable, return_index)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def collate_skipping(batch: List[Optional[Tuple[Any, ...]]]) -> Tuple[Any, ...]:
+    """Stack the readable samples of a batch: ``(images (B', C, H, W), targets (B',), n_skipped)``, and
+    for items with their index (``return_index``) the (B',) dataset indices as a fourth entry."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
+    with_index = any(b is not None and len(b) > 2 for b in batch)
+    long = torch.empty(0, dtype=torch.long)
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return (torch.empty(0), long, skipped, long) if with_index else (torch.empty(0), long, skipped)
     images = torch.stack([b[0] for b in good])
     targets = torch.tensor([b[1] for b in good], dtype=torch.long)
+    if with_index:
+        return images, targets, skipped, torch.tensor([b[2] for b in good], dtype=torch.long)
     return images, targets, skipped
 
 
@@ -170,3 +213,86 @@ def open_image_folder(root: Path, transform: Optional[Callable] = None,
         return RobustImageFolder(str(root), transform=transform, on_unreadable=on_unreadable)
     except FileNotFoundError as e:
         raise DatasetError(f'no images in {root}: expected one sub-folder per class holding image files ({e})') from e
+
+
+# ---------------------------------------------------------------------------------------- listing files
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def find_image_folder(data_path: Union[str, Path]) -> Path:
+    """The ImageFolder to visualize: ``data_path/val`` if it exists, else ``data_path`` itself.
+
+    Raises:
+        DatasetError: the path is missing or not a folder, or it holds neither ``val/`` nor class
+            folders (a root with only ``train/`` is refused rather than read as one class).
+    """
+    root = Path(data_path)
+    if not root.exists():
+        raise DatasetError(f'--data-path {root} does not exist')
+    if not root.is_dir():
+        raise DatasetError(f'--data-path {root} is not a folder (for single images use --img-path)')
+    val = root / 'val'
+    if val.is_dir():
+        _logger.info('images: the validation split %s', val)
+        return val
+    subdirs = [p for p in root.iterdir() if p.is_dir()]
+    if (root / 'train').is_dir():
+        raise DatasetError(f'{root} has train/ but no val/ folder')
+    if not subdirs:
+        raise DatasetError(f'{root} has no val/ folder and no class folders (ImageFolder layout: '
+                         f'{root}/val/<class>/<image>)')
+    _logger.info('images: %s has no val/ folder, so it is read as the ImageFolder itself', root)
+    return root
+
+
+def list_image_folder(folder: Union[str, Path]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Classes and images of an ImageFolder, in torchvision's order.
+
+    Args:
+        folder: a folder of class folders.
+
+    Returns:
+        ``(classes, samples)``: the sorted class folder names (ImageFolder's class order, empty
+        class folders included) and ``(path, class folder name)`` for every image file, sorted.
+
+    Raises:
+        DatasetError: no class folder, or no image file in any of them.
+    """
+    folder = Path(folder)
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DatasetError(f'{folder} has no class folders')
+    samples: List[Tuple[str, str]] = []
+    for name in classes:
+        for dirpath, _, files in sorted(os.walk(folder / name, followlinks=True)):
+            samples.extend((os.path.join(dirpath, f), name) for f in sorted(files) if _is_image_name(f))
+    if not samples:
+        raise DatasetError(f'no images ({", ".join(IMG_EXTENSIONS)}) in the class folders of {folder}')
+    used = {n for _, n in samples}
+    empty = [c for c in classes if c not in used]
+    if empty:
+        _logger.warning('%d class folder(s) without images: %s', len(empty), ', '.join(empty[:5]))
+    return classes, samples
+
+
+def list_images(img_path: Union[str, Path]) -> List[str]:
+    """One's own images: a single file, or every image file under a folder (recursively, sorted).
+
+    Raises:
+        DatasetError: missing path, a file that is not a readable image, or a folder without images.
+    """
+    path = Path(img_path)
+    if not path.exists():
+        raise DatasetError(f'--img-path {path} does not exist')
+    if path.is_file():
+        try:
+            rgb_loader(str(path))
+        except Exception:  # PIL raises many types for broken files
+            raise DatasetError(f'--img-path {path} is not an image that Pillow can read') from None
+        return [str(path)]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
+                   if _is_image_name(f))
+    if not files:
+        raise DatasetError(f'--img-path {path} holds no images ({", ".join(IMG_EXTENSIONS)})')
+    return files

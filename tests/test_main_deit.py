@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import main_deit
+from utils import train_setup
 import utils.losses
 from models import CFVisionTransformer
 from utils.checkpoint import load_checkpoint_file
@@ -325,9 +326,9 @@ def test_loss_is_fine_criterion_plus_detached_kl():
 
 @pytest.mark.parametrize('exempt', [False, True])
 def test_weight_decay_of_position_embeddings(exempt):
-    model = main_deit.build_model(main_deit.get_args_parser().parse_args(TINY), NUM_CLASSES)
+    model = train_setup.build_model(main_deit.get_args_parser().parse_args(TINY), NUM_CLASSES)
     args = main_deit.get_args_parser().parse_args(TINY + (['--exempt-pos-embed-from-wd'] if exempt else []))
-    optimizer = main_deit.build_optimizer(args, model, world_size=1)
+    optimizer = train_setup.build_optimizer(args, model, world_size=1)
     decayed = {id(p) for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert ('pos_embed_list.0' in names) is not exempt and ('pos_embed_list.1' in names) is not exempt
@@ -353,11 +354,11 @@ def test_released_lr_schedule_epoch_by_epoch(rule):
     assert args.sched_step == 'epoch' or rule != 'epoch'  # the default is the release's
     args.lr = 5e-4 * 1024 / 512
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    scheduler = main_deit.build_scheduler(args, optimizer)
+    scheduler = train_setup.build_scheduler(args, optimizer)
     lrs = []
     for epoch in range(201):
         lrs.append(optimizer.param_groups[0]['lr'])
-        main_deit.step_scheduler(scheduler, args, epoch, 0.0)
+        train_setup.step_scheduler(scheduler, args, epoch, 0.0)
     shift = 0 if rule == 'epoch' else 1
     for epoch in [0, 1, 2, 3, 4, 5, 6, 200]:
         expected = _released_cosine_lr(epoch + shift) if epoch + shift > 0 else 1e-6

@@ -1,4 +1,7 @@
-"""Shared utilities: checkpoint input/output, early-exit evaluation (more in the submodules)."""
+"""Shared utilities: checkpoint input/output, early-exit evaluation (re-exported here), and in the submodules
+the training set-up and builders (``train_setup``), the trainers' epoch loop (``train_loop``), one epoch and
+one evaluation pass (``engine``), losses, token labeling, FLOPs, inference loops, distributed set-up,
+small script helpers (``misc``), plots and the visualization figures."""
 from .checkpoint import (
     SAFE_GLOBALS, CheckpointError, atomic_file, check_state_dict, extract_state_dict, load_checkpoint_file,
     load_model_weights, save_atomic, write_json_atomic,

@@ -1,4 +1,5 @@
-"""Small helpers of the training scripts: logging, running means, JSON-lines logs, file copies.
+"""Small helpers of the scripts: logging, running one script from another, running means, JSON-lines logs,
+file copies.
 
 Everything that writes is meant to run on the main process only; the callers check
 :func:`utils.dist.is_main_process`.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ from .dist import collective_device, reduce
 __all__ = [
     'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
-    'architecture_from_checkpoint',
+    'architecture_from_checkpoint', 'remove_log_handler', 'SCRIPTS', 'run_script',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -46,15 +48,41 @@ def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
 
     Calling it again replaces the handler, so scripts run in-process (tests) do not stack them.
     """
+    remove_log_handler()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, '_cfvit', False):
-            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._cfvit = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
     root.addHandler(handler)
     root.setLevel(level if is_main else logging.WARNING)
+
+
+def remove_log_handler() -> None:
+    """Remove the handler :func:`setup_logging` installed (if any)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, '_cfvit', False):
+            root.removeHandler(handler)
+
+
+#: The command-line scripts at the repository's top level, which :func:`run_script` can run.
+SCRIPTS = ('main_deit', 'main_lvvit', 'dynamic_inference', 'visualize', 'make_token_labels')
+
+
+def run_script(name: str, argv: Sequence[str]) -> int:
+    """Run the script ``name`` (one of :data:`SCRIPTS`) as ``python name.py *argv`` would, in this process,
+    and return its exit status; its log handler is removed afterwards.
+
+    The one way a script runs another (the quick start runs the trainer, the evaluation and the
+    visualization): no script imports another, and the script's own flag handling and error
+    messages apply. In-process, so the libraries are imported once.
+    """
+    if name not in SCRIPTS:
+        raise ValueError(f'unknown script {name!r}; one of {", ".join(SCRIPTS)}')
+    try:
+        return importlib.import_module(name).main(list(argv))
+    finally:
+        remove_log_handler()
 
 
 class MetricMeter:

@@ -1,10 +1,10 @@
 """Pictures of where a CF-ViT looks: re-split patches, early exits, coarse confidences.
 
 Everything the pictures show comes from :meth:`models.CFVisionTransformer.forward_details`;
-nothing here re-implements the patch selection or the exit rule. This module only
+nothing here re-implements the patch selection or the exit rule. Images are listed and read by
+``datasets.folder`` (:func:`~datasets.folder.list_images`, :class:`~datasets.folder.ImageList`). This
+module only
 
-- lists images (an ImageFolder, or a file or folder of one's own images) and decodes them,
-  skipping unreadable files with a count (:class:`ImageFileDataset`);
 - maps folders and class indices to names (:func:`read_class_index`, :func:`resolve_classes`);
 - gathers the per-image decisions of a model over a loader (:func:`collect_details`);
 - fades the coarse patches the fine stage keeps coarse and lists the fine patches of the
@@ -21,15 +21,13 @@ import logging
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.token_ops import FINE_SCALE, fine_children
@@ -37,8 +35,7 @@ from models.token_ops import FINE_SCALE, fine_children
 from . import checkpoint as checkpoint_io
 
 __all__ = [
-    'InputError', 'FADE', 'FADE_COLOR', 'IMG_EXTENSIONS', 'ImageSample', 'ImageFileDataset', 'Batch',
-    'collate_skip_unreadable', 'find_image_folder', 'list_image_folder', 'list_images', 'ClassIndex',
+    'InputError', 'FADE', 'FADE_COLOR', 'ClassIndex',
     'read_class_index', 'resolve_classes', 'short_name', 'Details', 'collect_details', 'unnormalize',
     'selected_pixel_mask', 'fine_patch_boxes', 'fade_unselected', 'GridItem', 'GridLayout',
     'grid_png_size', 'draw_grid', 'draw_confidence_histogram', 'save_figure',
@@ -56,8 +53,6 @@ FADE = 0.7
 FADE_COLOR = 1.0
 #: Outline colour of the re-split fine patches.
 OUTLINE_COLOR = '#e4002b'
-#: File name endings read as images (torchvision's ImageFolder list).
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 #: Longest class name shown in a title; longer ones are cut with an ellipsis.
 MAX_NAME_CHARS = 22
 _WNID = re.compile(r'^n\d{8}$')
@@ -65,145 +60,6 @@ _WNID = re.compile(r'^n\d{8}$')
 
 class InputError(ValueError):
     """A path, file or option that cannot be used, with a one-line message meant for a person."""
-
-
-# ---------------------------------------------------------------------------------------- images
-@dataclass(frozen=True)
-class ImageSample:
-    """One image file and its ground-truth class index in the model's label space (-1: unknown)."""
-    path: str
-    target: int = -1
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def find_image_folder(data_path: PathLike) -> Path:
-    """The ImageFolder to visualize: ``data_path/val`` if it exists, else ``data_path`` itself.
-
-    Raises:
-        InputError: the path is missing or not a folder, or it holds neither ``val/`` nor class
-            folders (a root with only ``train/`` is refused rather than read as one class).
-    """
-    root = Path(data_path)
-    if not root.exists():
-        raise InputError(f'--data-path {root} does not exist')
-    if not root.is_dir():
-        raise InputError(f'--data-path {root} is not a folder (for single images use --img-path)')
-    val = root / 'val'
-    if val.is_dir():
-        log.info('images: the validation split %s', val)
-        return val
-    subdirs = [p for p in root.iterdir() if p.is_dir()]
-    if (root / 'train').is_dir():
-        raise InputError(f'{root} has train/ but no val/ folder')
-    if not subdirs:
-        raise InputError(f'{root} has no val/ folder and no class folders (ImageFolder layout: '
-                         f'{root}/val/<class>/<image>)')
-    log.info('images: %s has no val/ folder, so it is read as the ImageFolder itself', root)
-    return root
-
-
-def list_image_folder(folder: PathLike) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Classes and images of an ImageFolder, in torchvision's order.
-
-    Args:
-        folder: a folder of class folders.
-
-    Returns:
-        ``(classes, samples)``: the sorted class folder names (ImageFolder's class order, empty
-        class folders included) and ``(path, class folder name)`` for every image file, sorted.
-
-    Raises:
-        InputError: no class folder, or no image file in any of them.
-    """
-    folder = Path(folder)
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise InputError(f'{folder} has no class folders')
-    samples: List[Tuple[str, str]] = []
-    for name in classes:
-        for dirpath, _, files in sorted(os.walk(folder / name, followlinks=True)):
-            samples.extend((os.path.join(dirpath, f), name) for f in sorted(files) if _is_image_name(f))
-    if not samples:
-        raise InputError(f'no images ({", ".join(IMG_EXTENSIONS)}) in the class folders of {folder}')
-    used = {n for _, n in samples}
-    empty = [c for c in classes if c not in used]
-    if empty:
-        log.warning('%d class folder(s) without images: %s', len(empty), ', '.join(empty[:5]))
-    return classes, samples
-
-
-def list_images(img_path: PathLike) -> List[str]:
-    """One's own images: a single file, or every image file under a folder (recursively, sorted).
-
-    Raises:
-        InputError: missing path, a file that is not a readable image, or a folder without images.
-    """
-    path = Path(img_path)
-    if not path.exists():
-        raise InputError(f'--img-path {path} does not exist')
-    if path.is_file():
-        if _decode(str(path)) is None:
-            raise InputError(f'--img-path {path} is not an image that Pillow can read')
-        return [str(path)]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
-                   if _is_image_name(f))
-    if not files:
-        raise InputError(f'--img-path {path} holds no images ({", ".join(IMG_EXTENSIONS)})')
-    return files
-
-
-def _decode(path: str) -> Optional[Image.Image]:
-    """The image at ``path`` as RGB (grayscale, CMYK, palette and RGBA are converted), or None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # EXIF and palette-transparency warnings of Pillow
-            with Image.open(path) as im:
-                return im.convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-class ImageFileDataset(Dataset):
-    """Images decoded to RGB and transformed; an unreadable file yields ``None`` instead of a tensor.
-
-    Items are ``(image or None, target, index)``; :func:`collate_skip_unreadable` drops the Nones
-    and reports their indices, so one corrupt file does not stop a run over a large folder.
-    """
-
-    def __init__(self, samples: Sequence[ImageSample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, int]:
-        sample = self.samples[index]
-        image = _decode(sample.path)
-        return (None if image is None else self.transform(image)), sample.target, index
-
-
-@dataclass
-class Batch:
-    """A collated batch: (B, 3, H, W) images, (B,) targets and dataset indices, indices of failures."""
-    images: torch.Tensor
-    targets: torch.Tensor
-    indices: torch.Tensor
-    unreadable: List[int]
-
-
-def collate_skip_unreadable(items: List[Tuple[Optional[torch.Tensor], int, int]]) -> Batch:
-    """Stack the decodable items of a batch; list the dataset indices of the others."""
-    good = [it for it in items if it[0] is not None]
-    unreadable = [it[2] for it in items if it[0] is None]
-    if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                     unreadable)
-    return Batch(torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]),
-                 torch.tensor([it[2] for it in good]), unreadable)
 
 
 # ----------------------------------------------------------------------------------- class names
@@ -438,9 +294,11 @@ class Details:
 
 
 @torch.no_grad()
-def collect_details(model: nn.Module, loader: Iterable[Batch], threshold: float, device: torch.device,
+def collect_details(model: nn.Module, loader: DataLoader, threshold: float, device: torch.device,
                     progress: bool = True) -> Details:
-    """Run ``model.forward_details(images, threshold)`` over a loader of :class:`Batch`.
+    """Run ``model.forward_details(images, threshold)`` over every image of ``loader``, a DataLoader of a
+    dataset with ``return_index=True`` (:class:`datasets.folder.ImageList`) and
+    :func:`datasets.folder.collate_skipping`; the dataset indices it never yields are the unreadable files.
 
     Predictions, confidences, exits and the re-split patches are exactly what the model reports;
     the coarse image is made by the model from the fine one.
@@ -448,18 +306,17 @@ def collect_details(model: nn.Module, loader: Iterable[Batch], threshold: float,
     model.eval()
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in (
         'indices', 'targets', 'confidence', 'coarse_pred', 'fine_pred', 'exited', 'important')}
-    unreadable: List[int] = []
     seen = n_exited = 0
     bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress, dynamic_ncols=True)
     for batch in bar:
-        unreadable.extend(batch.unreadable)
-        if batch.images.numel() == 0:
+        images, targets, indices = batch[0], batch[1], batch[3] if len(batch) > 3 else None
+        if images.numel() == 0:
             continue
-        out = model.forward_details(batch.images.to(device, non_blocking=True), threshold)
+        out = model.forward_details(images.to(device, non_blocking=True), threshold)
         exited = out.exited.cpu()
         fine_pred = out.fine_logits.argmax(dim=-1).cpu()
-        parts['indices'].append(batch.indices)
-        parts['targets'].append(batch.targets)
+        parts['indices'].append(indices)
+        parts['targets'].append(targets)
         parts['confidence'].append(out.confidence.float().cpu())
         parts['coarse_pred'].append(out.coarse_logits.argmax(dim=-1).cpu())
         parts['fine_pred'].append(torch.where(exited, torch.full_like(fine_pred, -1), fine_pred))
@@ -467,6 +324,8 @@ def collect_details(model: nn.Module, loader: Iterable[Batch], threshold: float,
         parts['important'].append(out.important_coarse_index.cpu())
         seen, n_exited = seen + len(exited), n_exited + int(exited.sum())
         bar.set_postfix(exited=f'{n_exited}/{seen}')
+    decoded = set(torch.cat(parts['indices']).tolist()) if parts['indices'] else set()
+    unreadable = [i for i in range(len(loader.dataset)) if i not in decoded]  # type: ignore[arg-type]
     if not parts['indices']:
         long = torch.empty(0, dtype=torch.long)
         return Details(indices=long, targets=long, confidence=torch.empty(0), coarse_pred=long, fine_pred=long,
