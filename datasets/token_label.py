@@ -26,7 +26,7 @@ CF-LV-ViT trained with); :data:`CROP_MODES` and :data:`utils.token_labeling.SMOO
   targets come from the crop mirrored about the map's diagonal, in the frame of the image after
   its horizontal flip (the release flipped the whole image and map before cropping).
   ``crop='image'`` reads the crop the image got.
-- ``smoothing='unnormalized'``: the released targets are ``(1 - s + s / C) * p + s / C`` (summing to
+- ``smoothing_mode='unnormalized'``: the released targets are ``(1 - s + s / C) * p + s / C`` (summing to
   ``1 + s / C``); ``'normalized'`` gives ``(1 - s) * p + s / C``.
 """
 from __future__ import annotations
@@ -475,7 +475,7 @@ def crop_rois(boxes: torch.Tensor, height: int, width: int, flips: Optional[torc
         flips: (B,) bool, the crop is flipped afterwards (the caller flips the RoI-aligned target);
             used by ``crop='transposed'`` only.
         crop: ``'image'``: the crop itself. ``'transposed'``: the released box. The release flipped
-            image and map first and cropped at ``(top, left')`` with ``left' = 1 - left - width`` in
+            image and map first and cropped at ``(top, left')`` with ``left' = 1 - left - w`` in
             the flipped frame, then read ``x`` over ``[top, top + h]`` and ``y`` over ``[left', left' +
             w]``, both scaled by the map's W. On the unflipped map that is ``x`` over ``[top, top + h]``
             and ``y`` over ``[left, left + w]`` for an unflipped crop, and ``x`` over ``[1 - top - h, 1 -
