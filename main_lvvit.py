@@ -42,11 +42,11 @@ from timm.utils import distribute_bn  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
 from datasets.token_label import (  # noqa: E402
-    TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
+    CROP_MODES, TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
 from utils.misc import positive_int  # noqa: E402
-from utils.token_labeling import CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
+from utils.token_labeling import SMOOTHING_MODES, CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
 from utils.train_setup import (  # noqa: E402
     EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, load_datasets,
@@ -115,6 +115,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--coarse-dense-weight', type=float, default=0.0,
                    help='weight of a per-token loss on the coarse stage too, against the dense target averaged '
                         'over 2x2 cells (0: the release, which supervised the fine stage only)')
+    g.add_argument('--token-label-crop', choices=CROP_MODES, default='transposed',
+                   help='where the targets are read from the label map: \'transposed\' as released (the crop '
+                        'mirrored about the diagonal, in the flipped image\'s frame: roi_align got (top, left, '
+                        'bottom, right) for (x1, y1, x2, y2)), or \'image\', the crop the image got')
+    g.add_argument('--token-label-smoothing', choices=SMOOTHING_MODES, default='unnormalized',
+                   help='how --smoothing s smooths the token-label targets p: \'unnormalized\' as released, '
+                        '(1 - s + s/C) p + s/C (sums to 1 + s/C), or \'normalized\', (1 - s) p + s/C')
 
     parser.set_defaults(
         model='cf_lvvit_small', amp=False, model_ema=False, model_ema_decay=0.99992, unscale_lr=True, seed=42,
@@ -180,7 +187,9 @@ def build_objective(args: argparse.Namespace, num_classes: int, label_size: int)
                       num_classes=num_classes)
     if args.token_label:
         mixup = TokenLabelMixup(**mixup_args) if mixup_active else None
-        batch_transform: Any = TokenLabelBatch(num_classes, label_size, args.smoothing, mixup)
+        batch_transform: Any = TokenLabelBatch(num_classes, label_size, args.smoothing, mixup,
+                                               crop=args.token_label_crop,
+                                               smoothing_mode=args.token_label_smoothing)
     else:
         mixup = Mixup(label_smoothing=args.smoothing, **mixup_args) if mixup_active else None
         batch_transform = ClassLabelBatch(num_classes, args.smoothing, mixup)

@@ -17,6 +17,17 @@ The pipeline, split between the loader workers and the training device:
    ``label_size x label_size`` (the dense target) and at 1 x 1 (the class target), flipped and
    warped as the image was, passed through a softmax over classes and label smoothing; then
    mixup/cutmix mix images and targets alike (:class:`TokenLabelMixup`).
+
+Two released behaviours are kept behind switches, defaulting to the release (what the paper's
+CF-LV-ViT trained with); :data:`CROP_MODES` and :data:`utils.token_labeling.SMOOTHING_MODES`:
+
+- ``crop='transposed'``: the release (TokenLabeling's ``get_labelmaps_with_coords``) passed the crop
+  as ``(top, left, bottom, right)`` to ``roi_align``, which reads ``(x1, y1, x2, y2)``, so its
+  targets come from the crop mirrored about the map's diagonal, in the frame of the image after
+  its horizontal flip (the release flipped the whole image and map before cropping).
+  ``crop='image'`` reads the crop the image got.
+- ``smoothing_mode='unnormalized'``: the released targets are ``(1 - s + s / C) * p + s / C`` (summing to
+  ``1 + s / C``); ``'normalized'`` gives ``(1 - s) * p + s / C``.
 """
 from __future__ import annotations
 
@@ -42,7 +53,7 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import Dataset, Subset
 from torchvision.ops import roi_align
 
-from utils.token_labeling import TokenLabelTargets, smooth_distribution
+from utils.token_labeling import SMOOTHING_MODES, TokenLabelTargets, smooth_distribution
 
 from .folder import DatasetError, UnreadableCounter, read_substituting, rgb_loader
 from .transforms import data_config
@@ -51,7 +62,7 @@ __all__ = [
     'TokenLabelError', 'LABEL_MAP_SUFFIX', 'METADATA_NAME', 'label_map_path', 'load_label_map',
     'validate_label_map', 'check_label_maps', 'folder_samples', 'CropFlipWithBox', 'TokenLabelTransform',
     'build_token_label_transform', 'keep_zero_bit_posterize', 'TokenLabelDataset', 'dense_score_maps',
-    'token_label_targets', 'TokenLabelMixup', 'TokenLabelBatch', 'box_coverage',
+    'CROP_MODES', 'crop_rois', 'token_label_targets', 'TokenLabelMixup', 'TokenLabelBatch', 'box_coverage',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -448,12 +459,38 @@ def dense_score_maps(label_maps: torch.Tensor, num_classes: int) -> torch.Tensor
     return scores.new_zeros(B, num_classes, H, W).scatter_(1, index, scores)
 
 
-def crop_rois(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 4) crop boxes ``(top, left, height, width)`` as fractions -> (B, 5) ``roi_align`` boxes
-    ``(batch index, x1, y1, x2, y2)`` in map pixels (pixel i spans [i, i+1]; use ``aligned=True``)."""
+#: Which part of the label map the targets are read from (``--token-label-crop``): ``'transposed'``
+#: as released (the crop mirrored about the diagonal of the flipped image's frame), ``'image'`` the
+#: crop the image got.
+CROP_MODES = ('transposed', 'image')
+
+
+def crop_rois(boxes: torch.Tensor, height: int, width: int, flips: Optional[torch.Tensor] = None,
+              crop: str = 'image') -> torch.Tensor:
+    """(B, 4) crop boxes -> (B, 5) ``roi_align`` boxes ``(batch index, x1, y1, x2, y2)`` in map pixels.
+
+    Args:
+        boxes: ``(top, left, height, width)`` as fractions of the image (before its flip).
+        height, width: the label map's H and W (pixel i spans [i, i+1]; use ``aligned=True``).
+        flips: (B,) bool, the crop is flipped afterwards (the caller flips the RoI-aligned target);
+            used by ``crop='transposed'`` only.
+        crop: ``'image'``: the crop itself. ``'transposed'``: the released box. The release flipped
+            image and map first and cropped at ``(top, left')`` with ``left' = 1 - left - w`` in
+            the flipped frame, then read ``x`` over ``[top, top + h]`` and ``y`` over ``[left', left' +
+            w]``, both scaled by the map's W. On the unflipped map that is ``x`` over ``[top, top + h]``
+            and ``y`` over ``[left, left + w]`` for an unflipped crop, and ``x`` over ``[1 - top - h, 1 -
+            top]``, ``y`` over ``[1 - left - w, 1 - left]`` (then flipped by the caller) for a flipped one.
+    """
+    if crop not in CROP_MODES:
+        raise ValueError(f'crop must be one of {CROP_MODES}, got {crop!r}')
     top, left, h, w = boxes.float().unbind(1)
     index = torch.arange(boxes.shape[0], device=boxes.device, dtype=torch.float32)
-    return torch.stack([index, left * width, top * height, (left + w) * width, (top + h) * height], dim=1)
+    if crop == 'image':
+        return torch.stack([index, left * width, top * height, (left + w) * width, (top + h) * height], dim=1)
+    if flips is not None:
+        flipped = flips.to(device=boxes.device, dtype=torch.bool)
+        top, left = torch.where(flipped, 1.0 - top - h, top), torch.where(flipped, 1.0 - left - w, left)
+    return torch.stack([index, top * width, left * width, (top + h) * width, (left + w) * width], dim=1)
 
 
 def token_label_targets(
@@ -464,6 +501,8 @@ def token_label_targets(
         num_classes: int,
         label_size: int,
         smoothing: float = 0.0,
+        crop: str = 'transposed',
+        smoothing_mode: str = 'unnormalized',
 ) -> TokenLabelTargets:
     """Class and dense targets of a batch from its label maps and recorded augmentation.
 
@@ -475,15 +514,18 @@ def token_label_targets(
         num_classes: C.
         label_size: side S of the dense target (2g: one cell per fine patch); 1 for class targets only.
         smoothing: label smoothing applied after the softmax.
+        crop: :data:`CROP_MODES`: ``'transposed'`` (released) or ``'image'`` (see :func:`crop_rois`).
+        smoothing_mode: :data:`utils.token_labeling.SMOOTHING_MODES`: ``'unnormalized'`` (released)
+            or ``'normalized'``.
 
     Returns:
         :class:`TokenLabelTargets` with ``cls`` (B, C) and ``dense`` (B, S*S, C) (None for S = 1),
         the scores RoI-aligned to the crop, flipped and warped as the image, softmaxed over classes.
     """
     maps = dense_score_maps(label_maps, num_classes)  # (B, C, H, W)
-    rois = crop_rois(boxes, maps.shape[-2], maps.shape[-1])
+    rois = crop_rois(boxes, maps.shape[-2], maps.shape[-1], flips, crop)
     cls = roi_align(maps, rois, output_size=1, aligned=True).flatten(1)  # (B, C)
-    cls = smooth_distribution(cls.softmax(dim=-1), smoothing)
+    cls = smooth_distribution(cls.softmax(dim=-1), smoothing, smoothing_mode)
     if label_size <= 1:
         return TokenLabelTargets(cls=cls, dense=None)
     dense = roi_align(maps, rois, output_size=label_size, aligned=True)  # (B, C, S, S)
@@ -498,7 +540,8 @@ def token_label_targets(
             # outside the crop (filled pixels) all scores are 0: a uniform distribution
             dense = dense.index_copy(0, rows, F.grid_sample(sub, grid, mode='bilinear', padding_mode='zeros',
                                                             align_corners=False))
-    dense = smooth_distribution(dense.softmax(dim=1).flatten(2).transpose(1, 2), smoothing)  # (B, S*S, C)
+    dense = dense.softmax(dim=1).flatten(2).transpose(1, 2)  # (B, S*S, C)
+    dense = smooth_distribution(dense, smoothing, smoothing_mode)
     return TokenLabelTargets(cls=cls, dense=dense)
 
 
@@ -573,20 +616,26 @@ class TokenLabelBatch:
         label_size: side of the dense target (2g), or 1 for class targets only.
         smoothing: label smoothing.
         mixup: a :class:`TokenLabelMixup`, or None.
+        crop, smoothing_mode: the released behaviours by default (see :func:`token_label_targets`).
     """
 
     def __init__(self, num_classes: int, label_size: int, smoothing: float = 0.0,
-                 mixup: Optional[TokenLabelMixup] = None) -> None:
+                 mixup: Optional[TokenLabelMixup] = None, crop: str = 'transposed',
+                 smoothing_mode: str = 'unnormalized') -> None:
+        if crop not in CROP_MODES or smoothing_mode not in SMOOTHING_MODES:
+            raise ValueError(f'crop must be one of {CROP_MODES} and smoothing_mode one of {SMOOTHING_MODES}, got '
+                             f'{crop!r} and {smoothing_mode!r}')
         self.num_classes = int(num_classes)
         self.label_size = int(label_size)
         self.smoothing = float(smoothing)
         self.mixup = mixup
+        self.crop, self.smoothing_mode = crop, smoothing_mode
 
     def __call__(self, images: torch.Tensor, records: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, TokenLabelTargets]:
         """``records``: the collated ``(labels, label maps, boxes, flips, thetas)`` on the device."""
         _, label_maps, boxes, flips, thetas = records
         targets = token_label_targets(label_maps, boxes, flips, thetas, self.num_classes, self.label_size,
-                                      self.smoothing)
+                                      self.smoothing, self.crop, self.smoothing_mode)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         return images, targets

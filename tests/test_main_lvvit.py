@@ -184,6 +184,17 @@ def test_released_command_line_parses():
     assert parser.parse_args(['PATH', '--native-amp', '-j', '3', '--local_rank', '0']).amp is True
 
 
+@pytest.mark.parametrize('flags, crop, smoothing', [
+    ([], 'transposed', 'unnormalized'),  # the released command trains what the release trained
+    (['--token-label-crop', 'image', '--token-label-smoothing', 'normalized'], 'image', 'normalized'),
+])
+def test_token_label_crop_and_smoothing_switches_reach_the_batch_transform(flags, crop, smoothing):
+    parser = main_lvvit.get_args_parser(add_help=True)
+    args = parser.parse_args(['PATH', '--token-label', '--token-label-data', 'LABELS'] + flags)
+    _, batch_transform = main_lvvit.build_objective(args, NUM_CLASSES, 4)
+    assert (batch_transform.crop, batch_transform.smoothing_mode, batch_transform.smoothing) == (crop, smoothing, 0.1)
+
+
 # ---------------------------------------------------------------------------------------------- MixToken
 def _tiny_model(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)

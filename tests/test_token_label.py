@@ -1,5 +1,6 @@
 """Token-label data pipeline (datasets/token_label.py): RoI-aligned targets, flips, geometric
-augmentation, cutmix coverage, label-map checks, and the generator's per-location teacher logits."""
+augmentation, the released transposed crop and unnormalized smoothing, cutmix coverage and box
+rounding, label-map checks, and the generator's per-location teacher logits."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,12 @@ import timm
 import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
+from timm.data.mixup import rand_bbox
+from torchvision.ops import roi_align
 
 from datasets.token_label import (
-    GEOMETRIC_OPS, TokenLabelError, TokenLabelMixup, box_coverage, build_token_label_transform, label_map_path,
-    token_label_targets, validate_label_map,
+    GEOMETRIC_OPS, TokenLabelBatch, TokenLabelError, TokenLabelMixup, box_coverage, build_token_label_transform,
+    label_map_path, token_label_targets, validate_label_map,
 )
 from utils.token_labeling import TokenLabelTargets
 
@@ -39,10 +42,12 @@ def logits_of(q: int) -> torch.Tensor:
     return v
 
 
-def targets(box, flip=False, label_size=3, smoothing=0.0, maps=None):
+def targets(box, flip=False, label_size=3, smoothing=0.0, maps=None, crop='image', smoothing_mode='normalized'):
+    """Targets of one crop of ``maps`` (default: the quadrant map); the image's crop and normalized
+    smoothing unless told otherwise (the released switches are tested on their own below)."""
     maps = quadrant_map() if maps is None else maps
     return token_label_targets(maps[None], torch.tensor([box], dtype=torch.float32), torch.tensor([flip]), None,
-                               C, label_size, smoothing)
+                               C, label_size, smoothing, crop, smoothing_mode)
 
 
 def test_roi_aligned_targets_of_a_known_crop_box():
@@ -80,9 +85,116 @@ def test_integer_class_indices_and_dense_rows_are_distributions():
     # class indices stored as integers (a long tensor) give the same targets
     scores, index = maps[0], maps[1].long()
     as_long = token_label_targets(torch.stack([scores, index.float()])[None], torch.tensor([[0.1, 0.2, 0.6, 0.7]]),
-                                  torch.tensor([False]), None, C, 4)
+                                  torch.tensor([False]), None, C, 4, crop='image')
     torch.testing.assert_close(as_long.dense, out.dense)
     assert long_maps.shape == (2, 2, 8, 8)
+
+
+def softmax_of(*quadrants: int) -> torch.Tensor:
+    """(N, C): per row, the softmax of the mean teacher logits of the listed quadrants (a tuple) or
+    of one quadrant."""
+    rows = [torch.stack([logits_of(q) for q in (qs if isinstance(qs, tuple) else (qs,))]).mean(0)
+            for qs in quadrants]
+    return torch.stack(rows).softmax(-1)
+
+
+# the top half of the image: not symmetric about the diagonal. 2x2 cells of 2 x 4 map pixels.
+TOP_HALF = [0.0, 0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_image_crop_reads_the_crop_the_image_got(flip):
+    out = targets(TOP_HALF, flip=flip, label_size=2)
+    cells = [TR, TL, TR, TL] if flip else [TL, TR, TL, TR]
+    torch.testing.assert_close(out.dense[0], softmax_of(*cells))
+    torch.testing.assert_close(out.cls[0], softmax_of((TL, TR))[0])  # half TL, half TR
+
+
+def test_released_transposed_crop_reads_the_crop_mirrored_about_the_diagonal():
+    # unflipped: roi_align reads x over [top, bottom] = columns 0..4 and y over [left, right] = rows 0..8,
+    # the left half: cells (rows 0-4, cols 0-2), (rows 0-4, cols 2-4), then the same rows 4-8
+    out = targets(TOP_HALF, label_size=2, crop='transposed')
+    torch.testing.assert_close(out.dense[0], softmax_of(TL, TL, BL, BL))
+    torch.testing.assert_close(out.cls[0], softmax_of((TL, BL))[0])
+    assert (out.dense[0] - targets(TOP_HALF, label_size=2).dense[0]).abs().max() > 0.5
+    # flipped: the release flipped the image first, so the crop is the flipped image's top half and
+    # its transpose the flipped image's left half = the right half of the unflipped map
+    out = targets(TOP_HALF, flip=True, label_size=2, crop='transposed')
+    torch.testing.assert_close(out.dense[0], softmax_of(TR, TR, BR, BR))
+    torch.testing.assert_close(out.cls[0], softmax_of((TR, BR))[0])
+
+
+def test_released_transposed_crop_of_a_diagonal_crop_is_wrong_only_when_flipped():
+    top_left = [0.0, 0.0, 0.5, 0.5]
+    torch.testing.assert_close(targets(top_left, label_size=2, crop='transposed').dense[0], softmax_of(*[TL] * 4))
+    # in the flipped frame the crop is the top-right quadrant; transposed, the bottom-left one, which
+    # is the unflipped map's bottom right
+    flipped = targets(top_left, flip=True, label_size=2, crop='transposed')
+    torch.testing.assert_close(flipped.dense[0], softmax_of(*[BR] * 4))
+    torch.testing.assert_close(targets(top_left, flip=True, label_size=2).dense[0], softmax_of(*[TL] * 4))
+
+
+def test_released_transposed_crop_equals_the_released_recipe_on_random_maps():
+    """Restating the release's steps (flip the map, crop in the flipped frame, roi_align of
+    (top, left, bottom, right) * W - 0.5 without ``aligned``): same targets, boxes of every shape."""
+    gen = torch.Generator().manual_seed(0)
+    B, S = 16, 4
+    maps = torch.stack([torch.randn(B, C, 8, 8, generator=gen) * 3, torch.zeros(B, C, 8, 8)], dim=1)
+    maps[:, 1] = torch.arange(C, dtype=torch.float32).view(1, C, 1, 1)  # K = C: every class scored
+    size = 0.3 + 0.7 * torch.rand(B, 2, generator=gen)
+    corner = torch.rand(B, 2, generator=gen) * (1 - size)
+    boxes = torch.cat([corner, size], dim=1)  # (top, left, height, width)
+    flips = torch.arange(B) % 2 == 1
+    ours = token_label_targets(maps, boxes, flips, None, C, S, crop='transposed', smoothing_mode='normalized')
+
+    scores = maps[:, 0].clone()
+    scores[flips] = scores[flips].flip(-1)  # RandomHorizontalFlipWithLabel: label.flip(3), before the crop
+    top, left, h, w = boxes.unbind(1)
+    left = torch.where(flips, 1 - left - w, left)  # the same pixels, in the flipped image
+    coords = torch.stack([top, left, top + h, left + w], 1) * 8 - 0.5
+    rois = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], coords], 1)
+    dense = roi_align(scores, rois, output_size=S).flatten(2).softmax(1).transpose(1, 2)
+    cls = roi_align(scores, rois, output_size=1).flatten(1).softmax(1)
+    torch.testing.assert_close(ours.dense, dense)
+    torch.testing.assert_close(ours.cls, cls)
+    # and it differs from the image's crop, for these asymmetric boxes
+    image = token_label_targets(maps, boxes, flips, None, C, S, crop='image', smoothing_mode='normalized')
+    assert (image.dense - ours.dense).abs().amax() > 0.3
+
+
+def test_released_smoothing_is_unnormalized():
+    s, p = 0.1, softmax_of(BR)[0]
+    unnormalized = targets([0.5, 0.5, 0.5, 0.5], label_size=2, smoothing=s, smoothing_mode='unnormalized')
+    expected = p * (1 - s + s / C) + s / C  # 0.925 p + 0.025
+    torch.testing.assert_close(unnormalized.dense[0], expected.expand(4, C))
+    torch.testing.assert_close(unnormalized.cls[0], expected)
+    torch.testing.assert_close(unnormalized.dense.sum(-1), torch.full((1, 4), 1 + s / C))  # 1.025
+    normalized = targets([0.5, 0.5, 0.5, 0.5], label_size=2, smoothing=s, smoothing_mode='normalized')
+    torch.testing.assert_close(normalized.dense.sum(-1), torch.ones(1, 4))
+
+
+def test_batch_transform_defaults_to_the_release():
+    batch = TokenLabelBatch(C, 2, smoothing=0.1)
+    assert (batch.crop, batch.smoothing_mode) == ('transposed', 'unnormalized')
+    maps = quadrant_map()[None]
+    records = (torch.tensor([0]), maps, torch.tensor([TOP_HALF]), torch.tensor([False]), None)
+    _, out = batch(torch.zeros(1, 3, 8, 8), records)
+    torch.testing.assert_close(out.dense[0], softmax_of(TL, TL, BL, BL) * (1 - 0.1 + 0.1 / C) + 0.1 / C)
+    with pytest.raises(ValueError, match='crop must be one of'):
+        TokenLabelBatch(C, 2, crop='diagonal')
+
+
+def test_timm_cutmix_box_keeps_odd_cut_sizes():
+    """timm 1.x spans ``cy - cut // 2 .. cy + (cut + 1) // 2``: an odd cut of 51 px stays 51 px;
+    the release's timm 0.4.5 spanned ``cy +- cut // 2``, 50 px (README, released behaviour)."""
+    lam = 1 - (51.5 / 101) ** 2  # cut = int(101 * sqrt(1 - lam)) = 51
+    np.random.seed(0)
+    sides = set()
+    for _ in range(50):
+        yl, yh, xl, xh = rand_bbox((3, 101, 101), lam)
+        if 0 < yl and yh < 101:  # not clipped at the border
+            sides.add(int(yh - yl))
+    assert sides == {51}
 
 
 def _quadrant_image(width: int = 80, height: int = 64) -> Image.Image:
@@ -120,7 +232,7 @@ def test_dense_targets_follow_crop_flip_and_geometric_randaugment():
         img, box, flip, theta = transform(image)
         flipped += flip
         warped += not torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
-        out = token_label_targets(label_map[None], box[None], torch.tensor([flip]), theta[None], C, 8)
+        out = token_label_targets(label_map[None], box[None], torch.tensor([flip]), theta[None], C, 8, crop='image')
         rgb = img * std + mean  # (3, 64, 64) in [0, 1]
         for cell in range(64):
             r, c = divmod(cell, 8)

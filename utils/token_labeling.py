@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .losses import CFViTLoss
 
 __all__ = [
-    'TokenLabelTargets', 'soft_target_cross_entropy', 'smooth_distribution', 'mix_token_lambda',
+    'TokenLabelTargets', 'soft_target_cross_entropy', 'SMOOTHING_MODES', 'smooth_distribution', 'mix_token_lambda',
     'mix_class_target', 'pool_dense_target', 'TokenLabelingLoss', 'CFTokenLabelingLoss', 'ClassLabelBatch',
 ]
 
@@ -55,11 +55,25 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def smooth_distribution(p: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Label smoothing of distributions over the last dimension: ``(1 - s) * p + s / C``."""
+#: How token-label targets are smoothed (``--token-label-smoothing``): ``'unnormalized'`` as released,
+#: ``(1 - s + s / C) * p + s / C`` (the one-hot ``on_value`` applied to a distribution; it sums to
+#: ``1 + s / C``), or ``'normalized'``, ``(1 - s) * p + s / C`` (a distribution).
+SMOOTHING_MODES = ('unnormalized', 'normalized')
+
+
+def smooth_distribution(p: torch.Tensor, smoothing: float, mode: str = 'normalized') -> torch.Tensor:
+    """Label smoothing of distributions over the last dimension (see :data:`SMOOTHING_MODES`).
+
+    ``'normalized'``: ``(1 - s) * p + s / C``; ``'unnormalized'`` (the released token-label targets):
+    ``(1 - s + s / C) * p + s / C``.
+    """
+    if mode not in SMOOTHING_MODES:
+        raise ValueError(f'smoothing mode must be one of {SMOOTHING_MODES}, got {mode!r}')
     if smoothing <= 0:
         return p
-    return p * (1.0 - smoothing) + smoothing / p.shape[-1]
+    off = smoothing / p.shape[-1]
+    on = 1.0 - smoothing + (off if mode == 'unnormalized' else 0.0)
+    return p * on + off
 
 
 def mix_token_lambda(box: Sequence[int], num_tokens: int) -> float:
