@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from . import checkpoint as checkpoint_io
 
-__all__ = ['plot_budgeted_curve']
+__all__ = ['plot_budgeted_curve', 'label_positions']
+
+
+def label_positions(thresholds: Sequence[float], xs: Sequence[float], ys: Sequence[float],
+                    step: float = 0.1, min_gap: float = 0.06) -> List[Tuple[float, float, float]]:
+    """The sweep points to label with their threshold: multiples of ``step`` above 0, skipping any that
+    would sit within ``min_gap`` (in units of the axes' data ranges) of the last labelled one, so labels never
+    pile up where the curve bunches (thresholds whose points barely move)."""
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    chosen: List[Tuple[float, float, float]] = []
+    for t, x, y in zip(thresholds, xs, ys):
+        if t <= 0 or abs(t / step - round(t / step)) > 1e-6:
+            continue
+        if chosen and ((x - chosen[-1][1]) / span_x) ** 2 + ((y - chosen[-1][2]) / span_y) ** 2 < min_gap ** 2:
+            continue
+        chosen.append((t, x, y))
+    return chosen
 
 
 def plot_budgeted_curve(
@@ -33,14 +50,13 @@ def plot_budgeted_curve(
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    ax.plot(gflops, accuracy, '-', color='tab:blue', lw=1.5, label='early exit, thresholds 0.00-0.99')
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=120, layout='constrained')
+    ax.plot(gflops, accuracy, '-', color='tab:blue', lw=1.5, label='early exit, one point per threshold')
     ax.plot(gflops, accuracy, '.', color='tab:blue', ms=3)
     if thresholds is not None:
-        for t, x, y in zip(thresholds, gflops, accuracy):
-            if round(t * 100) % 20 == 0 and t > 0:
-                ax.annotate(f'{t:.1f}', (x, y), textcoords='offset points', xytext=(4, -10), fontsize=7,
-                            color='tab:blue')
+        for t, x, y in label_positions(thresholds, gflops, accuracy):
+            ax.annotate(f'{t:.1f}', (x, y), textcoords='offset points', xytext=(4, -10), fontsize=7,
+                        color='tab:blue')
     if stage_points:
         names = ['coarse stage only', 'always both stages']
         markers = ['s', 'D']
@@ -53,8 +69,7 @@ def plot_budgeted_curve(
     ax.set_ylabel('top-1 accuracy (%)')
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='lower right')
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc='outside lower center', ncols=2)  # below the axes: it hides no point
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)

@@ -556,7 +556,7 @@ def draw_confidence_histogram(
     ax.set_xlabel('coarse confidence (max softmax probability)')
     ax.set_ylabel('images')
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc='best')
+    fig.legend(fontsize=8, loc='outside lower center', ncols=2)  # below the axes: the threshold line never crosses it
     save_figure(fig, path, dpi)
     return size
 
