@@ -27,16 +27,12 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
-from utils.checkpoint import (
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic,
-    write_json_atomic,
-)
+from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import (
-    EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
-)
+from utils.misc import EXIT_BAD_INPUT, describe_os_error, positive_int
+from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -131,28 +127,11 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
     """The model the checkpoint holds, with the class count read from its head."""
-    import timm
-    recorded = architecture_from_checkpoint(checkpoint)
-    if args.model is None:
-        args.model = recorded.get('model', 'cf_deit_small')
-    if args.coarse_stage_size is None:
-        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
-    extra = dict(recorded.get('kwargs', {})) if recorded.get('model', args.model) == args.model else {}
     try:
-        extra.update(parse_model_kwargs(args.model_kwargs))
-    except ValueError as e:
+        model, args.model, args.coarse_stage_size = build_from_checkpoint(
+            checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
+    except ModelBuildError as e:
         raise UsageError(str(e))
-    state_dict = extract_state_dict(checkpoint, args.checkpoint_key)
-    head = state_dict.get('head.weight')
-    if head is None:
-        raise UsageError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    try:
-        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size,
-                                  num_classes=head.shape[0], **extra)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f'cannot build {args.model}: {e}')
-    load_model_weights(model, state_dict)
-    model.set_informative_selection(True)  # inference always selects
     return model
 
 
