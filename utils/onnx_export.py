@@ -81,10 +81,15 @@ def export_graph(module: nn.Module, example_inputs: Tuple[torch.Tensor, ...], in
 
 def quantize_dynamic_bytes(model_bytes: bytes) -> bytes:
     """onnxruntime's dynamic int8 quantization of the linear layers (MatMul/Gemm weights) of a graph."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    proto = onnx.load_from_string(model_bytes)
+    # the dynamo exporter's intermediate shape annotations trip onnx's shape inference, which the
+    # quantizer runs: drop them (the graph's inputs and outputs keep theirs) and let it infer afresh
+    del proto.graph.value_info[:]
     with tempfile.TemporaryDirectory(prefix='cfvit-quant-') as tmp:
         src, dst = Path(tmp) / 'float.onnx', Path(tmp) / 'int8.onnx'
-        src.write_bytes(model_bytes)
+        src.write_bytes(proto.SerializeToString())
         quantize_dynamic(src, dst, op_types_to_quantize=['MatMul', 'Gemm'], weight_type=QuantType.QInt8)
         return dst.read_bytes()
 
