@@ -86,6 +86,15 @@ def main() -> None:
     thresholds = {'exit 100%': 0.0, 'exit 50%': float((order[31] + order[32]) / 2), 'exit 0%': 1.01}
     onnx_dirs = export_onnx_programs(cf, deit, args) if args.onnxruntime else None
     rows: List[Dict[str, object]] = []
+
+    def write() -> None:  # after every thread count, so that an interrupted run keeps what it measured
+        save(args.name, {
+            'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
+            'thresholds': thresholds, 'deit_gflops': deit_gflops, 'reference_gflops': ref_gflops,
+            'cf_flop': cf_flops, 'mode': 'torch.compile' if args.compile else 'eager', 'rows': rows,
+            'onnx': {'exporter': args.exporter, 'runtime': 'utils.onnx_runtime.OnnxEarlyExit'} if onnx_dirs else None,
+        })
+
     for threads in args.threads or [None]:
         if threads:
             torch.set_num_threads(threads)
@@ -93,12 +102,7 @@ def main() -> None:
         for dtype_name in args.dtypes:
             rows += run_configuration(args, dtype_name, pool, thresholds, deit_fn, ref_fn, cf, cf_flops, deit_gflops,
                                       ref_gflops, onnx if dtype_name == 'float32' else None)
-    save(args.name, {
-        'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
-        'thresholds': thresholds, 'deit_gflops': deit_gflops, 'reference_gflops': ref_gflops, 'cf_flop': cf_flops,
-        'mode': 'torch.compile' if args.compile else 'eager', 'rows': rows,
-        'onnx': {'exporter': args.exporter, 'runtime': 'utils.onnx_runtime.OnnxEarlyExit'} if onnx_dirs else None,
-    })
+        write()
 
 
 def export_onnx_programs(cf, deit, args) -> Dict[str, Path]:
