@@ -7,6 +7,7 @@ top-1 and the same exit decisions at the golden cases' five thresholds (every ro
 does, some do), for batches of 1 and 5.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def run_script(*argv, cwd=ROOT):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**__import__('os').environ, 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'})
+                          env={**os.environ, 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'})
 
 
 def test_export_script_writes_a_folder_from_a_training_checkpoint(tiny_checkpoint):
