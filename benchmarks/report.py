@@ -69,9 +69,7 @@ def section_inference(d: Dict[str, Any]) -> str:
         'python benchmarks/bench_inference.py --dtypes float32 --batches 1 --compile --name inference_throughput_b1_compiled',
         'python benchmarks/bench_inference.py --onnxruntime --dtypes float32 --threads 1 2 --name inference_throughput_onnx',
         '```', '',
-        'The `onnxruntime` rows run the exported pair (`export_onnx.py`\'s code, `utils.onnx_runtime.OnnxEarlyExit`); '
-        'their speed-up and FLOP efficiency are against timm\'s DeiT-S exported the same way and run in the same '
-        'runtime, timed in the same interleaved rounds as the eager rows.' + onnx_note(d), '',
+        onnx_note(d) or 'No onnxruntime rows yet (`--onnxruntime`, last command).', '',
         table(['program', 'exit at coarse', 'dtype', 'mode', 'threads', 'batch', 'GFLOPs/img', 'img/s',
                'speed-up vs DeiT-S', 'GFLOPs-predicted', 'FLOP efficiency'], rows), '', targets_line(d), ''])
 
@@ -94,7 +92,12 @@ def onnx_note(d: Dict[str, Any]) -> str:
         else:
             parts.append(f'{label}: {min(gain):.2f}-{max(gain):.2f}x eager CF-DeiT, FLOP efficiency '
                          f'{min(eff):.2f}-{max(eff):.2f}')
-    return (' Against the deployment targets: ' + '; '.join(parts) + '.') if parts else ''
+    if not parts:
+        return ''
+    return ('The `onnxruntime` rows run the exported pair (`export_onnx.py`\'s code, `utils.onnx_runtime.OnnxEarlyExit`); '
+            'their speed-up and FLOP efficiency are against timm\'s DeiT-S exported the same way and run in the same '
+            'runtime, timed in the same interleaved rounds as the eager rows. Against the deployment targets: '
+            + '; '.join(parts) + '.')
 
 
 def _configurations(rows: List[Dict[str, Any]]) -> Dict[Tuple[int, str, str, int], List[Dict[str, Any]]]:
