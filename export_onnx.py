@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s')
+        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
     try:
         run(args)
     except (UsageError, CheckpointError) as e:
