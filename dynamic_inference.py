@@ -11,6 +11,9 @@ Modes (numbers or names):
   2 | throughput  real early exit at --threshold: top-1/top-5, exit share, average GFLOPs, images/s
   3 | report      what a released checkpoint stores (flop, anytime and budgeted results) + the curve
 
+--backend onnxruntime EXPORT_DIR runs the folder export_onnx.py wrote instead of a checkpoint (modes
+0-2; mode 3 prints its manifest).
+
 Every result lands in --output-dir (default: a new folder under ./output/dynamic_inference/).
 """
 from __future__ import annotations
@@ -27,16 +30,12 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
-from utils.checkpoint import (
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic,
-    write_json_atomic,
-)
+from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import (
-    EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
-)
+from utils.misc import EXIT_BAD_INPUT, describe_os_error, positive_int
+from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -92,6 +91,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--warmup-batches', type=int, default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
+    p.add_argument('--backend', choices=('torch', 'onnxruntime'), default='torch',
+                   help='torch (default): the checkpoint in PyTorch; onnxruntime: the folder export_onnx.py wrote '
+                        '(EXPORT_DIR), run in onnxruntime')
+    p.add_argument('export_dir', nargs='?', default=None, metavar='EXPORT_DIR',
+                   help='with --backend onnxruntime: the export folder')
     return p
 
 
@@ -131,28 +135,11 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
     """The model the checkpoint holds, with the class count read from its head."""
-    import timm
-    recorded = architecture_from_checkpoint(checkpoint)
-    if args.model is None:
-        args.model = recorded.get('model', 'cf_deit_small')
-    if args.coarse_stage_size is None:
-        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
-    extra = dict(recorded.get('kwargs', {})) if recorded.get('model', args.model) == args.model else {}
     try:
-        extra.update(parse_model_kwargs(args.model_kwargs))
-    except ValueError as e:
+        model, args.model, args.coarse_stage_size = build_from_checkpoint(
+            checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
+    except ModelBuildError as e:
         raise UsageError(str(e))
-    state_dict = extract_state_dict(checkpoint, args.checkpoint_key)
-    head = state_dict.get('head.weight')
-    if head is None:
-        raise UsageError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    try:
-        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size,
-                                  num_classes=head.shape[0], **extra)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f'cannot build {args.model}: {e}')
-    load_model_weights(model, state_dict)
-    model.set_informative_selection(True)  # inference always selects
     return model
 
 
@@ -227,13 +214,56 @@ def check_stored_flops(checkpoint: Dict[str, Any], flops: List[float]) -> None:
         _logger.warning('the checkpoint stores flop=%s but this model counts %s GFLOPs', stored, fmt(flops, 4))
 
 
+def onnx_predictor(args: argparse.Namespace, out: Path):
+    """--backend onnxruntime: the export folder as a predictor with the model's early-exit contract
+    (``utils.onnx_runtime.OnnxEarlyExit``); mode 3 prints its manifest."""
+    from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+    if not args.export_dir:
+        raise UsageError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
+    unsupported = [flag for flag, given in (('--checkpoint_path', args.checkpoint_path), ('--compile', args.compile),
+                                            ('--write-checkpoint', args.write_checkpoint),
+                                            ('--amp-dtype', AMP_DTYPES[args.amp_dtype] is not None)) if given]
+    if unsupported:
+        raise UsageError(f'{", ".join(unsupported)} cannot be used with --backend onnxruntime (the export folder '
+                         'holds the model)')
+    try:
+        predictor = OnnxEarlyExit(args.export_dir)
+    except ExportFolderError as e:
+        raise UsageError(str(e))
+    manifest = predictor.manifest
+    for flag, key in (('model', 'model'), ('coarse_stage_size', 'coarse_stage_size')):
+        given = getattr(args, flag)
+        if given is not None and given != manifest[key]:
+            raise UsageError(f'--{flag.replace("_", "-")} {given} but {args.export_dir} holds an export of '
+                             f'{manifest[key]}')
+        setattr(args, flag, manifest[key])
+    args.checkpoint_path = str(args.export_dir)
+    if args.eval_mode == 3:
+        keys = ('model', 'coarse_stage_size', 'img_size_list', 'num_classes', 'gflops', 'stage_gflops', 'exporter',
+                'quantize', 'data_config')
+        result = {k: manifest.get(k) for k in keys}
+        result['flop'] = result['gflops']
+        for k in ('flop',) + keys[:-1]:
+            _logger.info('%s : %s', k, result[k])
+        write_json_atomic(result, out / 'export_manifest.json')
+    return predictor
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     out = output_dir(args)
-    if not args.checkpoint_path:
-        raise UsageError('--checkpoint_path is required')
-    checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    onnx = args.backend == 'onnxruntime'
+    if onnx:
+        model, checkpoint = onnx_predictor(args, out), {}
+        if args.eval_mode == 3:
+            return model.manifest
+    else:
+        if args.export_dir:
+            raise UsageError(f'{args.export_dir}: an export folder is read with --backend onnxruntime')
+        if not args.checkpoint_path:
+            raise UsageError('--checkpoint_path is required')
+        checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
+        if not isinstance(checkpoint, dict):
+            raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
     _logger.info('output folder: %s', out)
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)
@@ -245,11 +275,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f'device {args.device!r} is not available: {e}')
-    model = build_model(args, checkpoint)
-    loader = val_loader(args, model, model.num_classes)
-    model.to(device).eval()
-    flops = stage_gflops(model)
-    check_stored_flops(checkpoint, flops)
+    if onnx:
+        loader = val_loader(args, model, model.num_classes)
+        flops = model.flops
+        _logger.info('onnxruntime: %s', model)
+    else:
+        model = build_model(args, checkpoint)
+        loader = val_loader(args, model, model.num_classes)
+        model.to(device).eval()
+        flops = stage_gflops(model)
+        check_stored_flops(checkpoint, flops)
     if args.compile:
         model.compile_stages()
         _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)')
@@ -257,8 +292,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'img_size_list': model.img_size_list,
         'checkpoint': str(args.checkpoint_path), 'device': str(device), 'amp_dtype': args.amp_dtype,
-        'torch': torch.__version__, 'flop': flops,
+        'torch': torch.__version__, 'flop': flops, 'backend': args.backend,
     }
+    if onnx:
+        result.update(export_dir=str(args.export_dir), onnx_providers=model.providers,
+                      quantize=model.manifest.get('quantize'))
     _logger.info('flops : %s  (GFLOPs of one image: [coarse, coarse + fine])', fmt(flops, 4))
 
     if args.eval_mode in (0, 1):

@@ -67,9 +67,37 @@ def section_inference(d: Dict[str, Any]) -> str:
         'python benchmarks/bench_inference.py --dtypes bfloat16 --reps 3 --name inference_throughput_bf16',
         'python benchmarks/bench_inference.py --dtypes float32 --batches 1 --threads 1 --name inference_throughput_b1_1thread',
         'python benchmarks/bench_inference.py --dtypes float32 --batches 1 --compile --name inference_throughput_b1_compiled',
+        'python benchmarks/bench_inference.py --onnxruntime --dtypes float32 --threads 1 2 --name inference_throughput_onnx',
         '```', '',
+        onnx_note(d) or 'No onnxruntime rows yet (`--onnxruntime`, last command).', '',
         table(['program', 'exit at coarse', 'dtype', 'mode', 'threads', 'batch', 'GFLOPs/img', 'img/s',
                'speed-up vs DeiT-S', 'GFLOPs-predicted', 'FLOP efficiency'], rows), '', targets_line(d), ''])
+
+
+def onnx_note(d: Dict[str, Any]) -> str:
+    """The onnxruntime rows against their targets: at batch 1, >= 1.3x eager CF-DeiT at every exit share and
+    FLOP efficiency >= 0.8 against DeiT-S in onnxruntime."""
+    parts = []
+    for (batch, dtype, mode, threads), sel in _configurations(d['rows']).items():
+        cf = [r for r in sel if _kind(r) == 'cf' and 'speedup_vs_eager_cf' in r]
+        if mode != 'onnxruntime' or not cf:
+            continue
+        gain = [r['speedup_vs_eager_cf'] for r in cf]
+        eff = [r['flop_efficiency'] for r in cf]
+        label = f'batch {batch}, {threads} thread(s)'
+        if batch == 1:
+            parts.append(f'{label}: {min(gain):.2f}-{max(gain):.2f}x eager CF-DeiT (target 1.3: '
+                         f'{"met" if min(gain) >= 1.3 else "NOT met"}), FLOP efficiency {min(eff):.2f}-{max(eff):.2f} '
+                         f'(target 0.8: {"met" if min(eff) >= 0.8 else "NOT met"})')
+        else:
+            parts.append(f'{label}: {min(gain):.2f}-{max(gain):.2f}x eager CF-DeiT, FLOP efficiency '
+                         f'{min(eff):.2f}-{max(eff):.2f}')
+    if not parts:
+        return ''
+    return ('The `onnxruntime` rows run the exported pair (`export_onnx.py`\'s code, `utils.onnx_runtime.OnnxEarlyExit`); '
+            'their speed-up and FLOP efficiency are against timm\'s DeiT-S exported the same way and run in the same '
+            'runtime, timed in the same interleaved rounds as the eager rows. Against the deployment targets: '
+            + '; '.join(parts) + '.')
 
 
 def _configurations(rows: List[Dict[str, Any]]) -> Dict[Tuple[int, str, str, int], List[Dict[str, Any]]]:

@@ -1,0 +1,120 @@
+"""Export a CF-ViT checkpoint for deployment: its two stages as ONNX graphs, run with early exit in onnxruntime.
+
+    python export_onnx.py --checkpoint_path CKPT [--model cf_deit_small] [--coarse-stage-size 7] \
+        [--output-dir DIR] [--quantize dynamic]
+
+Writes DIR/coarse.onnx (fine images in; coarse logits, confidence and the coarse state out),
+DIR/fine.onnx (the rows that go on: fine images and coarse state in, fine logits out) and
+DIR/manifest.json (model, grid, classes, sizes, normalization, GFLOPs per stage, exporter and
+opset). Both graphs take any batch size. The exported pair is then checked against the PyTorch
+model on a random batch. Run it with ``utils.onnx_runtime.OnnxEarlyExit`` or
+``dynamic_inference.py --backend onnxruntime DIR``.
+
+Any checkpoint the other scripts accept works: the released layout, a training checkpoint (which
+names its architecture), any grid, CF-DeiT and CF-LV-ViT.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import models
+from utils.checkpoint import CheckpointError, load_checkpoint_file
+from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
+from utils.model_builder import ModelBuildError, build_from_checkpoint
+from utils.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
+from utils.onnx_runtime import OnnxEarlyExit
+
+_logger = logging.getLogger('export_onnx')
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('CF-ViT ONNX export', formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__)
+    p.add_argument('--checkpoint-path', '--checkpoint_path', dest='checkpoint_path', required=True)
+    p.add_argument('--checkpoint-key', default=None,
+                   help="checkpoint entry holding the weights (default: 'model', else the whole file); e.g. model_ema")
+    p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
+                   help='the model (default: the one a training checkpoint records, else cf_deit_small)')
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+                   help='coarse grid side g (default: what a training checkpoint records, else 7)')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments (KEY=VALUE ... or one JSON object)')
+    p.add_argument('--output-dir', '--output_dir', default=None,
+                   help='export folder (default: output/onnx/<model>_g<g>[_int8])')
+    p.add_argument('--overwrite', action='store_true', help='replace an export already in --output-dir')
+    p.add_argument('--quantize', choices=QUANTIZE_MODES, default='none',
+                   help="'dynamic': int8 weights of the linear layers (onnxruntime's dynamic quantization)")
+    p.add_argument('--exporter', choices=EXPORTERS, default='dynamo',
+                   help='torch.onnx.export with dynamo=True (default) or the older tracing exporter (faster to run)')
+    p.add_argument('--opset', type=positive_int, default=DEFAULT_OPSET)
+    p.add_argument('--unsafe-load', action='store_true',
+                   help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    try:
+        model, name, g = build_from_checkpoint(checkpoint, args.model, args.coarse_stage_size, args.model_kwargs,
+                                               args.checkpoint_key)
+    except ModelBuildError as e:
+        raise UsageError(str(e))
+    model.eval()
+    suffix = '_int8' if args.quantize == 'dynamic' else ''
+    out = Path(args.output_dir or Path('output') / 'onnx' / f'{name}_g{g}{suffix}')
+    _logger.info('exporting %s (%dx%d coarse grid, %d classes) with %s, opset %d, into %s',
+                 name, g, g, model.num_classes, args.exporter, args.opset, out)
+    try:
+        manifest = export_early_exit(model, out, exporter=args.exporter, opset=args.opset, quantize=args.quantize,
+                                     overwrite=args.overwrite,
+                                     extra={'checkpoint': os.path.abspath(args.checkpoint_path)})
+    except (OutputDirError, ExportExistsError) as e:
+        raise UsageError(str(e))
+    # check the pair against the model on a random batch (every row through both stages)
+    runtime = OnnxEarlyExit(out)
+    side = model.img_size_list[1]
+    x = torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.forward_details(x)
+    got = runtime.forward_details(x)
+    diff = [float((a - b).abs().max()) for a, b in ((got.coarse_logits, ref.coarse_logits),
+                                                    (got.fine_logits, ref.fine_logits))]
+    same_top1 = bool(torch.equal(got.fine_logits.argmax(1), ref.fine_logits.argmax(1)))
+    _logger.info('GFLOPs of one image: coarse %.4f, coarse + fine %.4f', *manifest['gflops'])
+    _logger.info('check on 4 random images: max |logits - PyTorch| coarse %.2e, fine %.2e; same top-1: %s',
+                 diff[0], diff[1], same_top1)
+    _logger.info('wrote %s (coarse.onnx, fine.onnx, manifest.json)', out)
+    return manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    try:
+        run(args)
+    except (UsageError, CheckpointError) as e:
+        print(f'export_onnx.py: error: {" ".join(str(e).split())}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # writing the graphs failed (full disk, ...); earlier files are intact
+        print(f'export_onnx.py: error: {describe_os_error(e, "cannot write the export")}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    sys.exit(main())

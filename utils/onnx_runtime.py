@@ -1,0 +1,199 @@
+"""Early exit on onnxruntime: :class:`OnnxEarlyExit` runs an export folder (``utils.onnx_export``).
+
+It keeps the contract of the PyTorch model's ``forward_early_exit(x, threshold)`` and
+``forward_details(x, threshold)``: the coarse graph runs on the whole batch, a row exits when its
+coarse max-softmax is ``>= threshold`` (decided here, in torch, as the model decides it), and the
+fine graph runs only for the rows that go on, not at all when every row exits. Inputs and outputs
+are torch tensors, so the evaluation loops of ``utils.inference`` take it in place of a model.
+
+Loading checks the folder: the manifest's format, both graph files, their SHA-256 against the
+manifest (a graph of another export is refused), and the graphs' input and output shapes against
+the manifest's sizes and class count. The CUDA execution provider is used when onnxruntime has it
+(untested here: this project's machines have no GPU), else the CPU one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from models.cf_vit import CFOutput
+from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
+from models.token_ops import fine_children, rank_coarse_patches
+from .onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
+
+__all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_providers', 'make_session']
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportFolderError(ValueError):
+    """An export folder that cannot be run (message meant for a person)."""
+
+
+def read_manifest(folder: PathLike) -> Dict[str, Any]:
+    """The manifest of an export folder, checked to be one of ours in a known format version."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportFolderError(f'export folder not found: {folder}')
+    path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportFolderError(f'{folder} has no {MANIFEST_NAME}: it is not a folder written by export_onnx.py') from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportFolderError(f'cannot read {path}: {e}') from None
+    if not isinstance(manifest, dict) or manifest.get('format') != EXPORT_FORMAT:
+        raise ExportFolderError(f'{path} is not a CF-ViT early-exit export manifest (format {EXPORT_FORMAT!r})')
+    if manifest.get('format_version') != FORMAT_VERSION:
+        raise ExportFolderError(f'{path} has format version {manifest.get("format_version")}, this code reads '
+                                f'{FORMAT_VERSION}')
+    missing = [k for k in ('model', 'img_size_list', 'num_classes', 'gflops', 'data_config', 'graphs')
+               if k not in manifest]
+    if missing:
+        raise ExportFolderError(f'{path} lacks {", ".join(missing)}')
+    return manifest
+
+
+def default_providers() -> List[str]:
+    """CUDA when onnxruntime was built with it, then CPU."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    return [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in available]
+
+
+def make_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    """An ``onnxruntime.InferenceSession`` with every graph optimization, ``threads`` intra-op
+    threads (default: torch's thread count) and one inter-op thread."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+
+
+def _check_io(session, names_in: Sequence[str], names_out: Sequence[str], what: str) -> None:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != list(names_in) or got_out != list(names_out):
+        raise ExportFolderError(f'{what} has inputs {got_in} and outputs {got_out}, expected {list(names_in)} '
+                                f'and {list(names_out)}')
+
+
+class OnnxEarlyExit:
+    """A CF model's export folder, run in onnxruntime with the model's early-exit contract.
+
+    Args:
+        folder: an export folder of ``export_onnx.py``.
+        threads: intra-op threads of each session (default: torch's thread count).
+        providers: onnxruntime execution providers (default: :func:`default_providers`).
+        verify: check the graphs' SHA-256 against the manifest.
+
+    Attributes:
+        manifest: the folder's manifest; img_size_list, num_classes, flops (``[coarse, coarse + fine]``
+        GFLOPs), pretrained_cfg (the data config, for ``datasets.eval_transform``).
+
+    Raises:
+        ExportFolderError: a missing or foreign graph, or a manifest that does not describe the graphs.
+    """
+
+    def __init__(self, folder: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 verify: bool = True) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest = read_manifest(self.folder)
+        self.img_size_list = [int(v) for v in manifest['img_size_list']]
+        self.num_classes = int(manifest['num_classes'])
+        self.flops = [float(v) for v in manifest['gflops']]
+        self.pretrained_cfg = dict(manifest['data_config'], architecture=manifest['model'])
+        sessions = {}
+        for stage, (names_in, names_out) in {'coarse': (COARSE_INPUTS, COARSE_OUTPUTS),
+                                             'fine': (FINE_INPUTS, FINE_OUTPUTS)}.items():
+            entry = manifest['graphs'].get(stage) if isinstance(manifest['graphs'], dict) else None
+            if not entry or entry.get('file') != GRAPH_FILES[stage]:
+                raise ExportFolderError(f'{self.folder / MANIFEST_NAME} names no {stage} graph')
+            path = self.folder / entry['file']
+            if not path.is_file():
+                raise ExportFolderError(f'the {stage} graph {path} is missing')
+            if verify and sha256_file(path) != entry.get('sha256'):
+                raise ExportFolderError(f'{path} is not the {stage} graph that {MANIFEST_NAME} describes '
+                                        '(SHA-256 differs): a graph of another export or a modified file')
+            try:
+                session = make_session(path, threads, providers)
+            except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+                raise ExportFolderError(f'onnxruntime cannot load {path}: {str(e).splitlines()[0]}') from None
+            _check_io(session, names_in, names_out, f'the {stage} graph {path}')
+            sessions[stage] = session
+        self._coarse, self._fine = sessions['coarse'], sessions['fine']
+        side = self.img_size_list[1]
+        shape = self._coarse.get_inputs()[0].shape
+        classes = self._coarse.get_outputs()[0].shape[-1]
+        if list(shape[1:]) != [3, side, side] or classes != self.num_classes:
+            raise ExportFolderError(
+                f'the graphs take (B, {", ".join(map(str, shape[1:]))}) images and give {classes} classes, but '
+                f'{MANIFEST_NAME} says (B, 3, {side}, {side}) and {self.num_classes} classes: a manifest of another model')
+        self.providers = self._coarse.get_providers()
+
+    # the evaluation loops call these on models
+    def eval(self) -> 'OnnxEarlyExit':
+        return self
+
+    def __repr__(self) -> str:
+        return (f'OnnxEarlyExit({str(self.folder)!r}, model={self.manifest["model"]}, '
+                f'img_size_list={self.img_size_list}, providers={self.providers})')
+
+    def _fine_images(self, x: Any) -> torch.Tensor:
+        x_f = x[1] if isinstance(x, (list, tuple)) and len(x) == 2 else x  # [x_c, x_f]: the graph makes x_c
+        side = self.img_size_list[1]
+        if not isinstance(x_f, torch.Tensor) or x_f.dim() != 4 or tuple(x_f.shape[1:]) != (3, side, side):
+            shape = tuple(x_f.shape) if isinstance(x_f, torch.Tensor) else type(x_f).__name__
+            raise ValueError(f'expected the fine images as (B, 3, {side}, {side}), got {shape}')
+        return x_f
+
+    def _run(self, x: Any, threshold: Optional[float]) -> Tuple[torch.Tensor, ...]:
+        """(coarse_logits, fine_logits, exited, confidence, cls_attn) on the input's device."""
+        x_f = self._fine_images(x)
+        device = x_f.device
+        images = x_f.detach().to('cpu', torch.float32).contiguous().numpy()
+        logits, confidence, tokens, embeddings, cls_attn = self._coarse.run(None, {COARSE_INPUTS[0]: images})
+        coarse_logits, confidence = torch.from_numpy(logits), torch.from_numpy(confidence)
+        if threshold is None:
+            exited = torch.zeros_like(confidence, dtype=torch.bool)
+        else:
+            threshold = float(threshold)
+            if math.isnan(threshold):
+                raise ValueError('the early-exit threshold is NaN')
+            exited = confidence >= threshold
+        go_on = torch.nonzero(~exited).squeeze(1)
+        n = go_on.numel()
+        if n == 0:
+            fine_logits = coarse_logits
+        else:
+            feeds = (images, tokens, embeddings, cls_attn)
+            if n < exited.numel():
+                rows = go_on.numpy()
+                feeds = tuple(np.ascontiguousarray(a[rows]) for a in feeds)
+            fine_rows = torch.from_numpy(self._fine.run(None, dict(zip(FINE_INPUTS, feeds)))[0])
+            fine_logits = fine_rows if n == exited.numel() else coarse_logits.index_copy(0, go_on, fine_rows)
+        outs = (coarse_logits, fine_logits, exited, confidence, torch.from_numpy(cls_attn))
+        return outs if device.type == 'cpu' else tuple(t.to(device) for t in outs)
+
+    def forward_early_exit(self, x: Any, threshold: float) -> torch.Tensor:
+        """(B, C): coarse logits where the coarse max-softmax is ``>= threshold``, fine logits elsewhere."""
+        return self._run(x, threshold)[1]
+
+    def forward_details(self, x: Any, threshold: Optional[float] = None) -> CFOutput:
+        """As the model's ``forward_details``: None runs the fine stage (with selection) for every row."""
+        coarse_logits, fine_logits, exited, confidence, cls_attn = self._run(x, threshold)
+        k = int(self.manifest.get('num_informative', math.ceil(cls_attn.shape[1] / 2)))
+        important, _ = rank_coarse_patches(cls_attn, k)
+        grid = (int(self.manifest['coarse_stage_size']),) * 2
+        return CFOutput(coarse_logits, fine_logits, exited, confidence, cls_attn, important,
+                        fine_children(important, grid))
