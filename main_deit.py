@@ -134,6 +134,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='more timm.create_model overrides, values as Python literals '
                         '(e.g. fine_pos_embed_without_selection=True)')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute the blocks of both stages in the backward pass: less memory, same gradients')
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', '--drop_path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--selection-start-epoch', type=int, default=200,
@@ -447,6 +449,7 @@ def run(args: argparse.Namespace) -> None:
     train_set, val_set, num_classes = load_datasets(args)
 
     model = build_model(args, num_classes)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     if train_set is not None:
         attach_transform(train_set, build_transform(True, args, model))
     attach_transform(val_set, build_transform(False, args, model))

@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> None:
     if not args.mix_token:
         args.model_kwargs = list(args.model_kwargs) + ['mix_token=False']
     model = main_deit.build_model(args, num_classes, dense=True)
+    model.dense_train_outputs = True  # training outputs for token labeling, as released
+    model.set_grad_checkpointing(args.grad_checkpointing)
     label_size = resolve_label_size(args, model) if args.token_label else 1
     if train_set is not None:
         train_set = build_train_set(args, model, train_set, num_classes)
