@@ -33,6 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
 
@@ -61,6 +62,47 @@ Box = Tuple[int, int, int, int]  # (row0, col0, row1, col1) on a token grid, end
 NO_BOX: Box = (0, 0, 0, 0)
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+# ---------------------------------------------------------------------- MixToken boxes
+# Leaves of torch.fx graphs (timm's notrace registry and torch.fx.wrap): a traced training graph
+# draws a new box at every call and mixes with it, as the eager model does.
+def draw_mix_box(grid: Tuple[int, int], beta: float = 1.0) -> Box:
+    """A random box covering about ``1 - lambda`` of an (h, w) grid, lambda ~ Beta(beta, beta)."""
+    h, w = grid
+    lam = float(torch.distributions.Beta(beta, beta).sample())
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * cut), int(w * cut)
+    cy = int(torch.randint(h, ()).item())
+    cx = int(torch.randint(w, ()).item())
+    clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
+    return (clip(cy - cut_h // 2, h), clip(cx - cut_w // 2, w),
+            clip(cy + cut_h // 2, h), clip(cx + cut_w // 2, w))
+
+
+@register_notrace_function
+def draw_mix_box_for(x: torch.Tensor, grid: Tuple[int, int], beta: float = 1.0) -> Box:
+    """:func:`draw_mix_box` as a graph node: ``x`` (any tensor of the batch) only ties it to the graph."""
+    return draw_mix_box(grid, beta)
+
+
+@register_notrace_function
+def mix_maps(x: torch.Tensor, box: Box) -> torch.Tensor:
+    """Replace the box of each (B, D, h, w) map with that of the batch flipped."""
+    r0, c0, r1, c1 = box
+    out = x.clone()
+    out[:, :, r0:r1, c0:c1] = x.flip(0)[:, :, r0:r1, c0:c1]
+    return out
+
+
+@register_notrace_function
+def scale_box(box: Box, scale: int) -> Box:
+    """The box on a grid ``scale`` times finer."""
+    return tuple(scale * v for v in box)  # type: ignore[return-value]
+
+
+for _leaf in ('draw_mix_box_for', 'mix_maps', 'scale_box'):
+    torch.fx.wrap(_leaf)
 
 
 class CoarseState(NamedTuple):
@@ -393,24 +435,12 @@ class CFVisionTransformer(nn.Module):
     # ------------------------------------------------------------------ MixToken
     def _draw_mix_box(self, grid: Tuple[int, int]) -> Box:
         """A random box covering about ``1 - lambda`` of the grid, lambda ~ Beta(1, 1)."""
-        h, w = grid
-        beta = torch.distributions.Beta(self.mix_beta, self.mix_beta)
-        lam = float(beta.sample())
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(h * cut), int(w * cut)
-        cy = int(torch.randint(h, ()).item())
-        cx = int(torch.randint(w, ()).item())
-        clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
-        return (clip(cy - cut_h // 2, h), clip(cx - cut_w // 2, w),
-                clip(cy + cut_h // 2, h), clip(cx + cut_w // 2, w))
+        return draw_mix_box(grid, self.mix_beta)
 
     @staticmethod
     def _mix_maps(x: torch.Tensor, box: Box) -> torch.Tensor:
         """Replace the box of each (B, D, h, w) map with that of the batch flipped."""
-        r0, c0, r1, c1 = box
-        out = x.clone()
-        out[:, :, r0:r1, c0:c1] = x.flip(0)[:, :, r0:r1, c0:c1]
-        return out
+        return mix_maps(x, box)
 
     # ------------------------------------------------------------------ the two stages
     def _run_block(self, blk: nn.Module, x: torch.Tensor,
@@ -423,7 +453,7 @@ class CFVisionTransformer(nn.Module):
     def _embed(self, x: torch.Tensor, grid: Tuple[int, int], box: Optional[Box]) -> torch.Tensor:
         """Patch-embed (B, C, H, W) to (B, h*w, D), MixToken applied when a box is given."""
         t = self.patch_embed(x)  # (B, D, h, w)
-        if tuple(t.shape[-2:]) != tuple(grid):
+        if not is_fx_symbolic_tracing() and tuple(t.shape[-2:]) != tuple(grid):
             raise ValueError(f'patch embedding gave a {tuple(t.shape[-2:])} grid, expected {grid}')
         if box is not None:
             t = self._mix_maps(t, box)
@@ -437,7 +467,9 @@ class CFVisionTransformer(nn.Module):
             dense: return the head's dense training output (LV-ViT) instead of logits.
         """
         grid = self.coarse_grid
-        box = self._draw_mix_box(grid) if (self.mix_token and self.training) else None
+        box = None
+        if self.mix_token and self.training:  # a traced graph draws its box at run time
+            box = draw_mix_box_for(x_c, grid, self.mix_beta) if is_fx_symbolic_tracing() else self._draw_mix_box(grid)
         t = self._embed(x_c, grid, box)  # (B, N_c, D)
         x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
         x = x + self.pos_embed_list[0]  # (B, 1+N_c, D)
@@ -484,7 +516,7 @@ class CFVisionTransformer(nn.Module):
         fine_grid = (FINE_SCALE * grid[0], FINE_SCALE * grid[1])
         box = None
         if state.mix_box is not None:
-            box = tuple(FINE_SCALE * v for v in state.mix_box)
+            box = scale_box(state.mix_box, FINE_SCALE)
         t = self._embed(x_f, fine_grid, box)  # (B, N_f, D)
         reuse = upsample_tokens(self.reuse_block(state.tokens[:, 1:]), grid)  # (B, N_f, D)
         x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t + reuse), dim=1)  # (B, 1+N_f, D)
@@ -540,11 +572,11 @@ class CFVisionTransformer(nn.Module):
         fine = self.forward_fine(x_f, state, dense=dense)
         return state.output, fine.output
 
-    def forward(self, x: Inputs) -> Any:
+    def forward(self, x):  # no annotations: torch.fx copies them into traced code, TorchScript reads it
         """timm's forward.
 
         Args:
-            x: ``x_fine`` (B, C, S_f, S_f), or the pair ``[x_coarse, x_fine]``.
+            x: ``x_fine`` (B, C, S_f, S_f), or the pair ``[x_coarse, x_fine]`` (as released).
 
         Returns:
             Eval mode: (B, C) early-exit logits at ``self.exit_threshold`` (by default no image
@@ -573,11 +605,19 @@ class CFVisionTransformer(nn.Module):
                     blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^reuse_block', (99999,))])
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """Called by ``torch.jit.script``: refused, with the reason in one line."""
-        raise RuntimeError(
-            f'{type(self).__name__} cannot be scripted by torch.jit.script: its stages pass NamedTuple states '
-            'holding any head output and early exit routes images by data; use torch.fx tracing, '
-            'model.compile_stages() or torch.export of forward_coarse / forward_fine instead')
+        """What ``torch.jit.script(model)`` compiles: the model's torch.fx graph in eval mode.
+
+        The eager model is not scriptable (NamedTuple stage states holding any head output, a
+        data-dependent early exit), but its eval forward without exit is a fixed tensor graph:
+        that graph is traced and scripted. Training mode, an ``exit_threshold`` that lets images
+        exit and the released list output are refused with one line.
+        """
+        if self.training or self.exit_threshold <= 1.0 or self.forward_returns_both_stages:
+            raise RuntimeError(
+                f'{type(self).__name__} can be scripted in eval mode without early exit only (exit_threshold > 1, '
+                'forward_returns_both_stages=False): early exit routes each image by data; use forward_early_exit '
+                'eagerly, model.compile_stages(), or torch.export of forward_coarse / forward_fine')
+        return torch.fx.GraphModule(self, torch.fx.Tracer().trace(self), class_name=type(self).__name__)
 
     def forward_intermediates(
             self,
