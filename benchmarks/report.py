@@ -189,6 +189,19 @@ def section_memory(d: Dict[str, Any]) -> str:
         'and from keeping one class-attention row per block instead of N x N maps.', ''])
 
 
+def section_grad_checkpointing(d: Dict[str, Any]) -> str:
+    rows = [[r['configuration'], f"{r['peak_rss_growth_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['step_s']:.2f}"]
+            for r in d['rows']]
+    return '\n'.join([
+        '## 6. Grad checkpointing of a training step (CPU)', '',
+        f"cf_deit_small, one training step at batch {d['batch']} (both stages, float32), with and without "
+        "`model.set_grad_checkpointing()`: growth of the peak resident memory over a batch-2 warm-up, and the "
+        f"median step time of {d['steps']} steps, fresh processes ({d.get('reps', 1)} per configuration).", '',
+        machine_line(d['machine']), '', '```', 'python benchmarks/bench_grad_checkpointing.py', '```', '',
+        table(['configuration', 'peak growth (MiB)', 'peak RSS (MiB)', 's / step'], rows), '',
+        'The time ratio is indicative only: the machine was shared with other jobs while this ran.', ''])
+
+
 def _match(d: Dict[str, Any]) -> str:
     share = d.get('cf_gflops_to_match_baseline_share')
     return (f"{d['cf_gflops_to_match_baseline']:.4f} GFLOPs ({100 * share:.0f}% of the baseline's)"
@@ -273,7 +286,8 @@ def main() -> None:
         parts.append('## 1. Early-exit inference throughput (CPU)\n\nNot run yet.\n')
     earlier = [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob('reproduction_*.json'))]
     for name, fn in (('sweep', section_sweep), ('train_step', section_train), ('memory', section_memory),
-                     ('reproduction', partial(section_reproduction, earlier=earlier))):
+                     ('reproduction', partial(section_reproduction, earlier=earlier)),
+                     ('grad_checkpointing', section_grad_checkpointing)):
         d = load(name)
         if d:
             parts.append(fn(d))

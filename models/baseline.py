@@ -7,7 +7,7 @@ zero, and so is its gradient) and evaluation reports the same top-1 twice.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -19,7 +19,8 @@ __all__ = ['SingleStageBaseline', 'create_baseline']
 
 
 class SingleStageBaseline(nn.Module):
-    """Wraps ``model`` (input side ``img_size_list[1]``) so that ``forward(x)`` returns ``[y, y]``."""
+    """Wraps ``model`` (input side ``img_size_list[1]``) so that ``forward(x)`` returns ``[y, y]``
+    (and ``forward_stages(x)`` the pair, as CF models do)."""
 
     return_dense = False
 
@@ -36,14 +37,22 @@ class SingleStageBaseline(nn.Module):
         """No-op: a single-stage model has no selection (kept for the training loop)."""
         self.informative_selection = bool(enabled)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The wrapped model's grad checkpointing (timm's)."""
+        self.model.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set:
         inner = getattr(self.model, 'no_weight_decay', None)
         return {f'model.{n}' for n in inner()} if inner else set()
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+    def forward_stages(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, y)``: the model's logits of the fine image, as both "stages" (any mode)."""
         x_f = x if isinstance(x, torch.Tensor) else x[-1]
         y = self.model(x_f)
-        return [y, y]
+        return y, y
+
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+        return list(self.forward_stages(x))
 
 
 def create_baseline(name: str, coarse_stage_size: Optional[int] = None, patch_size: int = 16,

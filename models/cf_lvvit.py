@@ -1,14 +1,16 @@
 """CF-LV-ViT: the coarse-to-fine method on LV-ViT (convolutional stem, auxiliary token head).
 
-Differences from CF-DeiT, all in construction or in :meth:`CFLVViT.forward_head`:
+Differences from CF-DeiT, all in construction or in :meth:`CFLVViT.forward_stage_head`:
 
 - patch embedding: the four-layer convolutional stem of LV-ViT;
 - blocks divide both residual branches by ``skip_lam = 2``;
 - an ``aux_head`` classifies every patch token; at evaluation a stage's logits are
   ``head(cls) + 0.25 * max over tokens of aux_head(tokens)``, which the release divides by
   1.25 at the coarse stage only (its early-exit thresholds were calibrated on that asymmetry);
-- in training, each stage returns ``(cls_logits, dense_logits, box)`` for token labeling, the
-  dense logits laid out on the stage's full grid and un-mixed from MixToken.
+- in training with ``dense_train_outputs`` (main_lvvit.py switches it on, as the release always
+  did), each stage returns ``(cls_logits, dense_logits, box)`` for token labeling, the dense
+  logits laid out on the stage's full grid and un-mixed from MixToken; without it, the
+  evaluation logits (timm's contract: one (B, C) tensor per stage).
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ class CFLVViT(CFVisionTransformer):
         normalize_fine_logits: the same for the fine stage. False reproduces the released model
             (it never divided there).
         stem_chans: width of the convolutional stem.
+        dense_train_outputs: training-mode ``forward`` returns the dense token-labeling tuples
+            (the released model always did; ``main_lvvit.py`` switches it on). False: (B, C)
+            evaluation logits per stage, what timm's training tools expect.
         **kwargs: as for :class:`CFVisionTransformer`; defaults here are LV-ViT's (skip_lam 2,
             LayerNorm eps 1e-5, no qkv bias, MixToken on, position embedding in the
             non-selective fine stage).
@@ -53,6 +58,7 @@ class CFLVViT(CFVisionTransformer):
             normalize_coarse_logits: bool = True,
             normalize_fine_logits: bool = False,
             stem_chans: int = 64,
+            dense_train_outputs: bool = False,
             **kwargs: Any,
     ) -> None:
         kwargs.setdefault('skip_lam', 2.0)
@@ -65,6 +71,7 @@ class CFLVViT(CFVisionTransformer):
         self.aux_weight = aux_weight
         self.normalize_coarse_logits = normalize_coarse_logits
         self.normalize_fine_logits = normalize_fine_logits
+        self.dense_train_outputs = dense_train_outputs
 
     def _init_extra_heads(self) -> None:
         self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
@@ -75,8 +82,8 @@ class CFLVViT(CFVisionTransformer):
         if isinstance(self.aux_head, nn.Linear):
             init_weights_vit_timm(self.aux_head)
 
-    def forward_head(self, z: torch.Tensor, stage: int, dense: bool = False,
-                     layout: Optional[TokenLayout] = None) -> Any:
+    def forward_stage_head(self, z: torch.Tensor, stage: int, dense: bool = False,
+                           layout: Optional[TokenLayout] = None) -> Any:
         """Class-token logits plus the auxiliary token head.
 
         Args:
@@ -88,8 +95,11 @@ class CFLVViT(CFVisionTransformer):
         Returns:
             (B, C) logits; or, when ``dense``, ``(cls_logits (B, C), dense_logits (B, h*w, C),
             box)`` with the dense logits on the stage's full row-major grid, un-mixed, and the
-            MixToken box ``(row0, col0, row1, col1)`` on that grid ((0, 0, 0, 0) if none).
+            MixToken box ``(row0, col0, row1, col1)`` on that grid ((0, 0, 0, 0) if none). Without
+            a classifier (``num_classes=0``): the (B, D) class token, timm's pooled feature.
         """
+        if self.num_classes == 0 and not dense:
+            return z[:, 0]
         cls_logits = self.head(z[:, 0])
         aux = self.aux_head(z[:, 1:])  # (B, M, C)
         if dense:
@@ -112,7 +122,7 @@ class CFLVViT(CFVisionTransformer):
 
 
 def _lvvit_cfg(**kwargs: Any) -> dict:
-    return _cfg(crop_pct=0.9, first_conv='patch_embed.conv1', **kwargs)
+    return _cfg(crop_pct=0.9, first_conv='patch_embed.conv1', classifier=('head', 'aux_head'), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -27,9 +27,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
 
@@ -50,11 +54,55 @@ INFORMATIVE_RATIO = 0.5
 ATTN_EMA_BETA = 0.99
 #: First block (0-based) whose class attention enters the moving average.
 SELECTION_START_BLOCK = 3
+#: Default early-exit threshold of the eval-mode ``forward``: above any softmax probability (a
+#: float32 softmax can reach exactly 1.0, so 1.0 would still let some images exit): no image exits.
+NEVER_EXIT = math.inf
 
 Box = Tuple[int, int, int, int]  # (row0, col0, row1, col1) on a token grid, end-exclusive
 NO_BOX: Box = (0, 0, 0, 0)
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+# ---------------------------------------------------------------------- MixToken boxes
+# Leaves of torch.fx graphs (timm's notrace registry and torch.fx.wrap): a traced training graph
+# draws a new box at every call and mixes with it, as the eager model does.
+def draw_mix_box(grid: Tuple[int, int], beta: float = 1.0) -> Box:
+    """A random box covering about ``1 - lambda`` of an (h, w) grid, lambda ~ Beta(beta, beta)."""
+    h, w = grid
+    lam = float(torch.distributions.Beta(beta, beta).sample())
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * cut), int(w * cut)
+    cy = int(torch.randint(h, ()).item())
+    cx = int(torch.randint(w, ()).item())
+    clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
+    return (clip(cy - cut_h // 2, h), clip(cx - cut_w // 2, w),
+            clip(cy + cut_h // 2, h), clip(cx + cut_w // 2, w))
+
+
+@register_notrace_function
+def draw_mix_box_for(x: torch.Tensor, grid: Tuple[int, int], beta: float = 1.0) -> Box:
+    """:func:`draw_mix_box` as a graph node: ``x`` (any tensor of the batch) only ties it to the graph."""
+    return draw_mix_box(grid, beta)
+
+
+@register_notrace_function
+def mix_maps(x: torch.Tensor, box: Box) -> torch.Tensor:
+    """Replace the box of each (B, D, h, w) map with that of the batch flipped."""
+    r0, c0, r1, c1 = box
+    out = x.clone()
+    out[:, :, r0:r1, c0:c1] = x.flip(0)[:, :, r0:r1, c0:c1]
+    return out
+
+
+@register_notrace_function
+def scale_box(box: Box, scale: int) -> Box:
+    """The box on a grid ``scale`` times finer."""
+    return tuple(scale * v for v in box)  # type: ignore[return-value]
+
+
+for _leaf in ('draw_mix_box_for', 'mix_maps', 'scale_box'):
+    torch.fx.wrap(_leaf)
 
 
 class CoarseState(NamedTuple):
@@ -207,18 +255,27 @@ class CFVisionTransformer(nn.Module):
         attn_ema_beta: decay of the class-attention moving average (beta).
         selection_start_block: first block whose attention enters the average (default 3, the
             paper's; the last block for models of depth 3 or less).
-        informative_selection: start with informative selection on (training switches it on
-            late; inference always uses it).
+        informative_selection: start with informative selection on (the default: the inference
+            path, and fine-tuning as the released fine stage after epoch 200). The training
+            scripts switch it per epoch as released (off until ``--selection-start-epoch``).
         fine_pos_embed_without_selection: add ``pos_embed_list.1`` in the fine stage also when
             selection is off. False reproduces the released CF-DeiT, whose non-selective fine
             stage omitted it; the paper's DeiT results were trained that way.
         mix_token: MixToken augmentation of the patch embeddings in training (LV-ViT).
         embed_layer: patch-embedding constructor ``(patch_size, in_chans, embed_dim) -> module``
             returning (B, D, h, w) maps; timm's ``PatchEmbed`` by default.
+        exit_threshold: early-exit threshold of the eval-mode ``forward`` (one (B, C) tensor, as
+            timm's tools expect): an image whose coarse max-softmax is ``>=`` it exits. The default
+            :data:`NEVER_EXIT` lets none exit: the fine stage's prediction for every image.
+        forward_returns_both_stages: True reproduces the released ``forward``, which returned the
+            list ``[coarse, fine]`` in eval mode too. False (default): eval mode returns the
+            early-exit prediction, training mode the tuple ``(coarse, fine)``.
     """
 
-    #: Head outputs of training mode are dense tuples (overridden by LV-ViT).
+    #: The model has dense (per-token) stage outputs for token labeling (LV-ViT).
     return_dense: bool = False
+    #: Training-mode ``forward`` returns the dense tuples (LV-ViT; main_lvvit.py switches it on).
+    dense_train_outputs: bool = False
 
     def __init__(
             self,
@@ -240,12 +297,14 @@ class CFVisionTransformer(nn.Module):
             informative_ratio: float = INFORMATIVE_RATIO,
             attn_ema_beta: float = ATTN_EMA_BETA,
             selection_start_block: Optional[int] = None,
-            informative_selection: bool = False,
+            informative_selection: bool = True,
             fine_pos_embed_without_selection: bool = False,
             mix_token: bool = False,
             embed_layer: Optional[Any] = None,
             coarse_stage_size: Optional[int] = None,
             img_size: Optional[int] = None,
+            exit_threshold: float = NEVER_EXIT,
+            forward_returns_both_stages: bool = False,
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -257,7 +316,10 @@ class CFVisionTransformer(nn.Module):
         act_layer = act_layer or nn.GELU
 
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.exit_threshold = float(exit_threshold)
+        self.forward_returns_both_stages = forward_returns_both_stages
+        self.grad_checkpointing = False
         self.patch_size = patch_size
         self.coarse_grid = (self.img_size_list[0] // patch_size,) * 2
         self.fine_grid = (self.img_size_list[1] // patch_size,) * 2
@@ -295,6 +357,10 @@ class CFVisionTransformer(nn.Module):
             Mlp(in_features=embed_dim, hidden_features=int(mlp_ratio * embed_dim), out_features=embed_dim,
                 act_layer=act_layer, drop=drop_rate),
         )
+        # timm's feature metadata: every block's tokens as a map of the coarse grid (reduction
+        # relative to the fine input, the model's input size)
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=FINE_SCALE * patch_size) for i in range(depth)]
         self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
@@ -322,7 +388,10 @@ class CFVisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them)."""
+        """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them).
+
+        ``global_pool`` is accepted for timm's signature; the class token is always the pooled feature.
+        """
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
@@ -339,21 +408,23 @@ class CFVisionTransformer(nn.Module):
         Returns:
             (B, C, S_c, S_c) and (B, C, S_f, S_f), checked against the model's input sizes.
         """
-        if isinstance(x, torch.Tensor):
-            x_f = x
-            self._check_size(x_f, 1)
-            x_c = coarse_from_fine(x_f, (self.img_size_list[0],) * 2)
-        elif isinstance(x, (list, tuple)) and len(x) == 2:
+        if isinstance(x, (list, tuple)):
+            if len(x) != 2:
+                raise TypeError('expected a fine image batch or a pair [x_coarse, x_fine]')
             x_c, x_f = x
             self._check_size(x_c, 0)
             self._check_size(x_f, 1)
             if x_c.shape[0] != x_f.shape[0]:
                 raise ValueError(f'coarse and fine batches differ: {x_c.shape[0]} vs {x_f.shape[0]}')
-        else:
+            return x_c, x_f
+        if not (isinstance(x, torch.Tensor) or is_fx_symbolic_tracing()):  # FX traces a Proxy here
             raise TypeError('expected a fine image batch or a pair [x_coarse, x_fine]')
-        return x_c, x_f
+        self._check_size(x, 1)
+        return coarse_from_fine(x, (self.img_size_list[0],) * 2), x
 
     def _check_size(self, x: torch.Tensor, stage: int) -> None:
+        if is_fx_symbolic_tracing():  # symbolic shapes: the traced graph keeps the model's fixed sizes
+            return
         side = self.img_size_list[stage]
         if x.dim() != 4 or tuple(x.shape[-2:]) != (side, side):
             name = ('coarse', 'fine')[stage]
@@ -364,30 +435,25 @@ class CFVisionTransformer(nn.Module):
     # ------------------------------------------------------------------ MixToken
     def _draw_mix_box(self, grid: Tuple[int, int]) -> Box:
         """A random box covering about ``1 - lambda`` of the grid, lambda ~ Beta(1, 1)."""
-        h, w = grid
-        beta = torch.distributions.Beta(self.mix_beta, self.mix_beta)
-        lam = float(beta.sample())
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(h * cut), int(w * cut)
-        cy = int(torch.randint(h, ()).item())
-        cx = int(torch.randint(w, ()).item())
-        clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
-        return (clip(cy - cut_h // 2, h), clip(cx - cut_w // 2, w),
-                clip(cy + cut_h // 2, h), clip(cx + cut_w // 2, w))
+        return draw_mix_box(grid, self.mix_beta)
 
     @staticmethod
     def _mix_maps(x: torch.Tensor, box: Box) -> torch.Tensor:
         """Replace the box of each (B, D, h, w) map with that of the batch flipped."""
-        r0, c0, r1, c1 = box
-        out = x.clone()
-        out[:, :, r0:r1, c0:c1] = x.flip(0)[:, :, r0:r1, c0:c1]
-        return out
+        return mix_maps(x, box)
 
     # ------------------------------------------------------------------ the two stages
+    def _run_block(self, blk: nn.Module, x: torch.Tensor,
+                   return_cls_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One block, through ``torch.utils.checkpoint`` (non-reentrant) when grad checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, return_cls_attn=return_cls_attn, use_reentrant=False)
+        return blk(x, return_cls_attn=return_cls_attn)
+
     def _embed(self, x: torch.Tensor, grid: Tuple[int, int], box: Optional[Box]) -> torch.Tensor:
         """Patch-embed (B, C, H, W) to (B, h*w, D), MixToken applied when a box is given."""
         t = self.patch_embed(x)  # (B, D, h, w)
-        if tuple(t.shape[-2:]) != tuple(grid):
+        if not is_fx_symbolic_tracing() and tuple(t.shape[-2:]) != tuple(grid):
             raise ValueError(f'patch embedding gave a {tuple(t.shape[-2:])} grid, expected {grid}')
         if box is not None:
             t = self._mix_maps(t, box)
@@ -401,7 +467,9 @@ class CFVisionTransformer(nn.Module):
             dense: return the head's dense training output (LV-ViT) instead of logits.
         """
         grid = self.coarse_grid
-        box = self._draw_mix_box(grid) if (self.mix_token and self.training) else None
+        box = None
+        if self.mix_token and self.training:  # a traced graph draws its box at run time
+            box = draw_mix_box_for(x_c, grid, self.mix_beta) if is_fx_symbolic_tracing() else self._draw_mix_box(grid)
         t = self._embed(x_c, grid, box)  # (B, N_c, D)
         x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
         x = x + self.pos_embed_list[0]  # (B, 1+N_c, D)
@@ -410,13 +478,13 @@ class CFVisionTransformer(nn.Module):
         attn = None  # running average of the class-token attention row, (B, heads, 1+N_c)
         beta = self.attn_ema_beta
         for i, blk in enumerate(self.blocks):
-            x, a = blk(x, return_cls_attn=i >= self.selection_start_block)
+            x, a = self._run_block(blk, x, i >= self.selection_start_block)
             if a is not None:
                 attn = (1 - beta) * a if attn is None else beta * attn + (1 - beta) * a
         z = self.norm(x)
         cls_attn = attn.mean(dim=1)[:, 1:]  # (B, N_c)
         layout = TokenLayout(grid=grid, coarse_grid=grid, mix_box=box)
-        output = self.forward_head(z, stage=0, dense=dense, layout=layout)
+        output = self.forward_stage_head(z, stage=0, dense=dense, layout=layout)
         return CoarseState(z, embeddings, cls_attn, output, grid, box)
 
     def select_patches(self, cls_attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -448,7 +516,7 @@ class CFVisionTransformer(nn.Module):
         fine_grid = (FINE_SCALE * grid[0], FINE_SCALE * grid[1])
         box = None
         if state.mix_box is not None:
-            box = tuple(FINE_SCALE * v for v in state.mix_box)
+            box = scale_box(state.mix_box, FINE_SCALE)
         t = self._embed(x_f, fine_grid, box)  # (B, N_f, D)
         reuse = upsample_tokens(self.reuse_block(state.tokens[:, 1:]), grid)  # (B, N_f, D)
         x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t + reuse), dim=1)  # (B, 1+N_f, D)
@@ -465,40 +533,175 @@ class CFVisionTransformer(nn.Module):
             ), dim=1)  # (B, 1 + 4k + N_c - k, D)
         x = self.pos_drop(x)
         for blk in self.blocks:
-            x, _ = blk(x)
+            x, _ = self._run_block(blk, x)
         z = self.norm(x)
         layout = TokenLayout(grid=fine_grid, coarse_grid=grid, important_coarse_index=important,
                              unimportant_coarse_index=unimportant, mix_box=box)
-        output = self.forward_head(z, stage=1, dense=dense, layout=layout)
+        output = self.forward_stage_head(z, stage=1, dense=dense, layout=layout)
         return FineState(z, output, important, unimportant, important_fine)
 
-    def forward_head(self, z: torch.Tensor, stage: int, dense: bool = False,
-                     layout: Optional[TokenLayout] = None) -> Any:
+    def forward_stage_head(self, z: torch.Tensor, stage: int, dense: bool = False,
+                           layout: Optional[TokenLayout] = None) -> Any:
         """Classify from the normed tokens (B, 1+M, D) of a stage: ``head`` of the class token."""
         return self.head(z[:, 0])
 
-    # ------------------------------------------------------------------ public forwards
-    def forward_features(self, x: Inputs) -> List[torch.Tensor]:
-        """Normed tokens of both stages, ``[(B, 1+N_c, D), (B, 1+M, D)]``."""
+    # ------------------------------------------------------------------ timm's model contract
+    def forward_features(self, x: Inputs) -> torch.Tensor:
+        """(B, 1+M, D) normed tokens of the fine stage (after the coarse one, no exit; the model's
+        selection setting). ``forward_head`` of them is the eval-mode ``forward`` at the default
+        threshold. The stages' own outputs: :meth:`forward_coarse` / :meth:`forward_fine`."""
         x_c, x_f = self.split_inputs(x)
-        state = self.forward_coarse(x_c)
-        return [state.tokens, self.forward_fine(x_f, state).tokens]
+        return self.forward_fine(x_f, self.forward_coarse(x_c)).tokens
 
-    def forward(self, x: Inputs) -> List[Any]:
-        """Both stages on the whole batch: ``[coarse_output, fine_output]``.
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head: (B, 1+M, D) fine-stage tokens -> (B, C) logits, or the (B, D) class token
+        with ``pre_logits``."""
+        if pre_logits:
+            return x[:, 0]
+        return self.forward_stage_head(x, stage=1)
 
-        Args:
-            x: ``[x_coarse, x_fine]`` or ``x_fine`` alone.
+    def forward_stages(self, x: Inputs) -> Tuple[Any, Any]:
+        """Both stages on the whole batch, in either mode: ``(coarse_output, fine_output)``.
 
-        Returns:
-            Two (B, C) logits; LV-ViT in training mode returns two ``(cls_logits, dense_logits,
-            box)`` tuples for token labeling instead.
+        Each is (B, C) logits; an LV-ViT in training mode with ``dense_train_outputs`` on returns
+        ``(cls_logits, dense_logits, box)`` tuples for token labeling instead.
         """
         x_c, x_f = self.split_inputs(x)
-        dense = self.return_dense and self.training
+        dense = self.return_dense and self.training and self.dense_train_outputs
         state = self.forward_coarse(x_c, dense=dense)
         fine = self.forward_fine(x_f, state, dense=dense)
-        return [state.output, fine.output]
+        return state.output, fine.output
+
+    def forward(self, x):  # no annotations: torch.fx copies them into traced code, TorchScript reads it
+        """timm's forward.
+
+        Args:
+            x: ``x_fine`` (B, C, S_f, S_f), or the pair ``[x_coarse, x_fine]`` (as released).
+
+        Returns:
+            Eval mode: (B, C) early-exit logits at ``self.exit_threshold`` (by default no image
+            exits: the fine stage's logits). Training mode: the tuple ``(coarse, fine)`` of
+            :meth:`forward_stages`, which the loss needs. With ``forward_returns_both_stages``
+            (the released behaviour), the list ``[coarse, fine]`` in both modes.
+        """
+        if self.forward_returns_both_stages:
+            return list(self.forward_stages(x))
+        if self.training:
+            return self.forward_stages(x)
+        if self.exit_threshold > 1.0:  # no softmax probability reaches it: the fine stage for all
+            return self.forward_head(self.forward_features(x))
+        return self.forward_early_exit(x, self.exit_threshold)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block of both stages in the backward pass (``torch.utils.checkpoint``,
+        non-reentrant): less activation memory, the same gradients, about one more forward."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for timm's layer-wise lr decay: embeddings, then one group per block."""
+        return dict(stem=r'^cls_token|^pos_embed_list|^patch_embed',
+                    blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^reuse_block', (99999,))])
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(model)`` compiles: the model's torch.fx graph in eval mode.
+
+        The eager model is not scriptable (NamedTuple stage states holding any head output, a
+        data-dependent early exit), but its eval forward without exit is a fixed tensor graph:
+        that graph is traced and scripted. Training mode, an ``exit_threshold`` that lets images
+        exit and the released list output are refused with one line.
+        """
+        if self.training or self.exit_threshold <= 1.0 or self.forward_returns_both_stages:
+            raise RuntimeError(
+                f'{type(self).__name__} can be scripted in eval mode without early exit only (exit_threshold > 1, '
+                'forward_returns_both_stages=False): early exit routes each image by data; use forward_early_exit '
+                'eagerly, model.compile_stages(), or torch.export of forward_coarse / forward_fine')
+        return torch.fx.GraphModule(self, torch.fx.Tracer().trace(self), class_name=type(self).__name__)
+
+    def forward_intermediates(
+            self,
+            x: Inputs,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            stage: str = 'coarse',
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+        """timm's intermediate features: the outputs of blocks ``indices``, as maps.
+
+        Args:
+            x: ``x_fine`` or ``[x_coarse, x_fine]``.
+            indices: the last n blocks if an int, all if None, else the listed blocks.
+            return_prefix_tokens: pair each map with its (B, 1, D) class token.
+            norm: apply the final norm to the intermediates.
+            stop_early: with ``intermediates_only`` on the coarse stage, stop after the last block asked for.
+            output_fmt: ``'NCHW'`` (B, D, h, w) maps or ``'NLC'`` (B, h*w, D) tokens.
+            intermediates_only: return the intermediates only.
+            stage: ``'coarse'``: the coarse stage's blocks (g x g maps); ``'fine'``: the fine
+                stage's blocks without informative selection, where every fine patch exists (2g x 2g).
+
+        Returns:
+            ``(final, intermediates)``, ``final`` being ``forward_features(x)`` for ``stage='coarse'``
+            and the non-selective fine stage's normed tokens for ``stage='fine'``; or the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if stage not in ('coarse', 'fine'):
+            raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x_c, x_f = self.split_inputs(x)
+        taken: List[torch.Tensor] = []
+        final: Optional[torch.Tensor] = None
+        if stage == 'coarse':
+            grid = self.coarse_grid
+            h = torch.cat((self.cls_token.expand(x_c.shape[0], -1, -1), self._embed(x_c, grid, None)), dim=1)
+            h = self.pos_drop(h + self.pos_embed_list[0])
+            blocks = self.blocks[:max_index + 1] if (stop_early and intermediates_only) else self.blocks
+            for i, blk in enumerate(blocks):
+                h, _ = self._run_block(blk, h)
+                if i in take_indices:
+                    taken.append(self.norm(h) if norm else h)
+        else:
+            grid = self.fine_grid
+            state = self.forward_coarse(x_c)
+            hooks = [self.blocks[i].register_forward_hook(
+                lambda _m, _inp, out: taken.append(self.norm(out[0]) if norm else out[0]))
+                for i in take_indices]
+            try:
+                final = self.forward_fine(x_f, state, selection=False).tokens
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            taken = taken[:len(take_indices)]  # recomputations under grad checkpointing come later
+        maps: List[Any] = []
+        for y in taken:
+            tokens = y[:, 1:]
+            if output_fmt == 'NCHW':
+                tokens = tokens.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+            maps.append((tokens, y[:, :1]) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return maps
+        return (self.forward_features(x) if final is None else final), maps
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Keep the blocks up to the last of ``indices`` (timm's ``features_only`` calls this);
+        afterwards the coarse-stage intermediates are what the model is for. Returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.selection_start_block = min(self.selection_start_block, max_index)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_details(self, x: Inputs, threshold: Optional[float] = None) -> CFOutput:
         """Coarse-to-fine inference that reports every decision it made.
@@ -577,7 +780,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[nn.Module] 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2203.03821', 'paper_name': 'CF-ViT: A General Coarse-to-Fine Method for Vision Transformer',
@@ -595,14 +798,18 @@ def create_cf_model(model_cls: type, variant: str, pretrained: bool = False, **k
     """Build a registered CF model through timm, with the input-size shorthands resolved.
 
     The model's ``pretrained_cfg['input_size']`` is set to its fine input size, so timm's
-    ``resolve_data_config`` gives the right evaluation transform for any grid.
+    ``resolve_data_config`` gives the right evaluation transform for any grid. ``features_only=True``
+    goes through timm's feature getter (:meth:`CFVisionTransformer.forward_intermediates`, coarse
+    stage), by default on the last 3 blocks (``out_indices``).
     """
     kwargs['img_size_list'] = resolve_img_size_list(
         kwargs.pop('img_size_list', None), kwargs.pop('coarse_stage_size', None),
         kwargs.pop('img_size', None), kwargs.get('patch_size', 16))
+    kwargs['img_size'] = kwargs['img_size_list'][1]  # or timm passes the cfg's (fixed) input size
+    out_indices = kwargs.pop('out_indices', 3)
     model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 **kwargs)
-    fine = model.img_size_list[1]
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    fine = kwargs['img_size_list'][1]
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, fine, fine))
     model.default_cfg = model.pretrained_cfg
     return model

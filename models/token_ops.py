@@ -99,8 +99,7 @@ def upsample_tokens(x: torch.Tensor, grid: Tuple[int, int], scale: int = FINE_SC
     """
     B, N, D = x.shape
     h, w = grid
-    if N != h * w:
-        raise ValueError(f'{N} tokens do not form a {h}x{w} grid')
+    torch._assert(N == h * w, f'the tokens do not form a {h}x{w} grid')  # traceable by torch.fx
     x = x.transpose(1, 2).reshape(B, D, h, w)
     x = F.interpolate(x, size=(scale * h, scale * w), mode='nearest')
     return x.flatten(2).transpose(1, 2)

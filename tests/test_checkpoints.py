@@ -67,7 +67,7 @@ def test_synthetic_release_checkpoint_loads_and_reproduces_logits(tmp_path):
     assert len(checkpoint['budgeted_batch_classification'][0]) == 100
     model.set_informative_selection(True)
     x_f = case['x_fine_int8'].float() / case['x_fine_scale']
-    coarse, fine = model([case['x_coarse'], x_f])
+    coarse, fine = model.forward_stages([case['x_coarse'], x_f])
     torch.testing.assert_close(fine, case['sel_fine_logits'], rtol=1e-4, atol=1e-4)
 
 

@@ -30,7 +30,7 @@ def test_coarse_image_is_derived_bit_for_bit(golden_case):
 def test_logits(golden_case, selection):
     case, model, x_c, x_f = golden_case
     model.set_informative_selection(selection)
-    coarse, fine = model([x_c, x_f])
+    coarse, fine = model.forward_stages([x_c, x_f])
     prefix = 'sel' if selection else 'nosel'
     torch.testing.assert_close(coarse, case[f'{prefix}_coarse_logits'], **LOGITS)
     torch.testing.assert_close(fine, case[f'{prefix}_fine_logits'], **LOGITS)
@@ -40,8 +40,8 @@ def test_logits(golden_case, selection):
 def test_single_tensor_input_derives_the_coarse_image(golden_case):
     case, model, x_c, x_f = golden_case
     model.set_informative_selection(True)
-    a = model([x_c, x_f])
-    b = model(x_f)
+    a = model.forward_stages([x_c, x_f])
+    b = model.forward_stages(x_f)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
@@ -97,14 +97,14 @@ def test_deit_quirk_nosel_fine_stage_ignores_fine_position_embedding(golden_case
     g = torch.Generator().manual_seed(0)
     model.pos_embed_list[1].add_(torch.randn(model.pos_embed_list[1].shape, generator=g))
     model.set_informative_selection(False)
-    assert torch.equal(model([x_c, x_f])[1], model([x_c, x_f])[1])
-    torch.testing.assert_close(model([x_c, x_f])[1], case['nosel_fine_logits'], **LOGITS)
+    assert torch.equal(model.forward_stages([x_c, x_f])[1], model.forward_stages([x_c, x_f])[1])
+    torch.testing.assert_close(model.forward_stages([x_c, x_f])[1], case['nosel_fine_logits'], **LOGITS)
     model.set_informative_selection(True)
-    assert (model([x_c, x_f])[1] - case['sel_fine_logits']).abs().max() > 1e-2
+    assert (model.forward_stages([x_c, x_f])[1] - case['sel_fine_logits']).abs().max() > 1e-2
     # the documented switch adds the embedding on this path too
     model.fine_pos_embed_without_selection = True
     model.set_informative_selection(False)
-    assert (model([x_c, x_f])[1] - case['nosel_fine_logits']).abs().max() > 1e-2
+    assert (model.forward_stages([x_c, x_f])[1] - case['nosel_fine_logits']).abs().max() > 1e-2
 
 
 @torch.no_grad()
@@ -113,9 +113,9 @@ def test_lvvit_head_asymmetry(golden_case):
     if case['config']['arch'] != 'CF_LV_ViT':
         pytest.skip('LV-ViT heads')
     model.set_informative_selection(True)
-    coarse, fine = model([x_c, x_f])
+    coarse, fine = model.forward_stages([x_c, x_f])
     torch.testing.assert_close(
         coarse, (case['sel_coarse_cls_logits'] + 0.25 * case['sel_coarse_aux_max']) / 1.25, **LOGITS)
     torch.testing.assert_close(fine, case['sel_fine_cls_logits'] + 0.25 * case['sel_fine_aux_max'], **LOGITS)
     model.normalize_fine_logits = True  # the switch that makes both stages alike
-    torch.testing.assert_close(model([x_c, x_f])[1], fine / 1.25, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.forward_stages([x_c, x_f])[1], fine / 1.25, rtol=1e-6, atol=1e-6)

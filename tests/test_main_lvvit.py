@@ -199,7 +199,7 @@ def test_token_label_crop_and_smoothing_switches_reach_the_batch_transform(flags
 def _tiny_model(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model('cf_lvvit_tiny', coarse_stage_size=3, embed_dim=48, depth=4, num_heads=3,
-                             num_classes=NUM_CLASSES, **kwargs).train()
+                             num_classes=NUM_CLASSES, dense_train_outputs=True, **kwargs).train()
 
 
 BOX = (1, 0, 3, 2)  # rows 1-2, columns 0-1 of the 3x3 coarse grid: 4 of 9 tokens

@@ -60,7 +60,7 @@ def test_eval_outputs(name, g, batch):
     x_f = images(model, batch)
     for selection in (False, True):
         model.set_informative_selection(selection)
-        coarse, fine = model(x_f)
+        coarse, fine = model.forward_stages(x_f)
         assert coarse.shape == fine.shape == (batch, 7)
         assert torch.isfinite(coarse).all() and torch.isfinite(fine).all()
     out = model.forward_details(x_f)
@@ -86,13 +86,13 @@ def test_compiled_stages_compute_the_same():
     model.set_informative_selection(True)
     x_f = images(model, 4)
     expected = model.forward_details(x_f, threshold=0.5)
-    plain = model(x_f)
+    plain = model.forward_stages(x_f)
     assert model.compile_stages(backend='eager') is model
     assert {'forward_coarse', 'forward_fine'} <= set(vars(model))  # instance attributes now
     got = model.forward_details(x_f, threshold=0.5)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
-    for a, b in zip(model(x_f), plain):
+    for a, b in zip(model.forward_stages(x_f), plain):
         torch.testing.assert_close(a, b)
 
 
@@ -103,7 +103,7 @@ def test_early_exit_extremes(name, g):
     model = make(name, g).eval()
     model.set_informative_selection(True)
     x_f = images(model, 3)
-    coarse, fine = model(x_f)
+    coarse, fine = model.forward_stages(x_f)
     torch.testing.assert_close(model.forward_early_exit(x_f, 0.0), coarse, rtol=0, atol=0)
     torch.testing.assert_close(model.forward_early_exit(x_f, 1.01), fine, rtol=1e-6, atol=1e-6)
     out = model.forward_details(x_f, 0.0)
@@ -182,7 +182,7 @@ def test_deit_quirk_fine_pos_embed_unused_before_selection():
 
 @pytest.mark.parametrize('selection', [False, True])
 def test_lvvit_training_outputs_for_token_labeling(selection):
-    model = make('cf_lvvit_tiny', 7).train()
+    model = make('cf_lvvit_tiny', 7, dense_train_outputs=True).train()
     model.set_informative_selection(selection)
     torch.manual_seed(3)
     (c_cls, c_dense, c_box), (f_cls, f_dense, f_box) = model(images(model, 2))
@@ -213,7 +213,7 @@ def test_no_per_call_state_on_the_model(name):
     model = make(name).eval()
     before = {k: v for k, v in vars(model).items() if not k.startswith('_')}
     model.forward_details(images(model, 2), 0.5)
-    model(images(model, 2))
+    model.forward_stages(images(model, 2))
     after = {k: v for k, v in vars(model).items() if not k.startswith('_')}
     assert before.keys() == after.keys()
     assert all(before[k] is after[k] or before[k] == after[k] for k in before)

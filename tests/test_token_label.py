@@ -312,7 +312,8 @@ def test_generator_per_location_logits_of_a_vit_and_a_cnn():
     cf = timm.create_model('cf_lvvit_tiny', coarse_stage_size=2, embed_dim=48, depth=2, num_heads=3,
                            num_classes=C).eval()
     x = torch.randn(2, 3, 64, 64)
-    full = cf.aux_head(cf.forward_features(x)[1][:, 1:])  # (B, 16, C): every fine patch
+    fine_tokens = cf.forward_fine(x, cf.forward_coarse(cf.split_inputs(x)[0]), selection=False).tokens
+    full = cf.aux_head(fine_tokens[:, 1:])  # (B, 16, C): every fine patch
     torch.testing.assert_close(gen.dense_logits(cf, x, selection=False), full.transpose(1, 2).reshape(2, C, 4, 4))
     with torch.no_grad():
         state = cf.forward_coarse(cf.split_inputs(x)[0])

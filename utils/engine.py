@@ -167,7 +167,7 @@ def train_one_epoch(
             images, targets = batch_transform(images, targets)
 
         with amp.autocast(device):
-            outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
+            outputs = model(images)  # (coarse, fine) in training; the coarse image is derived from this fine batch
         losses = criterion(outputs, targets)
         if isinstance(losses, torch.Tensor):
             losses = {'loss': losses}
@@ -224,8 +224,8 @@ def evaluate(
     """Top-1/top-5 accuracy of both stages and the fine stage's cross-entropy.
 
     Args:
-        model: the unwrapped model; ``model(images)`` in eval mode returns ``[coarse_logits,
-            fine_logits]``, each (B, C).
+        model: the unwrapped model; ``model.forward_stages(images)`` returns ``(coarse_logits,
+            fine_logits)``, each (B, C).
         data_loader: yields ``(images, class_indices)`` or ``datasets.collate_skipping``'s
             ``(images, class_indices, n_skipped)``.
         device: device of the model.
@@ -251,7 +251,7 @@ def evaluate(
         if images is None:
             continue
         with amp.autocast(device):
-            coarse, fine = model(images)
+            coarse, fine = model.forward_stages(images)
         coarse, fine = class_logits(coarse).float(), class_logits(fine).float()  # (B, C) each
         k = min(5, fine.shape[-1])
         for i, logits in enumerate((coarse, fine)):

@@ -110,6 +110,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='more timm.create_model overrides, values as Python literals '
                         '(e.g. fine_pos_embed_without_selection=True)')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute the blocks of both stages in the backward pass: less memory, same gradients')
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', '--drop_path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--selection-start-epoch', type=int, default=200,
@@ -220,9 +222,11 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
             # a plain baseline (e.g. deit_tiny_patch16_224) trained with the same recipe
             from models.baseline import create_baseline
             try:
-                return create_baseline(args.model, **kwargs)
+                baseline = create_baseline(args.model, **kwargs)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f'cannot build the baseline {args.model} with {kwargs}: {e}') from e
+            baseline.set_grad_checkpointing(args.grad_checkpointing)
+            return baseline
         raise ConfigError(f'unknown --model {args.model!r}; registered: {", ".join(timm.list_models("cf_*"))}')
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
@@ -232,6 +236,9 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
         raise ConfigError(f'{args.model} trains with token labeling: use main_lvvit.py')
     if dense and not getattr(model, 'return_dense', False):
         raise ConfigError(f'{args.model} has no token outputs for token labeling: use main_deit.py')
+    if dense:
+        model.dense_train_outputs = True  # training outputs for token labeling, as released
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model
 
 
