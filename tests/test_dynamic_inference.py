@@ -163,7 +163,7 @@ def test_mode1_budgeted_writes_results_and_never_touches_the_input(setup, tmp_pa
     assert acc == pytest.approx(expected[1]) and gflops == pytest.approx(expected[0])
     png = out / 'budgeted_batch_classification.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert Image.open(png).size == (720, 504)
+    assert Image.open(png).size == (720, 600)
     written = out / 'cf_deit_tiny_2_with_results.pth'
     ck = torch.load(written, weights_only=True)
     assert ck['budgeted_batch_classification'] == [gflops, acc]
