@@ -1,6 +1,8 @@
 """Image folders that survive unreadable files.
 
-Every image is decoded to RGB (grayscale, CMYK, RGBA and palette images included). A file PIL
+Folders are listed by :func:`datasets.walk.class_folder_samples` (each folder once, link loops
+and non-regular files skipped) and every image is decoded by :func:`datasets.walk.decode_image`
+(every PIL mode to 8-bit RGB, 16-bit scaled; header limits before decoding). A file PIL
 cannot decode (corrupt JPEG, truncated PNG, not an image) is handled in one of two ways:
 
 - ``'skip'`` (evaluation): the sample comes back as None; :func:`collate_skipping` drops it from
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
 from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
+
+from .walk import class_folder_samples, decode_image
 
 __all__ = ['DatasetError', 'RobustImageFolder', 'UnreadableCounter', 'collate_skipping', 'open_image_folder',
            'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
@@ -37,11 +41,8 @@ class DatasetError(RuntimeError):
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Decode any PIL-readable image (grayscale, CMYK, RGBA, palette) to RGB."""
-    with open(path, 'rb') as f:
-        img = Image.open(f)
-        img.load()
-    return img.convert('RGB')
+    """Decode any PIL-readable image (every mode, 16-bit included) to 8-bit RGB (:func:`decode_image`)."""
+    return decode_image(path)
 
 
 class UnreadableCounter:
@@ -116,6 +117,23 @@ class RobustImageFolder(ImageFolder):
         super().__init__(root, transform=transform, loader=rgb_loader)
         self.on_unreadable = on_unreadable
         self.unreadable = UnreadableCounter()
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: Dict[str, int], extensions: Optional[Tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        """torchvision's listing, by :func:`datasets.walk.class_folder_samples`: each folder is entered
+        once (a symlink loop neither repeats images nor hangs), FIFOs and other non-regular files are
+        skipped with a warning."""
+        if extensions is None or is_valid_file is not None:
+            return ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        found, _ = class_folder_samples(str(directory), sorted(class_to_idx), extensions)
+        samples = [(path, class_to_idx[name]) for path, name in found]
+        empty = sorted(set(class_to_idx) - {name for _, name in found})
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}. '
+                                    f'Supported extensions are: {", ".join(extensions)}')
+        return samples
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         if self.on_unreadable == 'substitute':

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from datasets.walk import UnreadableImageError, class_folder_samples, decode_image, image_files
 from models.token_ops import FINE_SCALE, fine_children
 
 from . import checkpoint as checkpoint_io
@@ -73,10 +73,6 @@ class ImageSample:
     """One image file and its ground-truth class index in the model's label space (-1: unknown)."""
     path: str
     target: int = -1
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def find_image_folder(data_path: PathLike) -> Path:
@@ -122,10 +118,7 @@ def list_image_folder(folder: PathLike) -> Tuple[List[str], List[Tuple[str, str]
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise InputError(f'{folder} has no class folders')
-    samples: List[Tuple[str, str]] = []
-    for name in classes:
-        for dirpath, _, files in sorted(os.walk(folder / name, followlinks=True)):
-            samples.extend((os.path.join(dirpath, f), name) for f in sorted(files) if _is_image_name(f))
+    samples, _ = class_folder_samples(str(folder), classes, IMG_EXTENSIONS)
     if not samples:
         raise InputError(f'no images ({", ".join(IMG_EXTENSIONS)}) in the class folders of {folder}')
     used = {n for _, n in samples}
@@ -148,21 +141,17 @@ def list_images(img_path: PathLike) -> List[str]:
         if _decode(str(path)) is None:
             raise InputError(f'--img-path {path} is not an image that Pillow can read')
         return [str(path)]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
-                   if _is_image_name(f))
+    files = image_files(str(path), IMG_EXTENSIONS).files
     if not files:
         raise InputError(f'--img-path {path} holds no images ({", ".join(IMG_EXTENSIONS)})')
     return files
 
 
 def _decode(path: str) -> Optional[Image.Image]:
-    """The image at ``path`` as RGB (grayscale, CMYK, palette and RGBA are converted), or None."""
+    """The image at ``path`` as 8-bit RGB (:func:`datasets.walk.decode_image`: every mode), or None."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # EXIF and palette-transparency warnings of Pillow
-            with Image.open(path) as im:
-                return im.convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return decode_image(path)
+    except UnreadableImageError:
         return None
 
 
