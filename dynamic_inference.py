@@ -38,6 +38,7 @@ from utils.misc import (
     EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
 )
 from utils.plots import plot_budgeted_curve
+from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 
 _logger = logging.getLogger('dynamic_inference')
 
@@ -78,18 +79,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
-    p.add_argument('--threshold', type=float, default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threshold', type=float_in(0, 1), default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
+    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
-    p.add_argument('--num-workers', '--num_workers', type=int, default=4)
+    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=4)
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',
                    help='mode 1: also write the checkpoint with the results added, as a NEW file in --output-dir')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), default='none',
                    help='autocast dtype for the forward passes (default none: float32, as the released numbers)')
-    p.add_argument('--warmup-batches', type=int, default=2, help='mode 2: batches run before timing starts')
+    p.add_argument('--warmup-batches', type=int_at_least(0), default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
     return p
@@ -131,7 +132,6 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
     """The model the checkpoint holds, with the class count read from its head."""
-    import timm
     recorded = architecture_from_checkpoint(checkpoint)
     if args.model is None:
         args.model = recorded.get('model', 'cf_deit_small')
@@ -146,11 +146,8 @@ def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.n
     head = state_dict.get('head.weight')
     if head is None:
         raise UsageError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    try:
-        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size,
-                                  num_classes=head.shape[0], **extra)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f'cannot build {args.model}: {e}')
+    model = create_model_checked(args.model, UsageError, coarse_stage_size=args.coarse_stage_size,
+                                 num_classes=head.shape[0], **extra)
     load_model_weights(model, state_dict)
     model.set_informative_selection(True)  # inference always selects
     return model
@@ -312,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with console_logging():
             run(args)
-    except (UsageError, CheckpointError, DatasetError) as e:
+    except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
         print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact

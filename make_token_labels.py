@@ -57,6 +57,7 @@ from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
 from utils.dist import default_device  # noqa: E402
+from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
     describe_os_error, positive_int, setup_logging,
@@ -72,7 +73,7 @@ class TeacherError(RuntimeError):
     """A teacher that cannot be built or used (message meant for a person)."""
 
 
-USER_ERRORS = (TeacherError, DatasetError, CheckpointError, OutputDirError)
+USER_ERRORS = (TeacherError, DatasetError, CheckpointError, OutputDirError, BadInputError)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -90,30 +91,30 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (local cache when offline)")
     g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid of a CF teacher (default: from the checkpoint, else 7)')
-    g.add_argument('--embed-dim', type=int, default=None, help='width override of the teacher')
-    g.add_argument('--depth', type=int, default=None, help='block count override of the teacher')
-    g.add_argument('--num-heads', type=int, default=None, help='head count override of the teacher')
+    g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='width override of the teacher')
+    g.add_argument('--depth', type=int_at_least(1), default=None, help='block count override of the teacher')
+    g.add_argument('--num-heads', type=int_at_least(1), default=None, help='head count override of the teacher')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='more timm.create_model arguments of the teacher, values as Python literals')
     g.add_argument('--full-fine-grid', action='store_true',
                    help='CF teachers: run the fine stage on all fine patches instead of its inference path with '
                         'informative selection (where a non-informative coarse patch labels its 4 fine cells)')
-    g.add_argument('--input-size', type=int, default=None,
+    g.add_argument('--input-size', type=int_at_least(16, 4096), default=None,
                    help='side the whole image is resized to (default: the teacher\'s input size)')
     g.add_argument('--unsafe-load', action='store_true', help='allow full unpickling of a checkpoint you trust')
     g = parser.add_argument_group('maps')
-    g.add_argument('--topk', type=int, default=None,
+    g.add_argument('--topk', type=int_at_least(1), default=None,
                    help='classes kept per location, K (default: 5, as the released maps, or all if fewer)')
-    g.add_argument('--map-size', type=int, default=None,
+    g.add_argument('--map-size', type=int_at_least(1, 1024), default=None,
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
     g.add_argument('-b', '--batch-size', type=positive_int, default=64)
-    g.add_argument('-j', '--workers', type=int, default=4, help='image decoding processes')
-    g.add_argument('--write-threads', type=int, default=4, help='threads writing files')
-    g.add_argument('--device', default=default_device())
+    g.add_argument('-j', '--workers', type=int_at_least(0), default=4, help='image decoding processes')
+    g.add_argument('--write-threads', type=int_at_least(1), default=4, help='threads writing files')
+    g.add_argument('--device', type=device_name, default=default_device())
     g.add_argument('--amp', action='store_true', help='teacher forward under torch.autocast')
-    g.add_argument('--num-shards', type=int, default=1, help='split the images into this many shards ...')
-    g.add_argument('--shard-index', type=int, default=0, help='... and do this one (0-based)')
+    g.add_argument('--num-shards', type=int_at_least(1), default=1, help='split the images into this many shards ...')
+    g.add_argument('--shard-index', type=int_at_least(0), default=0, help='... and do this one (0-based)')
     return parser
 
 
@@ -166,8 +167,8 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
             kwargs.setdefault('num_classes', found)
     kwargs.setdefault('num_classes', num_classes)
     try:
-        model = timm.create_model(name, pretrained=args.pretrained and checkpoint is None, **kwargs)
-    except (TypeError, ValueError, RuntimeError, OSError) as e:  # OSError: --pretrained weights not in the cache
+        model = create_model_checked(name, TeacherError, pretrained=args.pretrained and checkpoint is None, **kwargs)
+    except OSError as e:  # --pretrained weights not in the cache
         raise TeacherError(f'cannot build the teacher {name} with {kwargs}: {e}') from e
     if state_dict is not None:
         load_model_weights(model, state_dict)

@@ -59,9 +59,10 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
             raise CheckpointError(f'cannot read {path} as safetensors: {e}') from e
     try:
         if unsafe:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            obj = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)', str(e))
         if found is None:  # garbage that happens to look like a pickle
@@ -72,6 +73,10 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
             f'from the file. If you trust the file, pass --unsafe-load.') from e
     except Exception as e:  # truncated zip, garbage bytes: torch raises many types here
         raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+    if isinstance(obj, Mapping):  # a checkpoint (label maps are bare tensors): types and shapes, before any use
+        from .validation import check_checkpoint
+        check_checkpoint(obj, str(path))
+    return obj
 
 
 def _first_line(e: BaseException) -> str:
@@ -90,14 +95,16 @@ def extract_state_dict(checkpoint: Any, key: Optional[str] = None) -> Dict[str, 
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
     if key is not None:
-        if key not in checkpoint:
-            raise CheckpointError(f'checkpoint has no {key!r} entry (it has {sorted(checkpoint)})')
+        if checkpoint.get(key) is None:
+            raise CheckpointError(f'checkpoint has no {key!r} weights (its entries: {", ".join(map(str, checkpoint))})')
         checkpoint = checkpoint[key]
     else:
         for k in ('model', 'state_dict'):
             if isinstance(checkpoint.get(k), Mapping):
                 checkpoint = checkpoint[k]
                 break
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'the checkpoint weights are a {type(checkpoint).__name__}, not a state_dict')
     state_dict = dict(checkpoint)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)][:5]

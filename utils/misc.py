@@ -177,8 +177,8 @@ def architecture_from_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any
         return {}
     get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
     kwargs = {k: get(k) for k in ('embed_dim', 'depth', 'num_heads') if get(k) is not None}
-    if get('model_kwargs'):
-        kwargs.update(parse_model_kwargs(get('model_kwargs')))
+    from .validation import checkpoint_model_kwargs  # the allow-list: a checkpoint never names files to open
+    kwargs.update(checkpoint_model_kwargs(args, 'the checkpoint'))
     out: Dict[str, Any] = {'kwargs': kwargs}
     if get('model'):
         out['model'] = get('model')
