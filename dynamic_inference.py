@@ -35,9 +35,11 @@ from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
 from utils.misc import (
-    EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
+    EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, describe_os_error, parse_model_kwargs, positive_int,
 )
 from utils.plots import plot_budgeted_curve
+from utils.run_folder import RunLock, check_outside_inputs, release_locks
+from utils.signals import exit_status, handle_stop_signals
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 
 _logger = logging.getLogger('dynamic_inference')
@@ -121,10 +123,14 @@ def output_dir(args: argparse.Namespace) -> Path:
         name = f'{args.model or "model"}_g{args.coarse_stage_size or "ckpt"}'
         out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
+        check_outside_inputs(out, [args.data_url], '--output-dir')
         out.mkdir(parents=True, exist_ok=True)
         probe = out / '.write_test'
         probe.write_bytes(b'')
         probe.unlink()
+        RunLock(out)
+    except OutputDirError as e:
+        raise UsageError(str(e)) from e
     except OSError as e:
         raise UsageError(f'output folder {out} is not writable: {e.strerror or e}')
     return out
@@ -306,15 +312,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
+    handle_stop_signals()
     try:
         with console_logging():
             run(args)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: result files written so far are complete
+        print('dynamic_inference.py: interrupted', file=sys.stderr)
+        return exit_status(e)
     except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
         print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
         print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        release_locks()
     return 0
 
 

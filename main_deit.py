@@ -69,6 +69,8 @@ from utils.misc import (  # noqa: E402
     describe_os_error, positive_int, setup_logging,
 )
 from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
+from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
+from utils.signals import exit_status, handle_stop_signals, stop_requested  # noqa: E402
 from utils.validation import (  # noqa: E402
     BadInputError, check_optimizer_state, create_model_checked, device_name, finite_float, float_in, int_at_least,
 )
@@ -416,17 +418,26 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     problem = None
     if output_dir is not None and info.rank == 0:
         try:
+            check_outside_inputs(output_dir, input_folders(args))
             check_writable_dir(output_dir)
+            if not getattr(args, 'eval', False):  # one training run per folder (--eval writes nothing there)
+                RunLock(output_dir)
         except OutputDirError as e:
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
-                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME))
+                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME),
+                                                keep=(args.resume, args.finetune))  # never a file the user named
                 if stale:
                     _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
     if not all_agree(problem is None):
         raise OutputDirError(problem or 'the main process cannot write the output folder')
     return info, device, output_dir
+
+
+def input_folders(args: argparse.Namespace) -> List[Optional[str]]:
+    """The data folders a run reads (its output folder may not be inside them)."""
+    return [getattr(args, 'data_path', None), getattr(args, 'data_dir', None), getattr(args, 'token_label_data', None)]
 
 
 def load_datasets(args: argparse.Namespace) -> Tuple[Optional[Dataset], Dataset, int]:
@@ -714,25 +725,33 @@ def user_message(error: BaseException) -> str:
 
 
 def run_main(run_fn: Any, args: argparse.Namespace) -> int:
-    """Run ``run_fn(args)``; bad input, a non-finite loss or Ctrl-C become one message and an exit code.
-    Shared by the training scripts."""
+    """Run ``run_fn(args)``; bad input, a non-finite loss, SIGINT or SIGTERM become one message and an exit
+    code (2, 1, 130, 143). Shared by the training scripts."""
     setup_logging(True)
+    handle_stop_signals()
     code = 0
     try:
         run_fn(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', user_message(e))
-        code = EXIT_BAD_INPUT
-    except NonFiniteLossError as e:
-        _logger.error('%s', e)
-        code = EXIT_TRAINING_FAILED
-    except OSError as e:  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
-        _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
-        code = EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.signals)
         _logger.error('interrupted; the last checkpoint (if any) is intact')
-        code = 130
+        code = exit_status(e)
+    except Exception as e:
+        if stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+            _logger.error('interrupted; the last checkpoint (if any) is intact')
+            code = exit_status()
+        elif isinstance(e, USER_ERRORS):
+            _logger.error('%s', user_message(e))
+            code = EXIT_BAD_INPUT
+        elif isinstance(e, NonFiniteLossError):
+            _logger.error('%s', e)
+            code = EXIT_TRAINING_FAILED
+        elif isinstance(e, OSError):  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
+            _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
+            code = EXIT_BAD_INPUT
+        else:
+            raise
     finally:
+        release_locks()
         cleanup()
     return code
 

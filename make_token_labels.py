@@ -57,6 +57,8 @@ from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
 from utils.dist import default_device  # noqa: E402
+from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
+from utils.signals import exit_status, handle_stop_signals  # noqa: E402
 from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
@@ -289,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_image_folder(args.data)
     dataset = open_image_folder(folder)
     samples, classes = dataset.samples, dataset.classes
+    check_outside_inputs(args.output, [args.data, folder])
     out = check_writable_dir(args.output)
+    RunLock(out, f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')  # shards may share the folder
     targets = [label_map_path(out, path) for path, _ in samples]
     check_distinct_label_maps(samples, targets)
     if args.topk is None:
@@ -322,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
         bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True)
         for images, indices, skipped in bar:  # indices: the samples' positions, as collate_skipping's targets
+            check_stop()  # a stop signal ends the run at the next step
             unreadable += skipped
             indices = indices.tolist()
             if not indices:
@@ -362,6 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Token-labeling label maps from a teacher', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     setup_logging(True)
+    handle_stop_signals()
     try:
         return run(args)
     except USER_ERRORS as e:
@@ -371,9 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _logger.error('%s; the maps written so far are complete, run again to continue',
                       describe_os_error(e, 'cannot write the label maps'))
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM
         _logger.error('interrupted; the maps written so far are complete, run again to continue')
-        return 130
+        return exit_status(e)
+    finally:
+        release_locks()
 
 
 if __name__ == '__main__':

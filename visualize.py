@@ -38,6 +38,9 @@ from utils.checkpoint import (
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
 )
 from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
+from utils.misc import OutputDirError
+from utils.run_folder import RunLock, check_outside_inputs, release_locks, same_file
+from utils.signals import exit_status, handle_stop_signals
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
@@ -132,12 +135,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _prepare_output_dir(path: str) -> Path:
+def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
     out = Path(path)
     try:
+        check_outside_inputs(out, inputs, '--output-dir')
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
+        RunLock(out)
+    except OutputDirError as e:
+        raise InputError(str(e)) from e
     except OSError as e:
         raise InputError(f'cannot write to --output-dir {out}: {e.strerror or e}') from e
     return out
@@ -239,7 +246,7 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
     device = _device(args.device)
-    out_dir = _prepare_output_dir(args.output_dir)
+    out_dir = _prepare_output_dir(args.output_dir, [args.data_path, args.img_path])
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
@@ -314,7 +321,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         chosen = _pick(mask, details.confidence, args.num_images, args.seed)
         if not chosen:
             log.warning('no image is in "%s" at threshold %.3g: %s not written', heading, args.threshold, png.name)
-            if png.exists():
+            if png.exists() and not same_file(png, args.img_path):  # never a file the user named
                 png.unlink()  # a picture of an earlier run would contradict summary.json
             outputs[key] = {'count': int(mask.sum()), 'png': None, 'shown': []}
             continue
@@ -363,14 +370,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    handle_stop_signals()
     try:
         run(args)
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every picture written so far is complete
+        print('visualize.py: interrupted', file=sys.stderr)
+        return exit_status(e)
     except (InputError, CheckpointError, BadInputError) as e:
         print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # writing the pictures failed (full disk, ...)
         print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        release_locks()
     return 0
 
 

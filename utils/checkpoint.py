@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -209,13 +210,18 @@ def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
         os.close(dir_fd)
 
 
-def remove_stale_temp_files(folder: PathLike, names: Sequence[str]) -> List[Path]:
+def remove_stale_temp_files(folder: PathLike, names: Sequence[str],
+                            keep: Sequence[Optional[PathLike]] = ()) -> List[Path]:
     """Delete the temporary files that :func:`atomic_file` left beside ``folder/<name>`` when its
-    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything). Call it only where
-    no other process is writing these files. Returns the deleted paths."""
+    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything), except the files in
+    ``keep`` (those the user named, e.g. ``--resume``). Call it only where no other process is writing
+    these files (the run lock). Returns the deleted paths."""
+    kept = {os.path.realpath(k) for k in keep if k}
     removed = []
     for name in names:
         for tmp in Path(folder).glob(f'.{name}.*.tmp'):
+            if os.path.realpath(tmp) in kept:
+                continue
             try:
                 tmp.unlink()
             except FileNotFoundError:
@@ -232,7 +238,24 @@ def save_atomic(obj: Any, path: PathLike) -> None:
             from safetensors.torch import save
             f.write(save({k: v.contiguous() for k, v in obj.items()}))
         else:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
+                if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
+                    raise
+                raise _write_error(path, e) from e
+
+
+def _write_error(path: Path, error: BaseException) -> OSError:
+    """An OSError for a write that torch reported as a RuntimeError: ENOSPC when the disk is (nearly) full."""
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f'the write failed ({_first_line(error)})', str(path))
 
 
 def write_json_atomic(obj: Any, path: PathLike) -> None:

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
+from .signals import check_stop
+
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
 
 _logger = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     conf, pred, top5, tgts = [], [], [], []
     skipped = 0
     for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
+        check_stop()  # a stop signal ends the run at the next step
         images, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if images is None:
@@ -158,6 +161,7 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         _logger.warning('only %d batches: timing all of them, warm-up included', n_batches)
         warmup_batches = 0
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
+        check_stop()  # a stop signal ends the run at the next step
         x_f, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if x_f is None:

@@ -35,6 +35,7 @@ from datasets.walk import UnreadableImageError, class_folder_samples, decode_ima
 from models.token_ops import FINE_SCALE, fine_children
 
 from . import checkpoint as checkpoint_io
+from .signals import check_stop
 
 __all__ = [
     'InputError', 'FADE', 'FADE_COLOR', 'IMG_EXTENSIONS', 'ImageSample', 'ImageFileDataset', 'Batch',
@@ -441,6 +442,7 @@ def collect_details(model: nn.Module, loader: Iterable[Batch], threshold: float,
     seen = n_exited = 0
     bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress, dynamic_ncols=True)
     for batch in bar:
+        check_stop()  # a stop signal ends the run at the next step
         unreadable.extend(batch.unreadable)
         if batch.images.numel() == 0:
             continue
