@@ -58,7 +58,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.dist import default_device  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.signals import exit_status, handle_stop_signals  # noqa: E402
+from utils.signals import check_stop, exit_status, handle_stop_signals  # noqa: E402
 from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,

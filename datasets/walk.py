@@ -49,16 +49,20 @@ class WalkResult:
 
 
 def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, warn: bool = True,
-               _seen: Optional[Set[Tuple[int, int]]] = None) -> WalkResult:
+               _seen: Optional[Set[Tuple[int, int]]] = None, within: Sequence[str] = ()) -> WalkResult:
     """Every regular file under ``root`` whose name ``accept`` takes, each folder entered once.
 
     Args:
         root: the folder.
         accept: filter on file names (e.g. image extensions); rejected names are not stat'ed.
         warn: log one warning per skipped entry and per repeated folder.
+        within: folders (real paths) that are listed anyway: a link to a folder inside one of them
+            is an alias (``ln -s .. cls/up``) and is not followed, so no image is listed under a
+            class folder it does not belong to. ``root`` itself is always one.
     """
     out = WalkResult()
     seen: Set[Tuple[int, int]] = set() if _seen is None else _seen
+    listed = [os.path.realpath(p) for p in (os.fspath(root), *within)]
     stack = [os.fspath(root)]
     while stack:
         folder = stack.pop()
@@ -83,7 +87,10 @@ def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, war
             except OSError:
                 is_dir = False
             if is_dir:
-                subdirs.append(path)
+                if entry.is_symlink() and _inside(os.path.realpath(path), listed):
+                    out.repeated_dirs.append(path)  # an alias of a folder listed anyway
+                else:
+                    subdirs.append(path)
                 continue
             if not accept(entry.name):
                 continue
@@ -100,6 +107,10 @@ def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, war
         for path in out.repeated_dirs:
             _logger.warning('%s leads to a folder already listed (a link loop?): not listed again', path)
     return out
+
+
+def _inside(path: str, folders: Sequence[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
 
 def _open_regular(path: str) -> bytes:
@@ -168,22 +179,24 @@ def decode_image(path: str, max_pixels: int = MAX_PIXELS, max_aspect_ratio: floa
 
 
 def image_files(root: str, extensions: Iterable[str], warn: bool = True,
-                _seen: Optional[Set[Tuple[int, int]]] = None) -> WalkResult:
+                _seen: Optional[Set[Tuple[int, int]]] = None, within: Sequence[str] = ()) -> WalkResult:
     """:func:`walk_files` keeping file names that end in one of ``extensions`` (case-insensitive)."""
     ext = tuple(e.lower() for e in extensions)
-    return walk_files(root, lambda name: name.lower().endswith(ext), warn=warn, _seen=_seen)
+    return walk_files(root, lambda name: name.lower().endswith(ext), warn=warn, _seen=_seen, within=within)
 
 
 def class_folder_samples(root: str, classes: Sequence[str], extensions: Iterable[str]) -> Tuple[List[Tuple[str, str]], int]:
     """``([(path, class folder name), ...], skipped)`` of an ImageFolder's class folders, in class
-    order then path order; every folder is entered once over the whole tree (a link from one
-    class folder into another lists nothing twice). ``skipped`` counts entries that are not
+    order then path order; every folder is entered once over the whole tree, and a link into the
+    tree itself (into the root or a class folder) is not followed, so an image is only ever listed
+    under its own class folder. ``skipped`` counts entries that are not
     regular files (each is logged)."""
     seen: Set[Tuple[int, int]] = set()
     samples: List[Tuple[str, str]] = []
     skipped = 0
+    listed = [root, *(os.path.join(root, name) for name in classes)]  # links into these are aliases
     for name in classes:
-        found = image_files(os.path.join(root, name), extensions, _seen=seen)
+        found = image_files(os.path.join(root, name), extensions, _seen=seen, within=listed)
         samples.extend((path, name) for path in found.files)
         skipped += len(found.skipped)
     if skipped:
