@@ -21,6 +21,7 @@ scalars under ``tensorboard/``.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -753,6 +754,7 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     finally:
         release_locks()
         cleanup()
+        gc.collect()  # loaders (and their worker processes) referenced by a caught traceback end now, not at exit
     return code
 
 

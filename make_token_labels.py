@@ -58,7 +58,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.dist import default_device  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.signals import check_stop, exit_status, handle_stop_signals  # noqa: E402
+from utils.signals import check_stop, exit_status, handle_stop_signals, stop_at_steps  # noqa: E402
 from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     map_shape: Optional[Tuple[int, ...]] = None
     started = time.time()
     futures: List[Future] = []
-    with ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
+    with stop_at_steps(), ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
         bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True)
         for images, indices, skipped in bar:  # indices: the samples' positions, as collate_skipping's targets
             check_stop()  # a stop signal ends the run at the next step

@@ -27,7 +27,7 @@ from .dist import all_agree, collective_device, is_main_process, reduce
 from .inference import unpack_batch
 from .losses import class_logits
 from .misc import MetricMeter
-from .signals import check_stop
+from .signals import check_stop, stop_at_steps
 
 __all__ = ['AmpConfig', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
@@ -104,6 +104,7 @@ def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
         raise ValueError(f'unknown gradient clipping mode {mode!r}')
 
 
+@stop_at_steps()
 def train_one_epoch(
         model: nn.Module,
         criterion: Callable[[Any, Any], Any],
@@ -215,6 +216,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+@stop_at_steps()
 def evaluate(
         model: nn.Module,
         data_loader: Iterable,

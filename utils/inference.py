@@ -17,7 +17,7 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
-from .signals import check_stop
+from .signals import check_stop, stop_at_steps
 
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
 
@@ -74,6 +74,7 @@ def unpack_batch(batch, device: torch.device):
 
 
 @torch.no_grad()
+@stop_at_steps()
 def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
                    amp_dtype: Optional[torch.dtype] = None, desc: str = 'both stages') -> StagePredictions:
     """Run both stages (with the model's selection setting) on every image of ``loader``.
@@ -139,6 +140,7 @@ class ExitResult:
 
 
 @torch.no_grad()
+@stop_at_steps()
 def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      warmup_batches: int = 2, amp_dtype: Optional[torch.dtype] = None) -> ExitResult:
     """Early-exit inference at ``threshold`` with the model time of every batch measured.

@@ -1,11 +1,12 @@
 """SIGINT and SIGTERM end every script within seconds, with exit status 130 / 143.
 
 :func:`handle_stop_signals` installs one handler for both signals. By default it raises
-:class:`Interrupted` (a ``KeyboardInterrupt``) at once in the main thread; the scripts turn it into
+:class:`Interrupted` (a ``KeyboardInterrupt``) in the main thread; the scripts turn it into
 their exit status (:func:`exit_status`: 128 + the signal number) and the last checkpoint stays
-intact, because every file is written through a temporary file and a rename. Loop code also calls
-:func:`check_stop` at step boundaries, so a stop that some library swallowed (a DataLoader shutting
-its workers down, a thread pool) still ends the run at the next step.
+intact, because every file is written through a temporary file and a rename. Outside the loops the
+exception is raised at once; inside a loop marked with :func:`stop_at_steps` (training, evaluation,
+inference and label-map batches) it is raised by :func:`check_stop` at the next step boundary, so
+it never lands inside library code that would swallow it (the fork of loader workers).
 
 DataLoader worker processes inherit the handler: in a worker, :class:`Interrupted` is a
 ``KeyboardInterrupt``, which torch's worker loop treats as "the main process stops", so workers
@@ -19,12 +20,13 @@ step boundary, saves, and raises :class:`Interrupted` itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from typing import Any, Iterable, Optional, Set
+from typing import Any, Iterable, Iterator, Optional, Set
 
-__all__ = ['Interrupted', 'handle_stop_signals', 'stop_requested', 'check_stop', 'exit_status', 'reset_stop']
+__all__ = ['Interrupted', 'handle_stop_signals', 'stop_at_steps', 'stop_requested', 'check_stop', 'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,14 +43,30 @@ class _State:
     signum: Optional[int] = None
     deferred: Set[int] = set()
     owner: Optional[int] = None
+    in_steps = 0  # > 0 inside a loop that calls check_stop at every step
 
 
 def _handler(signum: int, frame: Any) -> None:
+    again = _State.signum is not None
     _State.signum = signum
     if os.getpid() != _State.owner:  # a loader worker: leave quietly (torch's worker loop expects this)
         raise KeyboardInterrupt
-    if signum not in _State.deferred:
+    if again or (_State.in_steps == 0 and signum not in _State.deferred):
         raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_at_steps() -> Iterator[None]:
+    """Inside this block (a loop calling :func:`check_stop` at each step; also a decorator) a first stop
+    signal waits for the next step boundary instead of raising wherever the main thread happens to be
+    (e.g. inside the fork of loader workers, where the exception would be swallowed); a second one
+    raises at once."""
+    _State.in_steps += 1
+    try:
+        yield
+    finally:
+        _State.in_steps -= 1
+    check_stop()
 
 
 def handle_stop_signals(deferred: Iterable[int] = ()) -> None:
@@ -69,10 +87,6 @@ def handle_stop_signals(deferred: Iterable[int] = ()) -> None:
 def stop_requested() -> Optional[int]:
     """The stop signal received since :func:`handle_stop_signals`, or None."""
     return _State.signum
-
-
-def reset_stop() -> None:
-    _State.signum = None
 
 
 def check_stop() -> None:

@@ -35,7 +35,7 @@ from datasets.walk import UnreadableImageError, class_folder_samples, decode_ima
 from models.token_ops import FINE_SCALE, fine_children
 
 from . import checkpoint as checkpoint_io
-from .signals import check_stop
+from .signals import check_stop, stop_at_steps
 
 __all__ = [
     'InputError', 'FADE', 'FADE_COLOR', 'IMG_EXTENSIONS', 'ImageSample', 'ImageFileDataset', 'Batch',
@@ -428,6 +428,7 @@ class Details:
 
 
 @torch.no_grad()
+@stop_at_steps()
 def collect_details(model: nn.Module, loader: Iterable[Batch], threshold: float, device: torch.device,
                     progress: bool = True) -> Details:
     """Run ``model.forward_details(images, threshold)`` over a loader of :class:`Batch`.
