@@ -67,7 +67,7 @@ from utils.engine import AmpConfig, NonFiniteLossError, evaluate, format_eval, t
 from utils.losses import CFViTLoss  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, append_json_line, check_writable_dir, copy_atomic,
-    describe_os_error, positive_int, setup_logging,
+    describe_os_error, log_thread_os_errors, positive_int, setup_logging,
 )
 from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
@@ -730,6 +730,7 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     code (2, 1, 130, 143). Shared by the training scripts."""
     setup_logging(True)
     handle_stop_signals()
+    log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
     code = 0
     try:
         run_fn(args)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import zlib
 from pathlib import Path
 from typing import Dict, List
@@ -339,10 +340,48 @@ def disk_full(monkeypatch):
     monkeypatch.setattr(utils.checkpoint, 'atomic_file', full)
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 16 MB tmpfs mounted at ``tmp_path/o`` (the scripts' output folder), unmounted after;
+    skipped with the reason when this machine does not let the test mount one."""
+    mount = tmp_path / 'o'
+    mount.mkdir()
+    try:
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', str(mount)], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f'cannot mount a tmpfs: {e}')
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs: {done.stderr.strip() or done.returncode}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], capture_output=True, timeout=30)
+
+
+def fill_up(folder: Path) -> None:
+    """Write a filler file in ``folder`` until its file system has no byte left."""
+    fd = os.open(folder / 'filler', os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, bytes(size)):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')  # a thread's traceback fails
+@pytest.mark.parametrize('full', ['patched', 'real'])
 @pytest.mark.parametrize('script', ['main_deit', 'make_token_labels', 'dynamic_inference', 'visualize'])
-def test_disk_full_keeps_previous_outputs(script, inputs, tmp_path, capsys, caplog, request):
+def test_disk_full_keeps_previous_outputs(script, full, inputs, tmp_path, capsys, caplog, request):
     """A run whose saves hit a full disk stops with one line (exit 2); the previous run's files stay as
-    they were and no temporary file is left."""
+    they were and no temporary file is left. ``real``: the output folder is a small tmpfs, filled up for
+    real, so torch's zip writer, matplotlib and TensorBoard meet ENOSPC themselves."""
+    if full == 'real':
+        request.getfixturevalue('small_filesystem')
     argv = _argv(script, str(inputs['data']), inputs, tmp_path, [])
     if script == 'dynamic_inference':
         argv += ['--eval-mode', '1', '--write-checkpoint']
@@ -353,9 +392,12 @@ def test_disk_full_keeps_previous_outputs(script, inputs, tmp_path, capsys, capl
     elif script == 'main_deit':
         argv += ['--resume', str(tmp_path / 'o' / 'checkpoint.pth'), '--epochs', '2']
     def outputs():  # a new TensorBoard event file per run is expected
-        return {k: v for k, v in tree_digest(tmp_path / 'o').items() if '/tensorboard/' not in k}
+        return {k: v for k, v in tree_digest(tmp_path / 'o').items() if '/tensorboard/' not in k and 'filler' not in k}
     before = outputs()
-    request.getfixturevalue('disk_full')
+    if full == 'real':
+        fill_up(tmp_path / 'o')
+    else:
+        request.getfixturevalue('disk_full')
     code, text = run(SCRIPTS[script], argv, capsys, caplog)
     one_line_error(code, text, 'No space left on device')
     assert outputs() == before

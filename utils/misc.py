@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -26,7 +27,7 @@ from .dist import collective_device, reduce
 __all__ = [
     'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
-    'architecture_from_checkpoint',
+    'architecture_from_checkpoint', 'log_thread_os_errors',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -126,6 +127,23 @@ def describe_os_error(e: OSError, doing: str = 'cannot write') -> str:
     """One line for an OSError that reached a script's entry point (a full disk, a vanished folder)."""
     where = f' {e.filename}' if getattr(e, 'filename', None) else ''
     return f'{doing}{where}: {e.strerror or e}'
+
+
+def log_thread_os_errors() -> None:
+    """An OSError that ends a background thread (TensorBoard's event writer on a full disk) is logged
+    as one line instead of the thread's traceback; other thread errors keep Python's report."""
+    if getattr(threading.excepthook, '_cfvit', False):
+        return
+    default = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError):
+            name = args.thread.name if args.thread is not None else 'a background thread'
+            logging.getLogger(__name__).error('%s (in %s)', describe_os_error(args.exc_value), name)
+            return
+        default(args)
+    hook._cfvit = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def positive_int(text: str) -> int:

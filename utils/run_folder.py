@@ -89,8 +89,11 @@ class RunLock:
         previous = _read(fd)
         if previous:
             _logger.warning('took over the lock of %s in %s: that process is no longer running', previous, folder)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv[:3])}\n'.encode())
+        try:  # who holds it, for the message of a refused run (best effort: the disk may be full)
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv[:3])}\n'.encode())
+        except OSError:
+            pass
         self.fd = fd
         _HELD.append(self)
 
