@@ -39,7 +39,7 @@ from utils.misc import (
 )
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs, release_locks
-from utils.signals import exit_status, handle_stop_signals
+from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 
 _logger = logging.getLogger('dynamic_inference')
@@ -178,7 +178,7 @@ def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: in
     _logger.info('validation set: %d images of %d classes in %s', len(dataset), num_classes, valdir)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        pin_memory=args.device.startswith('cuda'), collate_fn=collate_skipping)
+        pin_memory=args.device.startswith('cuda'), collate_fn=collate_skipping, worker_init_fn=quiet_worker_signals)
 
 
 def fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -325,6 +325,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
         print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError:  # a loader worker's error while the run stops on a signal
+        if stop_requested() is None:
+            raise
+        print('dynamic_inference.py: interrupted', file=sys.stderr)
+        return exit_status()
     finally:
         release_locks()
     return 0

@@ -71,7 +71,7 @@ from utils.misc import (  # noqa: E402
 )
 from utils.misc import parse_model_kwargs as _parse_model_kwargs  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.signals import exit_status, handle_stop_signals, stop_requested  # noqa: E402
+from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested  # noqa: E402
 from utils.validation import (  # noqa: E402
     BadInputError, check_optimizer_state, create_model_checked, device_name, finite_float, float_in, int_at_least,
 )
@@ -302,8 +302,10 @@ class ShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed NumPy in a loader worker (torch and ``random`` are seeded by the loader itself)."""
+    """Seed NumPy in a loader worker (torch and ``random`` are seeded by the loader itself); stop signals
+    are left to the main process."""
     np.random.seed(torch.initial_seed() % (2 ** 32))
+    quiet_worker_signals(worker_id)
 
 
 def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[Dataset],

@@ -58,7 +58,9 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.dist import default_device  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.signals import check_stop, exit_status, handle_stop_signals, stop_at_steps  # noqa: E402
+from utils.signals import (  # noqa: E402
+    check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
+)  # noqa: E402
 from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
@@ -317,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
                  name, size, size, device, len(samples), folder, len(classes), args.shard_index, args.num_shards,
                  len(pending), len(shard) - len(pending))
     loader = DataLoader(_PendingImages(samples, pending, transform), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda')
+                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda',
+                        worker_init_fn=quiet_worker_signals)
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     written = unreadable = 0
     map_shape: Optional[Tuple[int, ...]] = None
@@ -380,6 +383,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as e:  # SIGINT / SIGTERM
         _logger.error('interrupted; the maps written so far are complete, run again to continue')
         return exit_status(e)
+    except RuntimeError:  # a loader worker's error while the run stops on a signal
+        if stop_requested() is None:
+            raise
+        _logger.error('interrupted; the maps written so far are complete, run again to continue')
+        return exit_status()
     finally:
         release_locks()
 

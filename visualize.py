@@ -40,7 +40,7 @@ from utils.checkpoint import (
 from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
 from utils.misc import OutputDirError
 from utils.run_folder import RunLock, check_outside_inputs, release_locks, same_file
-from utils.signals import exit_status, handle_stop_signals
+from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, ImageFileDataset, ImageSample, InputError,
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dataset = ImageFileDataset(samples, eval_transform(model))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        collate_fn=collate_skip_unreadable, pin_memory=device.type == 'cuda')
+        collate_fn=collate_skip_unreadable, pin_memory=device.type == 'cuda', worker_init_fn=quiet_worker_signals)
     details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
     bad = [samples[i].path for i in sorted(details.unreadable)]
     if bad:
@@ -382,6 +382,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:  # writing the pictures failed (full disk, ...)
         print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError:  # a loader worker's error while the run stops on a signal
+        if stop_requested() is None:
+            raise
+        print('visualize.py: interrupted', file=sys.stderr)
+        return exit_status()
     finally:
         release_locks()
     return 0

@@ -8,11 +8,13 @@ exception is raised at once; inside a loop marked with :func:`stop_at_steps` (tr
 inference and label-map batches) it is raised by :func:`check_stop` at the next step boundary, so
 it never lands inside library code that would swallow it (the fork of loader workers).
 
-DataLoader worker processes inherit the handler: in a worker, :class:`Interrupted` is a
-``KeyboardInterrupt``, which torch's worker loop treats as "the main process stops", so workers
-exit quietly instead of dying by the signal (which would make the main process report a crashed
-worker). If a worker error reaches the main process after a stop was requested anyway,
-:func:`stop_requested` tells the entry point that it is the interrupt.
+DataLoader worker processes get the handler (:func:`quiet_worker_signals` as ``worker_init_fn``;
+forked workers inherit it too), which does nothing in them: a signal sent to the
+whole process group (Ctrl-C at a terminal, a scheduler's SIGTERM) neither kills a worker (the main
+process would report a crashed worker) nor prints a worker's traceback; the main process stops and
+shuts its workers down as usual (a worker whose parent is gone exits by itself). If a worker error
+reaches the main process after a stop was requested anyway, :func:`stop_requested` tells the entry
+point that it is the interrupt.
 
 A later addition (writing a final checkpoint on SIGTERM) can set ``deferred`` for SIGTERM: the
 handler then only records the signal, and the training loop checks :func:`stop_requested` at its
@@ -26,7 +28,7 @@ import signal
 import threading
 from typing import Any, Iterable, Iterator, Optional, Set
 
-__all__ = ['Interrupted', 'handle_stop_signals', 'stop_at_steps', 'stop_requested', 'check_stop', 'exit_status']
+__all__ = ['Interrupted', 'handle_stop_signals', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop', 'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -49,8 +51,8 @@ class _State:
 def _handler(signum: int, frame: Any) -> None:
     again = _State.signum is not None
     _State.signum = signum
-    if os.getpid() != _State.owner:  # a loader worker: leave quietly (torch's worker loop expects this)
-        raise KeyboardInterrupt
+    if os.getpid() != _State.owner:  # a loader worker: the main process stops, then shuts the workers down
+        return
     if again or (_State.in_steps == 0 and signum not in _State.deferred):
         raise Interrupted(signum)
 
@@ -82,6 +84,15 @@ def handle_stop_signals(deferred: Iterable[int] = ()) -> None:
     _State.deferred = set(deferred)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
+
+
+def quiet_worker_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT / SIGTERM do nothing in this worker (torch installs a handler
+    that kills it, which the main process would report as a crashed worker); the main process stops and
+    shuts the worker down."""
+    if _State.owner is not None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _handler)
 
 
 def stop_requested() -> Optional[int]:
