@@ -108,7 +108,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group('run')
     g.add_argument('--batch-size', '--batch_size', type=positive_int, default=64, help='images per process and step')
     g.add_argument('--epochs', type=int_at_least(1), default=300)
-    g.add_argument('--start_epoch', '--start-epoch', type=int_at_least(0), default=0, help='first epoch (set by --resume)')
+    g.add_argument('--start_epoch', '--start-epoch', type=int_at_least(0), default=0,
+                   help='first epoch (set by --resume)')
     g.add_argument('--stop-at-epoch', type=int_at_least(0), default=None,
                    help='end this run before this 0-based epoch, as if interrupted (the schedule still spans '
                         '--epochs); continue later with --resume')
@@ -141,7 +142,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='more timm.create_model overrides, values as Python literals '
                         '(e.g. fine_pos_embed_without_selection=True)')
     g.add_argument('--drop', type=float_in(0, 1, high_open=True), default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', '--drop_path', type=float_in(0, 1, high_open=True), default=0.1, help='stochastic depth rate')
+    g.add_argument('--drop-path', '--drop_path', type=float_in(0, 1, high_open=True), default=0.1,
+                   help='stochastic depth rate')
     g.add_argument('--selection-start-epoch', type=int_at_least(-1), default=200,
                    help='informative selection is off while the 0-based epoch is <= this, on afterwards '
                         '(the paper: 200)')
@@ -158,14 +160,16 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--exempt-pos-embed-from-wd', action='store_true',
                    help='exempt pos_embed_list.0/.1 from weight decay (the release decayed them; see '
                         'CFVisionTransformer.no_weight_decay)')
-    g.add_argument('--clip-grad', type=float_in(0, low_open=True), default=None, help='clip gradients to this norm (default: off)')
+    g.add_argument('--clip-grad', type=float_in(0, low_open=True), default=None,
+                   help='clip gradients to this norm (default: off)')
     g.add_argument('--clip-mode', choices=('norm', 'value'), default='norm')
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
     g.add_argument('--sched-step', choices=SCHED_STEPS, default='epoch',
                    help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
                         "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
                         "'next-epoch' = step(E + 1), timm's train.py and the released main_lvvit.py")
-    g.add_argument('--lr', type=float_in(0, low_open=True), default=5e-4, help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
+    g.add_argument('--lr', type=float_in(0, low_open=True), default=5e-4,
+                   help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
     g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
     g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
@@ -183,7 +187,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
     g.add_argument('--smoothing', type=float_in(0, 1, high_open=True), default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', default='bicubic')
-    g.add_argument('--crop-scale', type=float_in(0, 1, low_open=True), nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
+    g.add_argument('--crop-scale', type=float_in(0, 1, low_open=True), nargs=2, default=(0.08, 1.0),
+                   metavar=('MIN', 'MAX'),
                    help='area range of the random-resized crop (timm default 0.08 1.0)')
     g.add_argument('--repeated-aug', action=bool_flag, default=True,
                    help='repeated augmentation (timm RepeatAugSampler, 3 repeats)')
@@ -455,8 +460,6 @@ def load_datasets(args: argparse.Namespace) -> Tuple[Optional[Dataset], Dataset,
 
 def run(args: argparse.Namespace) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
-    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
-        raise ConfigError('--stop-at-epoch must be >= 0')
     info, device, output_dir = setup_process(args)
     train_set, val_set, num_classes = load_datasets(args)
 

@@ -77,7 +77,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
     g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
-    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0), default=8,
+    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
+                   default=8,
                    help='data loading processes per training process')
     g.add_argument('--lr', type=float_in(0, low_open=True), default=LVVIT_LR,
                    help=f'learning rate, used as given (LV-ViT: {LVVIT_LR:g} at {LVVIT_BATCH} images per step)')
@@ -126,8 +127,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data_dir and args.data_path and Path(args.data_dir) != Path(args.data_path):
         raise ConfigError(f'two datasets given: {args.data_dir} and --data-path {args.data_path}')
     args.data_path = args.data_dir or args.data_path
-    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
-        raise ConfigError('--stop-at-epoch must be >= 0')
     if args.eval:
         return
     if args.token_label and not args.token_label_data:

@@ -185,7 +185,8 @@ def image_files(root: str, extensions: Iterable[str], warn: bool = True,
     return walk_files(root, lambda name: name.lower().endswith(ext), warn=warn, _seen=_seen, within=within)
 
 
-def class_folder_samples(root: str, classes: Sequence[str], extensions: Iterable[str]) -> Tuple[List[Tuple[str, str]], int]:
+def class_folder_samples(root: str, classes: Sequence[str],
+                         extensions: Iterable[str]) -> Tuple[List[Tuple[str, str]], int]:
     """``([(path, class folder name), ...], skipped)`` of an ImageFolder's class folders, in class
     order then path order; every folder is entered once over the whole tree, and a link into the
     tree itself (into the root or a class folder) is not followed, so an image is only ever listed

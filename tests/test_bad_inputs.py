@@ -565,7 +565,8 @@ def _bad_checkpoints(root: Path, good: Path) -> Dict[str, Path]:
 
 CKPT_CASES = [  # (case, message)
     ('epoch-string', "epoch is 'three'"), ('flop-not-a-list', 'flop is'), ('zero-dim-head', 'head.weight of shape []'),
-    ('args-nonsense', "args.coarse_stage_size is 'seven'"), ('args-open-a-file', 'sets checkpoint_path, which a checkpoint may not choose'),
+    ('args-nonsense', "args.coarse_stage_size is 'seven'"),
+    ('args-open-a-file', 'sets checkpoint_path, which a checkpoint may not choose'),
     ('args-overlay', 'sets pretrained_cfg_overlay'), ('results-ragged', 'budgeted_batch_classification is'),
 ]
 
@@ -586,8 +587,8 @@ def test_checkpoint_fields_of_the_wrong_type_or_shape_are_one_line(script, input
 
 
 def test_missing_ema_and_another_optimizer_are_one_line(inputs, tmp_path, capsys, caplog):
-    code, text = run(make_token_labels, _argv('make_token_labels', str(inputs['data']), inputs, tmp_path, ['--use-ema']),
-                     capsys, caplog)
+    argv = _argv('make_token_labels', str(inputs['data']), inputs, tmp_path, ['--use-ema'])
+    code, text = run(make_token_labels, argv, capsys, caplog)
     one_line_error(code, text, "has no 'model_ema' weights")
     code, text = run(main_deit, [*DEIT, '--data-path', inputs['data'], '--output', tmp_path / 'a'], capsys, caplog)
     assert code == 0, text[-3000:]

@@ -28,7 +28,8 @@ import signal
 import threading
 from typing import Any, Iterable, Iterator, Optional, Set
 
-__all__ = ['Interrupted', 'handle_stop_signals', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop', 'exit_status']
+__all__ = ['Interrupted', 'handle_stop_signals', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop',
+           'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -100,6 +101,7 @@ CHECKPOINT_MODEL_KWARGS = frozenset({
     'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate', 'informative_ratio',
     'attn_ema_beta', 'selection_start_block', 'fine_pos_embed_without_selection', 'normalize_coarse_logits',
     'normalize_fine_logits', 'mix_token', 'skip_lam', 'return_dense', 'init_values', 'layer_scale_init_value',
+    'informative_selection', 'aux_weight', 'stem_chans', 'num_classes',
 })
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -177,7 +179,7 @@ def _check_args(args: Any, where: str) -> None:
         raise CheckpointError(f'{where}: args is a {type(args).__name__}, expected the training flags')
     get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
     model = get('model')
-    if model is not None and not (isinstance(model, str) and model.isidentifier()):
+    if model is not None and not (isinstance(model, str) and re.fullmatch(r'[A-Za-z0-9_.\-]+', model)):
         raise CheckpointError(f'{where}: args.model is {model!r}, not a model name')
     g = get('coarse_stage_size')
     if g is not None and not (_is_int(g) and 1 <= g <= 1024):
@@ -215,7 +217,7 @@ def check_checkpoint(checkpoint: Any, where: str) -> Any:
             if problem:
                 raise CheckpointError(f'{where}: {key!r} {problem}')
     epoch = checkpoint.get('epoch')
-    if epoch is not None and not (_is_int(epoch) and epoch >= -1):
+    if epoch is not None and not (_is_int(epoch) and epoch >= 0):
         raise CheckpointError(f'{where}: epoch is {epoch!r}, expected a non-negative integer')
     for key in ('max_fine_acc1', 'coarse_acc1', 'fine_acc1'):
         v = checkpoint.get(key)
@@ -253,6 +255,10 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + '...'
 
 
+_FAMILY_HYPERPARAMETERS = frozenset({'betas', 'momentum', 'nesterov', 'dampening', 'alpha', 'rho', 'lr_decay',
+                                     'etas', 'step_sizes', 'lambd'})
+
+
 def check_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, where: str,
                           saved_opt: Optional[str] = None, opt: Optional[str] = None) -> None:
     """Refuse an optimizer state made by another optimizer (or for other parameters) before loading it
@@ -270,9 +276,11 @@ def check_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optim
         raise CheckpointError(f'{where}: the optimizer state covers parameter groups of sizes {sizes}, this run has '
                               f'{[len(g["params"]) for g in own_groups]}: check the model flags')
     names = {k for g in groups for k in g if k != 'params'}
-    own_names = {k for g in own_groups for k in g if k != 'params'}
-    if not own_names <= names:
-        raise CheckpointError(f'{where}: the optimizer state lacks {sorted(own_names - names)[:4]}: it was made by '
+    # hyperparameters that tell optimizer families apart and that every torch version stores (newer
+    # flags such as 'foreach' or 'decoupled_weight_decay' may be absent from older checkpoints: torch fills them)
+    family = {k for g in own_groups for k in g} & _FAMILY_HYPERPARAMETERS
+    if not family <= names:
+        raise CheckpointError(f'{where}: the optimizer state lacks {sorted(family - names)}: it was made by '
                               f'another optimizer than --opt {opt or "?"}')
 
 def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:
