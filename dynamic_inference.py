@@ -312,26 +312,26 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    handle_stop_signals()
-    try:
-        with console_logging():
-            run(args)
-    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: result files written so far are complete
-        print('dynamic_inference.py: interrupted', file=sys.stderr)
-        return exit_status(e)
-    except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
-        print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
-        print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError:  # a loader worker's error while the run stops on a signal
-        if stop_requested() is None:
-            raise
-        print('dynamic_inference.py: interrupted', file=sys.stderr)
-        return exit_status()
-    finally:
-        release_locks()
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            with console_logging():
+                run(args)
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: result files written so far are complete
+            print('dynamic_inference.py: interrupted', file=sys.stderr)
+            return exit_status(e)
+        except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
+            print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
+            print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            print('dynamic_inference.py: interrupted', file=sys.stderr)
+            return exit_status()
+        finally:
+            release_locks()
     return 0
 
 

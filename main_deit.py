@@ -734,33 +734,33 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     """Run ``run_fn(args)``; bad input, a non-finite loss, SIGINT or SIGTERM become one message and an exit
     code (2, 1, 130, 143). Shared by the training scripts."""
     setup_logging(True)
-    handle_stop_signals()
     log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
     code = 0
-    try:
-        run_fn(args)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.signals)
-        _logger.error('interrupted; the last checkpoint (if any) is intact')
-        code = exit_status(e)
-    except Exception as e:
-        if stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            run_fn(args)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.signals)
             _logger.error('interrupted; the last checkpoint (if any) is intact')
-            code = exit_status()
-        elif isinstance(e, USER_ERRORS):
-            _logger.error('%s', user_message(e))
-            code = EXIT_BAD_INPUT
-        elif isinstance(e, NonFiniteLossError):
-            _logger.error('%s', e)
-            code = EXIT_TRAINING_FAILED
-        elif isinstance(e, OSError):  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
-            _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
-            code = EXIT_BAD_INPUT
-        else:
-            raise
-    finally:
-        release_locks()
-        cleanup()
-        gc.collect()  # loaders (and their worker processes) referenced by a caught traceback end now, not at exit
+            code = exit_status(e)
+        except Exception as e:
+            if stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+                _logger.error('interrupted; the last checkpoint (if any) is intact')
+                code = exit_status()
+            elif isinstance(e, USER_ERRORS):
+                _logger.error('%s', user_message(e))
+                code = EXIT_BAD_INPUT
+            elif isinstance(e, NonFiniteLossError):
+                _logger.error('%s', e)
+                code = EXIT_TRAINING_FAILED
+            elif isinstance(e, OSError):  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
+                _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
+                code = EXIT_BAD_INPUT
+            else:
+                raise
+        finally:
+            release_locks()
+            cleanup()
+            gc.collect()  # loaders (and their workers) referenced by a caught traceback end now, not at exit
     return code
 
 

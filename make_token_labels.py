@@ -370,26 +370,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Token-labeling label maps from a teacher', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     setup_logging(True)
-    handle_stop_signals()
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', e)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
-        _logger.error('%s; the maps written so far are complete, run again to continue',
-                      describe_os_error(e, 'cannot write the label maps'))
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:  # SIGINT / SIGTERM
-        _logger.error('interrupted; the maps written so far are complete, run again to continue')
-        return exit_status(e)
-    except RuntimeError:  # a loader worker's error while the run stops on a signal
-        if stop_requested() is None:
-            raise
-        _logger.error('interrupted; the maps written so far are complete, run again to continue')
-        return exit_status()
-    finally:
-        release_locks()
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            return run(args)
+        except USER_ERRORS as e:
+            _logger.error('%s', e)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
+            _logger.error('%s; the maps written so far are complete, run again to continue',
+                          describe_os_error(e, 'cannot write the label maps'))
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM
+            _logger.error('interrupted; the maps written so far are complete, run again to continue')
+            return exit_status(e)
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            _logger.error('interrupted; the maps written so far are complete, run again to continue')
+            return exit_status()
+        finally:
+            release_locks()
 
 
 if __name__ == '__main__':

@@ -370,25 +370,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    handle_stop_signals()
-    try:
-        run(args)
-    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every picture written so far is complete
-        print('visualize.py: interrupted', file=sys.stderr)
-        return exit_status(e)
-    except (InputError, CheckpointError, BadInputError) as e:
-        print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the pictures failed (full disk, ...)
-        print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError:  # a loader worker's error while the run stops on a signal
-        if stop_requested() is None:
-            raise
-        print('visualize.py: interrupted', file=sys.stderr)
-        return exit_status()
-    finally:
-        release_locks()
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            run(args)
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every picture written so far is complete
+            print('visualize.py: interrupted', file=sys.stderr)
+            return exit_status(e)
+        except (InputError, CheckpointError, BadInputError) as e:
+            print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the pictures failed (full disk, ...)
+            print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            print('visualize.py: interrupted', file=sys.stderr)
+            return exit_status()
+        finally:
+            release_locks()
     return 0
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import stat
 import subprocess
 import zlib
@@ -96,12 +97,15 @@ def untouched_inputs(inputs):
 
 
 def run(script, argv: List[str], capsys, caplog):
-    """``(exit status, everything the run printed or logged)``; argparse's SystemExit gives its code."""
+    """``(exit status, everything the run printed or logged)``; argparse's SystemExit gives its code.
+    The script's signal handlers are gone afterwards."""
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with caplog.at_level(logging.INFO):
         try:
             code = script.main([str(a) for a in argv])
         except SystemExit as e:
             code = e.code
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     out, err = capsys.readouterr()
     return code, '\n'.join([out, err, caplog.text])
 

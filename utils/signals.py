@@ -1,6 +1,6 @@
 """SIGINT and SIGTERM end every script within seconds, with exit status 130 / 143.
 
-:func:`handle_stop_signals` installs one handler for both signals. By default it raises
+:func:`handle_stop_signals` installs one handler for both signals while a script runs. It raises
 :class:`Interrupted` (a ``KeyboardInterrupt``) in the main thread; the scripts turn it into
 their exit status (:func:`exit_status`: 128 + the signal number) and the last checkpoint stays
 intact, because every file is written through a temporary file and a rename. Outside the loops the
@@ -72,19 +72,29 @@ def stop_at_steps() -> Iterator[None]:
     check_stop()
 
 
-def handle_stop_signals(deferred: Iterable[int] = ()) -> None:
-    """Install the handler for SIGINT and SIGTERM (main thread only; elsewhere a no-op).
+@contextlib.contextmanager
+def handle_stop_signals(deferred: Iterable[int] = ()) -> Iterator[None]:
+    """For the duration of a script's run: the handler for SIGINT and SIGTERM; the previous handlers
+    come back afterwards (a script's ``main`` called from Python, or from a test, leaves no trace).
+    Outside the main thread it only runs the block.
 
     Args:
         deferred: signals that only set :func:`stop_requested` (the loop acts on them at a step boundary).
     """
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    _State.owner = os.getpid()
-    _State.signum = None
-    _State.deferred = set(deferred)
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    state = (_State.owner, _State.signum, _State.deferred, _State.in_steps)
+    _State.owner, _State.signum, _State.deferred, _State.in_steps = os.getpid(), None, set(deferred), 0
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        _State.owner, _State.signum, _State.deferred, _State.in_steps = state
 
 
 def quiet_worker_signals(worker_id: int = 0) -> None:
