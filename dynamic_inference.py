@@ -34,9 +34,12 @@ from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic,
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import EXIT_BAD_INPUT, describe_os_error, positive_int
+from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
+from utils.run_folder import RunLock, check_outside_inputs, release_locks
+from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.validation import BadInputError, device_name, float_in, int_at_least
 
 _logger = logging.getLogger('dynamic_inference')
 
@@ -77,18 +80,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
-    p.add_argument('--threshold', type=float, default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threshold', type=float_in(0, 1), default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
+    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
-    p.add_argument('--num-workers', '--num_workers', type=int, default=4)
+    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=4)
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',
                    help='mode 1: also write the checkpoint with the results added, as a NEW file in --output-dir')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), default='none',
                    help='autocast dtype for the forward passes (default none: float32, as the released numbers)')
-    p.add_argument('--warmup-batches', type=int, default=2, help='mode 2: batches run before timing starts')
+    p.add_argument('--warmup-batches', type=int_at_least(0), default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
     p.add_argument('--backend', choices=('torch', 'onnxruntime'), default='torch',
@@ -124,10 +127,14 @@ def output_dir(args: argparse.Namespace) -> Path:
         name = f'{args.model or "model"}_g{args.coarse_stage_size or "ckpt"}'
         out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
+        check_outside_inputs(out, [args.data_url], '--output-dir')
         out.mkdir(parents=True, exist_ok=True)
         probe = out / '.write_test'
         probe.write_bytes(b'')
         probe.unlink()
+        RunLock(out)
+    except OutputDirError as e:
+        raise UsageError(str(e)) from e
     except OSError as e:
         raise UsageError(f'output folder {out} is not writable: {e.strerror or e}')
     return out
@@ -162,7 +169,7 @@ def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: in
     _logger.info('validation set: %d images of %d classes in %s', len(dataset), num_classes, valdir)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        pin_memory=args.device.startswith('cuda'), collate_fn=collate_skipping)
+        pin_memory=args.device.startswith('cuda'), collate_fn=collate_skipping, worker_init_fn=quiet_worker_signals)
 
 
 def fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -347,15 +354,26 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        with console_logging():
-            run(args)
-    except (UsageError, CheckpointError, DatasetError) as e:
-        print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
-        print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            with console_logging():
+                run(args)
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: result files written so far are complete
+            print('dynamic_inference.py: interrupted', file=sys.stderr)
+            return exit_status(e)
+        except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
+            print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
+            print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            print('dynamic_inference.py: interrupted', file=sys.stderr)
+            return exit_status()
+        finally:
+            release_locks()
     return 0
 
 

@@ -64,11 +64,8 @@ def build_criterion(args: argparse.Namespace, num_classes: int) -> Tuple[CFViTLo
     return CFViTLoss(base), mixup_fn
 
 
-
 def run(args: argparse.Namespace) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
-    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
-        raise ConfigError('--stop-at-epoch must be >= 0')
     info, _, output_dir = setup_process(args)
     train_set, val_set, num_classes = load_datasets(args)
 

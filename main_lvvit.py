@@ -54,6 +54,8 @@ from utils.train_setup import (  # noqa: E402
 )
 from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
 
+from utils.validation import float_in, int_at_least  # noqa: E402
+
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
            'EXIT_TRAINING_FAILED', 'USER_ERRORS']
 #: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
@@ -78,20 +80,21 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
     g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
-    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int, default=8,
+    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
+                   default=8,
                    help='data loading processes per training process')
-    g.add_argument('--lr', type=float, default=LVVIT_LR,
+    g.add_argument('--lr', type=float_in(0, low_open=True), default=LVVIT_LR,
                    help=f'learning rate, used as given (LV-ViT: {LVVIT_LR:g} at {LVVIT_BATCH} images per step)')
     g.add_argument('--apex-amp', '--apex_amp', '--native-amp', '--native_amp', dest='amp', action='store_true',
                    help='mixed precision through torch.autocast (there is no apex; all three flags and --amp '
                         'mean native AMP)')
     g.add_argument('--unscale-lr', action='store_true', help=argparse.SUPPRESS)  # --lr is never scaled here
-    g.add_argument('--print-freq', '--log-interval', dest='print_freq', type=int, default=50,
+    g.add_argument('--print-freq', '--log-interval', dest='print_freq', type=int_at_least(1), default=50,
                    help='log a line every this many steps')
     g.add_argument('--eval-metric', choices=sorted(EVAL_METRICS), default='top1_f',
                    help='what picks best_checkpoint.pth (and drives plateau schedules): the top-1 of the fine '
                         '(top1_f) or the coarse (top1_c) stage; of the EMA weights when --model-ema, as released')
-    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--hflip', type=float_in(0, 1), default=0.5, help='horizontal flip probability')
     g.add_argument('--dist-bn', choices=('reduce', 'broadcast', ''), default='reduce',
                    help='after every epoch, average (reduce) or copy from rank 0 (broadcast) the running statistics '
                         'of the stem\'s BatchNorm layers over the processes, so that every process evaluates and '
@@ -105,14 +108,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--token-label-data', default='', metavar='DIR',
                    help='label maps: DIR/<class folder>/<image stem>.pt, tensors (2, K, H, W) of top-K scores and '
                         'class indices (make_token_labels.py writes them)')
-    g.add_argument('--token-label-size', type=int, default=None,
+    g.add_argument('--token-label-size', type=int_at_least(1), default=None,
                    help='side of the dense target: 2 x --coarse-stage-size (default, one per fine patch), or 1 for '
                         'class targets only')
-    g.add_argument('--dense-weight', type=float, default=1.0,
+    g.add_argument('--dense-weight', type=float_in(0), default=1.0,
                    help='weight of the per-token loss: 1.0 as the released CF-LV-ViT run (and TokenLabeling\'s code) '
                         'trained; the TokenLabeling paper names 0.5')
-    g.add_argument('--cls-weight', type=float, default=1.0, help='weight of the class-token loss')
-    g.add_argument('--coarse-dense-weight', type=float, default=0.0,
+    g.add_argument('--cls-weight', type=float_in(0), default=1.0, help='weight of the class-token loss')
+    g.add_argument('--coarse-dense-weight', type=float_in(0), default=0.0,
                    help='weight of a per-token loss on the coarse stage too, against the dense target averaged '
                         'over 2x2 cells (0: the release, which supervised the fine stage only)')
     g.add_argument('--token-label-crop', choices=CROP_MODES, default='transposed',
@@ -134,8 +137,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data_dir and args.data_path and Path(args.data_dir) != Path(args.data_path):
         raise ConfigError(f'two datasets given: {args.data_dir} and --data-path {args.data_path}')
     args.data_path = args.data_dir or args.data_path
-    if args.stop_at_epoch is not None and args.stop_at_epoch < 0:
-        raise ConfigError('--stop-at-epoch must be >= 0')
     if args.eval:
         return
     if args.token_label and not args.token_label_data:

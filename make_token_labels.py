@@ -57,6 +57,11 @@ from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
 from utils.dist import default_device  # noqa: E402
+from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
+from utils.signals import (  # noqa: E402
+    check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
+)  # noqa: E402
+from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
     describe_os_error, positive_int, setup_logging,
@@ -72,7 +77,7 @@ class TeacherError(RuntimeError):
     """A teacher that cannot be built or used (message meant for a person)."""
 
 
-USER_ERRORS = (TeacherError, DatasetError, CheckpointError, OutputDirError)
+USER_ERRORS = (TeacherError, DatasetError, CheckpointError, OutputDirError, BadInputError)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -90,30 +95,30 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (local cache when offline)")
     g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid of a CF teacher (default: from the checkpoint, else 7)')
-    g.add_argument('--embed-dim', type=int, default=None, help='width override of the teacher')
-    g.add_argument('--depth', type=int, default=None, help='block count override of the teacher')
-    g.add_argument('--num-heads', type=int, default=None, help='head count override of the teacher')
+    g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='width override of the teacher')
+    g.add_argument('--depth', type=int_at_least(1), default=None, help='block count override of the teacher')
+    g.add_argument('--num-heads', type=int_at_least(1), default=None, help='head count override of the teacher')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='more timm.create_model arguments of the teacher, values as Python literals')
     g.add_argument('--full-fine-grid', action='store_true',
                    help='CF teachers: run the fine stage on all fine patches instead of its inference path with '
                         'informative selection (where a non-informative coarse patch labels its 4 fine cells)')
-    g.add_argument('--input-size', type=int, default=None,
+    g.add_argument('--input-size', type=int_at_least(16, 4096), default=None,
                    help='side the whole image is resized to (default: the teacher\'s input size)')
     g.add_argument('--unsafe-load', action='store_true', help='allow full unpickling of a checkpoint you trust')
     g = parser.add_argument_group('maps')
-    g.add_argument('--topk', type=int, default=None,
+    g.add_argument('--topk', type=int_at_least(1), default=None,
                    help='classes kept per location, K (default: 5, as the released maps, or all if fewer)')
-    g.add_argument('--map-size', type=int, default=None,
+    g.add_argument('--map-size', type=int_at_least(1, 1024), default=None,
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
     g.add_argument('-b', '--batch-size', type=positive_int, default=64)
-    g.add_argument('-j', '--workers', type=int, default=4, help='image decoding processes')
-    g.add_argument('--write-threads', type=int, default=4, help='threads writing files')
-    g.add_argument('--device', default=default_device())
+    g.add_argument('-j', '--workers', type=int_at_least(0), default=4, help='image decoding processes')
+    g.add_argument('--write-threads', type=int_at_least(1), default=4, help='threads writing files')
+    g.add_argument('--device', type=device_name, default=default_device())
     g.add_argument('--amp', action='store_true', help='teacher forward under torch.autocast')
-    g.add_argument('--num-shards', type=int, default=1, help='split the images into this many shards ...')
-    g.add_argument('--shard-index', type=int, default=0, help='... and do this one (0-based)')
+    g.add_argument('--num-shards', type=int_at_least(1), default=1, help='split the images into this many shards ...')
+    g.add_argument('--shard-index', type=int_at_least(0), default=0, help='... and do this one (0-based)')
     return parser
 
 
@@ -166,8 +171,8 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
             kwargs.setdefault('num_classes', found)
     kwargs.setdefault('num_classes', num_classes)
     try:
-        model = timm.create_model(name, pretrained=args.pretrained and checkpoint is None, **kwargs)
-    except (TypeError, ValueError, RuntimeError, OSError) as e:  # OSError: --pretrained weights not in the cache
+        model = create_model_checked(name, TeacherError, pretrained=args.pretrained and checkpoint is None, **kwargs)
+    except OSError as e:  # --pretrained weights not in the cache
         raise TeacherError(f'cannot build the teacher {name} with {kwargs}: {e}') from e
     if state_dict is not None:
         load_model_weights(model, state_dict)
@@ -288,7 +293,9 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_image_folder(args.data)
     dataset = open_image_folder(folder)
     samples, classes = dataset.samples, dataset.classes
+    check_outside_inputs(args.output, [args.data, folder])
     out = check_writable_dir(args.output)
+    RunLock(out, f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')  # shards may share the folder
     targets = [label_map_path(out, path) for path, _ in samples]
     check_distinct_label_maps(samples, targets)
     if args.topk is None:
@@ -312,15 +319,17 @@ def run(args: argparse.Namespace) -> int:
                  name, size, size, device, len(samples), folder, len(classes), args.shard_index, args.num_shards,
                  len(pending), len(shard) - len(pending))
     loader = DataLoader(_PendingImages(samples, pending, transform), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda')
+                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda',
+                        worker_init_fn=quiet_worker_signals)
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     written = unreadable = 0
     map_shape: Optional[Tuple[int, ...]] = None
     started = time.time()
     futures: List[Future] = []
-    with ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
+    with stop_at_steps(), ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
         bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True)
         for images, indices, skipped in bar:  # indices: the samples' positions, as collate_skipping's targets
+            check_stop()  # a stop signal ends the run at the next step
             unreadable += skipped
             indices = indices.tolist()
             if not indices:
@@ -361,18 +370,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Token-labeling label maps from a teacher', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     setup_logging(True)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', e)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
-        _logger.error('%s; the maps written so far are complete, run again to continue',
-                      describe_os_error(e, 'cannot write the label maps'))
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        _logger.error('interrupted; the maps written so far are complete, run again to continue')
-        return 130
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            return run(args)
+        except USER_ERRORS as e:
+            _logger.error('%s', e)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
+            _logger.error('%s; the maps written so far are complete, run again to continue',
+                          describe_os_error(e, 'cannot write the label maps'))
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM
+            _logger.error('interrupted; the maps written so far are complete, run again to continue')
+            return exit_status(e)
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            _logger.error('interrupted; the maps written so far are complete, run again to continue')
+            return exit_status()
+        finally:
+            release_locks()
 
 
 if __name__ == '__main__':

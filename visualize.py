@@ -39,6 +39,10 @@ from utils.checkpoint import (
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
 )
 from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
+from utils.misc import OutputDirError
+from utils.run_folder import RunLock, check_outside_inputs, release_locks, same_file
+from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
@@ -48,6 +52,8 @@ log = logging.getLogger('visualize')
 
 #: Default early-exit threshold: the one the released visualization used.
 DEFAULT_THRESHOLD = 0.7
+#: Largest --panel-size: a 16-image grid of 2048 px panels is already about 200 megapixels.
+MAX_PANEL_SIZE = 2048
 CHECK, CROSS = '\u2713', '\u2717'
 GREEN, RED, GREY, BLACK = '#1b7f3b', '#c1121f', '#6c757d', '#111111'
 
@@ -84,7 +90,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None, metavar='G',
                    help='coarse grid side g (7 or 9 for the released models; default: what a training '
                         'checkpoint records, else 7); the fine input is 32*g px at patch 16')
-    p.add_argument('--num-classes', '--num_classes', type=int, default=None,
+    p.add_argument('--num-classes', '--num_classes', type=int_at_least(1), default=None,
                    help='classes of a model without checkpoint (default: the dataset\'s class folders, '
                         'else 1000); with --resume the checkpoint\'s head decides')
     p.add_argument('--model-kwargs', '--model_kwargs', nargs='*', default={}, action=_KeyValues,
@@ -100,38 +106,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'tab-separated like imagenette\'s classes.txt, or JSON; a classes.txt at the '
                         'dataset root is used automatically')
     p.add_argument('--output-dir', '--output_dir', default='output/visualize', metavar='DIR')
-    p.add_argument('--threshold', type=float, default=DEFAULT_THRESHOLD,
+    p.add_argument('--threshold', type=float_in(0, 1), default=DEFAULT_THRESHOLD,
                    help='early-exit threshold on the coarse max-softmax probability (default: %(default)s, '
                         'as the released visualization)')
-    p.add_argument('--num-images', '--num_images', type=int, default=16,
+    p.add_argument('--num-images', '--num_images', type=int_at_least(1, 1024), default=16,
                    help='images per grid (default: %(default)s), drawn at random with --seed')
-    p.add_argument('--max-images', '--max_images', type=int, default=None,
+    p.add_argument('--max-images', '--max_images', type=int_at_least(1), default=None,
                    help='run the model on at most this many images, a random subset (default: all)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
-    p.add_argument('--num-workers', '--num_workers', type=int, default=2)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--panel-size', '--panel_size', type=int, default=None,
+    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=2)
+    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--panel-size', '--panel_size', type=int_at_least(64, MAX_PANEL_SIZE), default=None,
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
-    p.add_argument('--fade', type=float, default=FADE,
+    p.add_argument('--fade', type=float_in(0, 1), default=FADE,
                    help='how far patches kept coarse fade to white, 0..1 (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.threshold <= 1.0:
-        raise InputError(f'--threshold must be in [0, 1], got {args.threshold}')
-    if not 0.0 <= args.fade <= 1.0:
-        raise InputError(f'--fade must be in [0, 1], got {args.fade}')
-    if args.num_images < 1:  # --batch-size and --coarse-stage-size are checked by argparse (positive_int)
-        raise InputError(f'--num-images must be at least 1, got {args.num_images}')
-    if args.max_images is not None and args.max_images < 1:
-        raise InputError(f'--max-images must be at least 1, got {args.max_images}')
-    if args.num_workers < 0:
-        raise InputError(f'--num-workers must be >= 0, got {args.num_workers}')
-    if args.panel_size is not None and args.panel_size < 64:
-        raise InputError(f'--panel-size must be at least 64 pixels, got {args.panel_size}')
 
 
 def _device(name: str) -> torch.device:
@@ -144,12 +135,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _prepare_output_dir(path: str) -> Path:
+def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
     out = Path(path)
     try:
+        check_outside_inputs(out, inputs, '--output-dir')
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
+        RunLock(out)
+    except OutputDirError as e:
+        raise InputError(str(e)) from e
     except OSError as e:
         raise InputError(f'cannot write to --output-dir {out}: {e.strerror or e}') from e
     return out
@@ -196,13 +191,9 @@ def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optio
 
 def _build_model(args: argparse.Namespace, num_classes: int,
                  state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.nn.Module:
-    import timm
     torch.manual_seed(args.seed)
-    try:
-        model = timm.create_model(args.model, coarse_stage_size=args.coarse_stage_size, num_classes=num_classes,
-                                  **args.model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise InputError(f'cannot build {args.model}: {e}') from e
+    model = create_model_checked(args.model, InputError, coarse_stage_size=args.coarse_stage_size,
+                                 num_classes=num_classes, **args.model_kwargs)
     if state_dict is not None:
         try:
             load_model_weights(model, state_dict)
@@ -254,9 +245,8 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
-    _check_args(args)
     device = _device(args.device)
-    out_dir = _prepare_output_dir(args.output_dir)
+    out_dir = _prepare_output_dir(args.output_dir, [args.data_path, args.img_path])
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
@@ -297,7 +287,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dataset = ImageList(samples, eval_transform(model), return_index=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        collate_fn=collate_skipping, pin_memory=device.type == 'cuda')
+        collate_fn=collate_skipping, pin_memory=device.type == 'cuda', worker_init_fn=quiet_worker_signals)
     details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
     bad = [samples[i][0] for i in sorted(details.unreadable)]
     if bad:
@@ -331,7 +321,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         chosen = _pick(mask, details.confidence, args.num_images, args.seed)
         if not chosen:
             log.warning('no image is in "%s" at threshold %.3g: %s not written', heading, args.threshold, png.name)
-            if png.exists():
+            if png.exists() and not same_file(png, args.img_path):  # never a file the user named
                 png.unlink()  # a picture of an earlier run would contradict summary.json
             outputs[key] = {'count': int(mask.sum()), 'png': None, 'shown': []}
             continue
@@ -380,14 +370,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        run(args)
-    except (InputError, DatasetError, CheckpointError) as e:
-        print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the pictures failed (full disk, ...)
-        print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            run(args)
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every picture written so far is complete
+            print('visualize.py: interrupted', file=sys.stderr)
+            return exit_status(e)
+        except (InputError, DatasetError, CheckpointError, BadInputError) as e:
+            print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing the pictures failed (full disk, ...)
+            print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            print('visualize.py: interrupted', file=sys.stderr)
+            return exit_status()
+        finally:
+            release_locks()
     return 0
 
 

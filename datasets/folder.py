@@ -3,7 +3,9 @@
 :class:`RobustImageFolder` (an ImageFolder) and :class:`ImageList` (given ``(path, target)`` pairs,
 e.g. one's own images) read their samples alike.
 
-Every image is decoded to RGB (grayscale, CMYK, RGBA and palette images included). A file PIL
+Folders are listed by :func:`datasets.walk.class_folder_samples` (each folder once, link loops
+and non-regular files skipped) and every image is decoded by :func:`datasets.walk.decode_image`
+(every PIL mode to 8-bit RGB, 16-bit scaled; header limits before decoding). A file PIL
 cannot decode (corrupt JPEG, truncated PNG, not an image) is handled in one of two ways:
 
 - ``'skip'`` (evaluation): the sample comes back as None; :func:`collate_skipping` drops it from
@@ -18,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+
+from .walk import class_folder_samples, decode_image, image_files
 
 __all__ = ['DatasetError', 'RobustImageFolder', 'ImageList', 'UnreadableCounter', 'collate_skipping',
            'open_image_folder', 'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
@@ -43,11 +47,8 @@ class DatasetError(RuntimeError):
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Decode any PIL-readable image (grayscale, CMYK, RGBA, palette) to RGB."""
-    with open(path, 'rb') as f:
-        img = Image.open(f)
-        img.load()
-    return img.convert('RGB')
+    """Decode any PIL-readable image (every mode, 16-bit included) to 8-bit RGB (:func:`decode_image`)."""
+    return decode_image(path)
 
 
 class UnreadableCounter:
@@ -152,6 +153,23 @@ class RobustImageFolder(_ReadsSamples, ImageFolder):
         super().__init__(root, transform=transform, loader=rgb_loader)
         self._init_reading(on_unreadable, return_index)
 
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: Dict[str, int], extensions: Optional[Tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        """torchvision's listing, by :func:`datasets.walk.class_folder_samples`: each folder is entered
+        once (a symlink loop neither repeats images nor hangs), FIFOs and other non-regular files are
+        skipped with a warning."""
+        if extensions is None or is_valid_file is not None:
+            return ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        found, _ = class_folder_samples(str(directory), sorted(class_to_idx), extensions)
+        samples = [(path, class_to_idx[name]) for path, name in found]
+        empty = sorted(set(class_to_idx) - {name for _, name in found})
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}. '
+                                    f'Supported extensions are: {", ".join(extensions)}')
+        return samples
+
 
 class ImageList(_ReadsSamples, Dataset):
     """Given image files read like :class:`RobustImageFolder`'s: ``samples`` are ``(path, target)``
@@ -216,10 +234,6 @@ def open_image_folder(root: Path, transform: Optional[Callable] = None,
 
 
 # ---------------------------------------------------------------------------------------- listing files
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def find_image_folder(data_path: Union[str, Path]) -> Path:
     """The ImageFolder to visualize: ``data_path/val`` if it exists, else ``data_path`` itself.
 
@@ -263,10 +277,7 @@ def list_image_folder(folder: Union[str, Path]) -> Tuple[List[str], List[Tuple[s
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise DatasetError(f'{folder} has no class folders')
-    samples: List[Tuple[str, str]] = []
-    for name in classes:
-        for dirpath, _, files in sorted(os.walk(folder / name, followlinks=True)):
-            samples.extend((os.path.join(dirpath, f), name) for f in sorted(files) if _is_image_name(f))
+    samples, _ = class_folder_samples(str(folder), classes, IMG_EXTENSIONS)
     if not samples:
         raise DatasetError(f'no images ({", ".join(IMG_EXTENSIONS)}) in the class folders of {folder}')
     used = {n for _, n in samples}
@@ -291,8 +302,7 @@ def list_images(img_path: Union[str, Path]) -> List[str]:
         except Exception:  # PIL raises many types for broken files
             raise DatasetError(f'--img-path {path} is not an image that Pillow can read') from None
         return [str(path)]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
-                   if _is_image_name(f))
+    files = image_files(str(path), IMG_EXTENSIONS).files
     if not files:
         raise DatasetError(f'--img-path {path} holds no images ({", ".join(IMG_EXTENSIONS)})')
     return files

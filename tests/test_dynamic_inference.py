@@ -263,8 +263,9 @@ def test_bad_inputs(setup, tmp_path, capsys):
     msg = _error(capsys)
     assert 'does not fit cf_deit_tiny' in msg and 'missing keys: blocks.0.attn.qkv.bias' in msg
     assert 'unexpected keys: patch_embed.conv1.weight' in msg
-    assert dynamic_inference.main(['--eval-mode', '2', '--threshold', '1.5', '--data_url', str(data), *ck, *base]) == 2
-    assert 'threshold must be in [0, 1]' in _error(capsys)
+    with pytest.raises(SystemExit) as e:  # checked by argparse
+        dynamic_inference.main(['--eval-mode', '2', '--threshold', '1.5', '--data_url', str(data), *ck, *base])
+    assert e.value.code == 2 and 'argument --threshold: must be in [0, 1], got 1.5' in capsys.readouterr().err
     wrong_grid = [a if a != '2' else '3' for a in base]
     assert dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data), *ck, *wrong_grid]) == 2
     assert 'pos_embed_list.0' in _error(capsys)

@@ -46,8 +46,11 @@ def write_image(path: Path, seed: int, size=(120, 100), mode: str = 'RGB') -> Pa
 
 
 def run_main(argv, capsys):
-    """``visualize.main(argv)`` -> (return code, stderr)."""
-    code = visualize.main([str(a) for a in argv])
+    """``visualize.main(argv)`` -> (return code, stderr); argparse's SystemExit gives its code."""
+    try:
+        code = visualize.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
     return code, capsys.readouterr().err
 
 
@@ -233,7 +236,7 @@ def bad_inputs(tmp_path_factory, checkpoint):
     (['--img-path', '{root}/three/val/c0', '--resume', '{root}/lvvit.pth'], 'does not fit'),
     (['--img-path', '{root}/three/val/c0', '--resume', '{root}/garbage.pth'], 'garbage.pth'),
     (['--data-path', '{root}/three', '--resume', '{root}/nothing.pth'], 'checkpoint not found'),
-    (['--data-path', '{root}/three', '--threshold', '1.5'], '--threshold must be in [0, 1]'),
+    (['--data-path', '{root}/three', '--threshold', '1.5'], 'argument --threshold: must be in [0, 1], got 1.5'),
     (['--data-path', '{root}/three', '--output-dir', '{root}/notes.txt/out'], 'cannot write to --output-dir'),
 ], ids=['not-image', 'empty-img-dir', 'missing-img', 'missing-data', 'empty-data', 'no-images', 'class-count',
         'other-model', 'garbage-ckpt', 'missing-ckpt', 'threshold', 'output-dir'])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -59,9 +60,10 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
             raise CheckpointError(f'cannot read {path} as safetensors: {e}') from e
     try:
         if unsafe:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            obj = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)', str(e))
         if found is None:  # garbage that happens to look like a pickle
@@ -72,6 +74,10 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
             f'from the file. If you trust the file, pass --unsafe-load.') from e
     except Exception as e:  # truncated zip, garbage bytes: torch raises many types here
         raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+    if isinstance(obj, Mapping):  # a checkpoint (label maps are bare tensors): types and shapes, before any use
+        from .validation import check_checkpoint
+        check_checkpoint(obj, str(path))
+    return obj
 
 
 def _first_line(e: BaseException) -> str:
@@ -90,14 +96,16 @@ def extract_state_dict(checkpoint: Any, key: Optional[str] = None) -> Dict[str, 
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
     if key is not None:
-        if key not in checkpoint:
-            raise CheckpointError(f'checkpoint has no {key!r} entry (it has {sorted(checkpoint)})')
+        if checkpoint.get(key) is None:
+            raise CheckpointError(f'checkpoint has no {key!r} weights (its entries: {", ".join(map(str, checkpoint))})')
         checkpoint = checkpoint[key]
     else:
         for k in ('model', 'state_dict'):
             if isinstance(checkpoint.get(k), Mapping):
                 checkpoint = checkpoint[k]
                 break
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'the checkpoint weights are a {type(checkpoint).__name__}, not a state_dict')
     state_dict = dict(checkpoint)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)][:5]
@@ -202,13 +210,18 @@ def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
         os.close(dir_fd)
 
 
-def remove_stale_temp_files(folder: PathLike, names: Sequence[str]) -> List[Path]:
+def remove_stale_temp_files(folder: PathLike, names: Sequence[str],
+                            keep: Sequence[Optional[PathLike]] = ()) -> List[Path]:
     """Delete the temporary files that :func:`atomic_file` left beside ``folder/<name>`` when its
-    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything). Call it only where
-    no other process is writing these files. Returns the deleted paths."""
+    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything), except the files in
+    ``keep`` (those the user named, e.g. ``--resume``). Call it only where no other process is writing
+    these files (the run lock). Returns the deleted paths."""
+    kept = {os.path.realpath(k) for k in keep if k}
     removed = []
     for name in names:
         for tmp in Path(folder).glob(f'.{name}.*.tmp'):
+            if os.path.realpath(tmp) in kept:
+                continue
             try:
                 tmp.unlink()
             except FileNotFoundError:
@@ -225,7 +238,24 @@ def save_atomic(obj: Any, path: PathLike) -> None:
             from safetensors.torch import save
             f.write(save({k: v.contiguous() for k, v in obj.items()}))
         else:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
+                if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
+                    raise
+                raise _write_error(path, e) from e
+
+
+def _write_error(path: Path, error: BaseException) -> OSError:
+    """An OSError for a write that torch reported as a RuntimeError: ENOSPC when the disk is (nearly) full."""
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f'the write failed ({_first_line(error)})', str(path))
 
 
 def write_json_atomic(obj: Any, path: PathLike) -> None:

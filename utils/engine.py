@@ -27,6 +27,7 @@ from .dist import all_agree, collective_device, is_main_process, reduce
 from .inference import unpack_batch
 from .losses import class_logits
 from .misc import MetricMeter
+from .signals import check_stop, stop_at_steps
 
 __all__ = ['AmpConfig', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
@@ -103,6 +104,7 @@ def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
         raise ValueError(f'unknown gradient clipping mode {mode!r}')
 
 
+@stop_at_steps()
 def train_one_epoch(
         model: nn.Module,
         criterion: Callable[[Any, Any], Any],
@@ -161,6 +163,7 @@ def train_one_epoch(
     bar = tqdm(data_loader, total=num_steps, desc=f'epoch {epoch}', disable=not progress or None,
                dynamic_ncols=True, leave=False)
     for step, (images, targets) in enumerate(bar):
+        check_stop()  # a stop signal ends the run at the next step
         images = _to_device(images, device)
         targets = _to_device(targets, device)
         if batch_transform is not None:
@@ -213,6 +216,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+@stop_at_steps()
 def evaluate(
         model: nn.Module,
         data_loader: Iterable,
@@ -246,6 +250,7 @@ def evaluate(
     totals = torch.zeros(7, dtype=torch.float64, device=device)
     bar = tqdm(data_loader, desc='eval', disable=not progress or None, dynamic_ncols=True, leave=False)
     for batch in bar:
+        check_stop()  # a stop signal ends the run at the next step
         images, targets, skipped = unpack_batch(batch, device)
         totals[6] += skipped
         if images is None:

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
+from .signals import check_stop, stop_at_steps
+
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
 
 _logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def unpack_batch(batch, device: torch.device):
 
 
 @torch.no_grad()
+@stop_at_steps()
 def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
                    amp_dtype: Optional[torch.dtype] = None, desc: str = 'both stages') -> StagePredictions:
     """Run both stages (with the model's selection setting) on every image of ``loader``.
@@ -87,6 +90,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     conf, pred, top5, tgts = [], [], [], []
     skipped = 0
     for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
+        check_stop()  # a stop signal ends the run at the next step
         images, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if images is None:
@@ -136,6 +140,7 @@ class ExitResult:
 
 
 @torch.no_grad()
+@stop_at_steps()
 def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      warmup_batches: int = 2, amp_dtype: Optional[torch.dtype] = None) -> ExitResult:
     """Early-exit inference at ``threshold`` with the model time of every batch measured.
@@ -158,6 +163,7 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         _logger.warning('only %d batches: timing all of them, warm-up included', n_batches)
         warmup_batches = 0
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
+        check_stop()  # a stop signal ends the run at the next step
         x_f, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
         if x_f is None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -28,7 +29,7 @@ from .dist import collective_device, reduce
 __all__ = [
     'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
-    'architecture_from_checkpoint', 'remove_log_handler', 'SCRIPTS', 'run_script',
+    'architecture_from_checkpoint', 'log_thread_os_errors', 'remove_log_handler', 'SCRIPTS', 'run_script',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -156,6 +157,23 @@ def describe_os_error(e: OSError, doing: str = 'cannot write') -> str:
     return f'{doing}{where}: {e.strerror or e}'
 
 
+def log_thread_os_errors() -> None:
+    """An OSError that ends a background thread (TensorBoard's event writer on a full disk) is logged
+    as one line instead of the thread's traceback; other thread errors keep Python's report."""
+    if getattr(threading.excepthook, '_cfvit', False):
+        return
+    default = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError):
+            name = args.thread.name if args.thread is not None else 'a background thread'
+            logging.getLogger(__name__).error('%s (in %s)', describe_os_error(args.exc_value), name)
+            return
+        default(args)
+    hook._cfvit = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` of counts and sizes that must be at least 1 (grid sides, batch sizes)."""
     try:
@@ -205,8 +223,8 @@ def architecture_from_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any
         return {}
     get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
     kwargs = {k: get(k) for k in ('embed_dim', 'depth', 'num_heads') if get(k) is not None}
-    if get('model_kwargs'):
-        kwargs.update(parse_model_kwargs(get('model_kwargs')))
+    from .validation import checkpoint_model_kwargs  # the allow-list: a checkpoint never names files to open
+    kwargs.update(checkpoint_model_kwargs(args, 'the checkpoint'))
     out: Dict[str, Any] = {'kwargs': kwargs}
     if get('model'):
         out['model'] = get('model')

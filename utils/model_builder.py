@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .checkpoint import extract_state_dict, load_model_weights
 from .misc import architecture_from_checkpoint, parse_model_kwargs
+from .validation import create_model_checked
 
 __all__ = ['ModelBuildError', 'build_from_checkpoint']
 
@@ -40,7 +41,6 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
         ModelBuildError: no classification head, or a model that cannot be built with these arguments.
         utils.checkpoint.CheckpointError: weights that do not fit the model.
     """
-    import timm
     recorded = architecture_from_checkpoint(checkpoint)
     name = model_name or recorded.get('model', 'cf_deit_small')
     g = coarse_stage_size or recorded.get('coarse_stage_size', 7)
@@ -53,10 +53,7 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     head = state_dict.get('head.weight')
     if head is None:
         raise ModelBuildError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    try:
-        model = timm.create_model(name, coarse_stage_size=g, num_classes=head.shape[0], **extra)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ModelBuildError(f'cannot build {name}: {e}') from None
+    model = create_model_checked(name, ModelBuildError, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     load_model_weights(model, state_dict)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g

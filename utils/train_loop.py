@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, load_model_weights, save_atomic
 from .dist import DistInfo, all_agree, epoch_seed, seed_everything
 from .engine import AmpConfig, evaluate, format_eval, train_one_epoch
 from .misc import OutputDirError, append_json_line, copy_atomic
+from .validation import check_optimizer_state
 from .train_setup import (
     BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, TENSORBOARD_DIR, ConfigError, build_amp, build_ema,
     build_loaders, build_optimizer, build_scheduler, set_selection, step_scheduler,
@@ -244,6 +245,7 @@ def resume(args: argparse.Namespace, model: nn.Module, model_ema: Optional[Model
         _logger.info('resumed the weights of %s (no training state in it): starting at epoch %d',
                      args.resume, args.start_epoch)
         return args.start_epoch, -1.0
+    check_optimizer_state(checkpoint['optimizer'], optimizer, args.resume, _recorded(checkpoint, 'opt'), args.opt)
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
@@ -263,6 +265,12 @@ def resume(args: argparse.Namespace, model: nn.Module, model_ema: Optional[Model
     _logger.info('resumed %s: continuing at epoch %d', args.resume, epoch)
     return epoch, float(checkpoint.get('max_fine_acc1', -1.0))
 
+
+
+def _recorded(checkpoint: Dict[str, Any], name: str) -> Any:
+    """A training flag recorded in a checkpoint's ``args`` (None when absent)."""
+    args = checkpoint.get('args')
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of a model's state_dict (names and raw bytes), for comparing processes."""

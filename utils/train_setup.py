@@ -14,6 +14,7 @@ epoch and one evaluation pass are :mod:`utils.engine`.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from functools import partial
 from pathlib import Path
@@ -40,9 +41,13 @@ from .checkpoint import (
 from .dist import DistInfo, DistributedSetupError, all_agree, cleanup, default_device, init_distributed, seed_everything
 from .engine import AmpConfig, NonFiniteLossError
 from .misc import (
-    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, describe_os_error, positive_int, setup_logging,
+    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, describe_os_error, log_thread_os_errors,
+    positive_int, setup_logging,
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
+from .run_folder import RunLock, check_outside_inputs, release_locks
+from .signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from .validation import BadInputError, create_model_checked, device_name, finite_float, float_in, int_at_least
 
 _logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class ConfigError(RuntimeError):
     """Flags that cannot work together (message meant for a person)."""
 
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, OutputDirError, DistributedSetupError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, OutputDirError, DistributedSetupError, BadInputError)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -77,9 +82,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('run')
     g.add_argument('--batch-size', '--batch_size', type=positive_int, default=64, help='images per process and step')
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--start_epoch', '--start-epoch', type=int, default=0, help='first epoch (set by --resume)')
-    g.add_argument('--stop-at-epoch', type=int, default=None,
+    g.add_argument('--epochs', type=int_at_least(1), default=300)
+    g.add_argument('--start_epoch', '--start-epoch', type=int_at_least(0), default=0,
+                   help='first epoch (set by --resume)')
+    g.add_argument('--stop-at-epoch', type=int_at_least(0), default=None,
                    help='end this run before this 0-based epoch, as if interrupted (the schedule still spans '
                         '--epochs); continue later with --resume')
     g.add_argument('--eval', action='store_true', help='only evaluate (both stages) and exit')
@@ -90,8 +96,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='deterministic algorithms (slower on GPU); CPU runs are deterministic anyway')
     g.add_argument('--output_dir', '--output-dir', '--output', dest='output_dir', default='',
                    help='folder for checkpoints, log.txt and TensorBoard events; empty: write nothing')
-    g.add_argument('--device', default=default_device(), help='cuda (default when available) or cpu')
-    g.add_argument('--print-freq', type=int, default=50, help='log a line every this many steps')
+    g.add_argument('--device', type=device_name, default=default_device(), help='cuda (default when available) or cpu')
+    g.add_argument('--print-freq', type=int_at_least(1), default=50, help='log a line every this many steps')
     g.add_argument('--amp', action=bool_flag, default=None,
                    help='mixed precision through torch.autocast; default on for CUDA (as the release trained), '
                         'off for CPU (bfloat16 is emulated, hence slow, on CPUs without native support)')
@@ -104,69 +110,73 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
     g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=7,
                    help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
-    g.add_argument('--embed-dim', type=int, default=None, help='override the width (small CPU experiments)')
-    g.add_argument('--depth', type=int, default=None, help='override the number of blocks')
-    g.add_argument('--num-heads', type=int, default=None, help='override the number of heads')
+    g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='override the width (small CPU experiments)')
+    g.add_argument('--depth', type=int_at_least(1), default=None, help='override the number of blocks')
+    g.add_argument('--num-heads', type=int_at_least(1), default=None, help='override the number of heads')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='more timm.create_model overrides, values as Python literals '
                         '(e.g. fine_pos_embed_without_selection=True)')
     g.add_argument('--grad-checkpointing', action='store_true',
                    help='recompute the blocks of both stages in the backward pass: less memory, same gradients')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', '--drop_path', type=float, default=0.1, help='stochastic depth rate')
-    g.add_argument('--selection-start-epoch', type=int, default=200,
+    g.add_argument('--drop', type=float_in(0, 1, high_open=True), default=0.0, help='dropout rate')
+    g.add_argument('--drop-path', '--drop_path', type=float_in(0, 1, high_open=True), default=0.1,
+                   help='stochastic depth rate')
+    g.add_argument('--selection-start-epoch', type=int_at_least(-1), default=200,
                    help='informative selection is off while the 0-based epoch is <= this, on afterwards '
                         '(the paper: 200)')
     g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-decay', type=float_in(0, 1), default=0.99996)
     g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
 
     g = parser.add_argument_group('optimizer and schedule')
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
-    g.add_argument('--opt-eps', type=float, default=1e-8)
-    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--opt-eps', type=float_in(0, low_open=True), default=1e-8)
+    g.add_argument('--opt-betas', type=float_in(0, 1, high_open=True), nargs='+', default=None)
+    g.add_argument('--momentum', type=float_in(0, 1), default=0.9)
+    g.add_argument('--weight-decay', type=float_in(0), default=0.05)
     g.add_argument('--exempt-pos-embed-from-wd', action='store_true',
                    help='exempt pos_embed_list.0/.1 from weight decay (the release decayed them; see '
                         'CFVisionTransformer.no_weight_decay)')
-    g.add_argument('--clip-grad', type=float, default=None, help='clip gradients to this norm (default: off)')
+    g.add_argument('--clip-grad', type=float_in(0, low_open=True), default=None,
+                   help='clip gradients to this norm (default: off)')
     g.add_argument('--clip-mode', choices=('norm', 'value'), default='norm')
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
     g.add_argument('--sched-step', choices=SCHED_STEPS, default='epoch',
                    help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
                         "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
                         "'next-epoch' = step(E + 1), timm's train.py and the released main_lvvit.py")
-    g.add_argument('--lr', type=float, default=5e-4, help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
+    g.add_argument('--lr', type=float_in(0, low_open=True), default=5e-4,
+                   help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
-    g.add_argument('--lr-noise', type=float, nargs='+', default=None)
-    g.add_argument('--lr-noise-pct', type=float, default=0.67)
-    g.add_argument('--lr-noise-std', type=float, default=1.0)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
-    g.add_argument('--decay-epochs', type=float, default=30)
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--cooldown-epochs', type=int, default=10)
-    g.add_argument('--patience-epochs', type=int, default=10)
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
+    g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
+    g.add_argument('--lr-noise-std', type=float_in(0), default=1.0)
+    g.add_argument('--warmup-lr', type=float_in(0), default=1e-6)
+    g.add_argument('--min-lr', type=float_in(0), default=1e-5)
+    g.add_argument('--decay-epochs', type=float_in(0, low_open=True), default=30)
+    g.add_argument('--warmup-epochs', type=int_at_least(0), default=5)
+    g.add_argument('--cooldown-epochs', type=int_at_least(0), default=10)
+    g.add_argument('--patience-epochs', type=int_at_least(0), default=10)
+    g.add_argument('--decay-rate', '--dr', type=float_in(0), default=0.1)
 
     g = parser.add_argument_group('augmentation')
-    g.add_argument('--color-jitter', type=float, default=0.4, help='(unused while --aa is on)')
+    g.add_argument('--color-jitter', type=float_in(0), default=0.4, help='(unused while --aa is on)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--smoothing', type=float_in(0, 1, high_open=True), default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', default='bicubic')
-    g.add_argument('--crop-scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
+    g.add_argument('--crop-scale', type=float_in(0, 1, low_open=True), nargs=2, default=(0.08, 1.0),
+                   metavar=('MIN', 'MAX'),
                    help='area range of the random-resized crop (timm default 0.08 1.0)')
     g.add_argument('--repeated-aug', action=bool_flag, default=True,
                    help='repeated augmentation (timm RepeatAugSampler, 3 repeats)')
-    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--reprob', type=float_in(0, 1), default=0.25, help='random erasing probability')
     g.add_argument('--remode', default='pixel', help='random erasing mode')
-    g.add_argument('--recount', type=int, default=1, help='random erasing count')
-    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--recount', type=int_at_least(1), default=1, help='random erasing count')
+    g.add_argument('--mixup', type=float_in(0), default=0.8, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float_in(0), default=1.0, help='cutmix alpha (0: off)')
+    g.add_argument('--cutmix-minmax', type=float_in(0, 1), nargs=2, default=None)
+    g.add_argument('--mixup-prob', type=float_in(0, 1), default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float_in(0, 1), default=0.5)
     g.add_argument('--mixup-mode', choices=('batch', 'pair', 'elem'), default='batch')
 
     g = parser.add_argument_group('weights')
@@ -180,13 +190,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS)
     g.add_argument('--inat-category', default='name',
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
-    g.add_argument('--subset', type=int, default=None,
+    g.add_argument('--subset', type=int_at_least(1), default=None,
                    help='debug: use at most this many images of each split, evenly spaced')
-    g.add_argument('--num_workers', '--num-workers', type=int, default=10)
+    g.add_argument('--num_workers', '--num-workers', type=int_at_least(0), default=10)
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pin loader memory (CUDA only)')
 
     g = parser.add_argument_group('distributed')
-    g.add_argument('--world_size', '--world-size', type=int, default=1,
+    g.add_argument('--world_size', '--world-size', type=int_at_least(1), default=1,
                    help='number of processes (read from the launcher when it sets WORLD_SIZE)')
     g.add_argument('--dist_url', '--dist-url', default='env://')
     g.add_argument('--local_rank', '--local-rank', type=int, default=None,
@@ -223,15 +233,12 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
             from models.baseline import create_baseline
             try:
                 baseline = create_baseline(args.model, **kwargs)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, AssertionError) as e:
                 raise ConfigError(f'cannot build the baseline {args.model} with {kwargs}: {e}') from e
             baseline.set_grad_checkpointing(args.grad_checkpointing)
             return baseline
         raise ConfigError(f'unknown --model {args.model!r}; registered: {", ".join(timm.list_models("cf_*"))}')
-    try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f'cannot build {args.model} with {kwargs}: {e}') from e
+    model = create_model_checked(args.model, error=ConfigError, pretrained=False, **kwargs)
     if getattr(model, 'return_dense', False) and not dense:
         raise ConfigError(f'{args.model} trains with token labeling: use main_lvvit.py')
     if dense and not getattr(model, 'return_dense', False):
@@ -282,8 +289,10 @@ class ShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed NumPy in a loader worker (torch and ``random`` are seeded by the loader itself)."""
+    """Seed NumPy in a loader worker (torch and ``random`` are seeded by the loader itself); stop signals
+    are left to the main process."""
     np.random.seed(torch.initial_seed() % (2 ** 32))
+    quiet_worker_signals(worker_id)
 
 
 def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[Dataset],
@@ -371,17 +380,26 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     problem = None
     if output_dir is not None and info.rank == 0:
         try:
+            check_outside_inputs(output_dir, input_folders(args))
             check_writable_dir(output_dir)
+            if not getattr(args, 'eval', False):  # one training run per folder (--eval writes nothing there)
+                RunLock(output_dir)
         except OutputDirError as e:
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
-                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME))
+                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME),
+                                                keep=(args.resume, args.finetune))  # never a file the user named
                 if stale:
                     _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
     if not all_agree(problem is None):
         raise OutputDirError(problem or 'the main process cannot write the output folder')
     return info, device, output_dir
+
+
+def input_folders(args: argparse.Namespace) -> List[Optional[str]]:
+    """The data folders a run reads (its output folder may not be inside them)."""
+    return [getattr(args, 'data_path', None), getattr(args, 'data_dir', None), getattr(args, 'token_label_data', None)]
 
 
 def load_datasets(args: argparse.Namespace) -> Tuple[Optional[Dataset], Dataset, int]:
@@ -430,24 +448,34 @@ def user_message(error: BaseException) -> str:
 
 
 def run_main(run_fn: Any, args: argparse.Namespace) -> int:
-    """Run ``run_fn(args)``; bad input, a non-finite loss or Ctrl-C become one message and an exit code.
-    Shared by the training scripts."""
+    """Run ``run_fn(args)``; bad input, a non-finite loss, SIGINT or SIGTERM become one message and an exit
+    code (2, 1, 130, 143). Shared by the training scripts."""
     setup_logging(True)
+    log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
     code = 0
-    try:
-        run_fn(args)
-    except USER_ERRORS as e:
-        _logger.error('%s', user_message(e))
-        code = EXIT_BAD_INPUT
-    except NonFiniteLossError as e:
-        _logger.error('%s', e)
-        code = EXIT_TRAINING_FAILED
-    except OSError as e:  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
-        _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
-        code = EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        _logger.error('interrupted; the last checkpoint (if any) is intact')
-        code = 130
-    finally:
-        cleanup()
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+        try:
+            run_fn(args)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.signals)
+            _logger.error('interrupted; the last checkpoint (if any) is intact')
+            code = exit_status(e)
+        except Exception as e:
+            if stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+                _logger.error('interrupted; the last checkpoint (if any) is intact')
+                code = exit_status()
+            elif isinstance(e, USER_ERRORS):
+                _logger.error('%s', user_message(e))
+                code = EXIT_BAD_INPUT
+            elif isinstance(e, NonFiniteLossError):
+                _logger.error('%s', e)
+                code = EXIT_TRAINING_FAILED
+            elif isinstance(e, OSError):  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
+                _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
+                code = EXIT_BAD_INPUT
+            else:
+                raise
+        finally:
+            release_locks()
+            cleanup()
+            gc.collect()  # loaders (and their workers) referenced by a caught traceback end now, not at exit
     return code

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from models.token_ops import FINE_SCALE, fine_children
 
 from . import checkpoint as checkpoint_io
+from .signals import check_stop, stop_at_steps
 
 __all__ = [
     'InputError', 'FADE', 'FADE_COLOR', 'ClassIndex',
@@ -294,6 +295,7 @@ class Details:
 
 
 @torch.no_grad()
+@stop_at_steps()
 def collect_details(model: nn.Module, loader: DataLoader, threshold: float, device: torch.device,
                     progress: bool = True) -> Details:
     """Run ``model.forward_details(images, threshold)`` over every image of ``loader``, a DataLoader of a
@@ -309,6 +311,7 @@ def collect_details(model: nn.Module, loader: DataLoader, threshold: float, devi
     seen = n_exited = 0
     bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress, dynamic_ncols=True)
     for batch in bar:
+        check_stop()  # a stop signal ends the run at the next step
         images, targets, indices = batch[0], batch[1], batch[3] if len(batch) > 3 else None
         if images.numel() == 0:
             continue

@@ -1,0 +1,134 @@
+"""Output folders that cannot hurt the inputs: a placement check and a run lock.
+
+- :func:`check_outside_inputs` refuses an output folder equal to or inside an input data folder
+  (checkpoints, label maps or TensorBoard files written into ``DATA/train`` would become part of the
+  dataset of the next run).
+- :class:`RunLock` holds an exclusive ``flock`` on a lock file in the run folder while a script
+  writes there, so a second run on the same folder is refused with one line instead of
+  interleaving ``log.txt`` or overwriting checkpoints. The kernel drops the lock when its process
+  dies, so the lock file of a killed run is taken over (and the log says so). A clean exit removes
+  the file. Every lock a process takes is released by :func:`release_locks` (scripts call it on exit).
+"""
+from __future__ import annotations
+
+import atexit
+import fcntl
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Iterable, List, Optional, Union
+
+from .misc import OutputDirError
+
+__all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file']
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: Lock file in a run folder (hidden; removed when the run ends normally).
+LOCK_NAME = '.cfvit-run.lock'
+
+_HELD: List['RunLock'] = []
+
+
+def check_outside_inputs(output: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output') -> None:
+    """Raise :class:`OutputDirError` if ``output`` is one of the ``inputs`` folders or inside one (links resolved)."""
+    out = Path(output).expanduser().resolve()
+    for given in inputs:
+        if not given:
+            continue
+        folder = Path(given).expanduser().resolve()
+        if not folder.is_dir():
+            continue
+        if out == folder or folder in out.parents:
+            raise OutputDirError(f'{flag} {output} is inside the input folder {given}: its files would become part '
+                                 f'of the data; choose a folder outside it')
+
+
+def same_file(a: PathLike, b: Optional[PathLike]) -> bool:
+    """``a`` and ``b`` name the same existing file."""
+    try:
+        return bool(b) and os.path.samefile(a, b)  # type: ignore[arg-type]
+    except OSError:
+        return False
+
+
+class RunLock:
+    """An exclusive lock on ``folder/name`` for the life of a run.
+
+    Raises:
+        OutputDirError: another live process holds it (its pid and host are named).
+    """
+
+    def __init__(self, folder: PathLike, name: str = LOCK_NAME) -> None:
+        self.path = Path(folder) / name
+        self.fd: Optional[int] = None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                raise OutputDirError(f'{folder} is in use by another run ({holder or "a live process"}); wait for it '
+                                     f'to end or choose another output folder') from None
+            except OSError as e:  # file systems without locks: run unguarded rather than not at all
+                os.close(fd)
+                _logger.warning('cannot lock %s (%s): another run on this folder would not be detected',
+                                self.path, e.strerror or e)
+                return
+            try:  # the previous holder may have removed the file between our open and our lock: retry
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = _read(fd)
+        if previous:
+            _logger.warning('took over the lock of %s in %s: that process is no longer running', previous, folder)
+        try:  # who holds it, for the message of a refused run (best effort: the disk may be full)
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv[:3])}\n'.encode())
+        except OSError:
+            pass
+        self.fd = fd
+        _HELD.append(self)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if self in _HELD:
+            _HELD.remove(self)
+
+    def __enter__(self) -> 'RunLock':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode(errors='replace').strip()
+    except OSError:
+        return ''
+
+
+def release_locks() -> None:
+    """Release every :class:`RunLock` this process holds."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+atexit.register(release_locks)
