@@ -89,10 +89,15 @@ def main() -> None:
                 continue
             run(cmd, out / f'{name}_train.out')
         times[name] = time.time() - t0
-    for name, (proc, t0) in jobs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f'{name} training failed: see {out / (name + "_train.out")}')
-        times[name] = time.time() - t0
+    while jobs:  # each run's own time: poll both, so the first to finish is not timed until the second ends
+        for name, (proc, t0) in list(jobs.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                raise SystemExit(f'{name} training failed: see {out / (name + "_train.out")}')
+            times[name] = time.time() - t0
+            del jobs[name]
+        time.sleep(2)
     for name in ('cf_deit', 'deit_baseline'):
         shutil.copyfile(work / name / 'log.txt', out / f'{name}_log.txt')
 
