@@ -34,7 +34,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic,
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
+from utils.misc import EXIT_BAD_INPUT, OutputDirError, default_workers, describe_os_error, make_dirs, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs, release_locks
@@ -45,6 +45,8 @@ _logger = logging.getLogger('dynamic_inference')
 
 MODES = {'0': 0, 'anytime': 0, '1': 1, 'budgeted': 1, '2': 2, 'throughput': 2, '3': 3, 'report': 3}
 MODE_NAMES = {0: 'anytime', 1: 'budgeted', 2: 'throughput', 3: 'report'}
+#: Mode 2's threshold when --threshold is not given (the release required the flag).
+DEFAULT_MODE2_THRESHOLD = 0.5
 AMP_DTYPES = {'none': None, 'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -80,12 +82,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
-    p.add_argument('--threshold', type=float_in(0, 1), default=0.5, help='early-exit threshold of mode 2, in [0, 1]')
+    p.add_argument('--threshold', type=float_in(0, 1), default=None,
+                   help=f'early-exit threshold of mode 2, in [0, 1] (default: {DEFAULT_MODE2_THRESHOLD}, said in the log)')
     p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=4)
+    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(4),
+                   help='loader processes (default: 4, capped by the cores)')
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',
                    help='mode 1: also write the checkpoint with the results added, as a NEW file in --output-dir')
@@ -128,7 +132,7 @@ def output_dir(args: argparse.Namespace) -> Path:
         out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
         check_outside_inputs(out, [args.data_url], '--output-dir')
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         probe = out / '.write_test'
         probe.write_bytes(b'')
         probe.unlink()
@@ -176,6 +180,17 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     return '[' + ', '.join(f'{v:.{digits}g}' if digits > 2 else f'{v:.{digits}f}' for v in values) + ']'
 
 
+def abbreviate(value: Any, keep: int = 3) -> str:
+    """A stored result for the log: lists longer than ``2 * keep + 1`` show their ends and length (the
+    JSON file holds every value); the budgeted curve is a pair of such lists."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        return '[' + ', '.join(abbreviate(v, keep) for v in value) + ']'
+    if isinstance(value, (list, tuple)) and len(value) > 2 * keep + 1:
+        ends = [f'{float(v):.4g}' for v in (*value[:keep], *value[-keep:])]
+        return f'[{", ".join(ends[:keep])}, ... ({len(value)} values) ..., {", ".join(ends[keep:])}]'
+    return str(value)
+
+
 # ---------------------------------------------------------------------------------------- modes
 def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out: Path) -> Dict[str, Any]:
     """Mode 3: print the released results stored in a checkpoint and plot its curve."""
@@ -186,7 +201,7 @@ def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out:
                          'run --eval-mode 1 --write-checkpoint to make a checkpoint that does')
     result = {k: checkpoint.get(k) for k in keys}
     for k in keys:
-        _logger.info('%s : %s', k, result[k])
+        _logger.info('%s : %s', k, abbreviate(result[k]))
     budget = result['budgeted_batch_classification']
     if budget is not None:
         gflops, acc = [float(v) for v in budget[0]], [float(v) for v in budget[1]]
@@ -199,6 +214,7 @@ def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out:
                             thresholds=DEFAULT_THRESHOLDS if len(gflops) == 100 else None)
         _logger.info('curve: %s', out / 'budgeted_batch_classification.png')
     write_json_atomic(_jsonable(result), out / 'checkpoint_results.json')
+    _logger.info('every value: %s', out / 'checkpoint_results.json')
     return result
 
 
@@ -275,8 +291,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)
 
-    if args.eval_mode == 2 and not 0.0 <= args.threshold <= 1.0:
-        raise UsageError(f'--threshold must be in [0, 1], got {args.threshold}')
+    if args.eval_mode == 2 and args.threshold is None:
+        args.threshold = DEFAULT_MODE2_THRESHOLD
+        _logger.info('no --threshold given: mode 2 exits at the default threshold %g', args.threshold)
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -341,13 +358,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result.update(threshold=args.threshold, images=res.images, timed_images=res.timed_images,
                   skipped_images=res.skipped, top1=res.top1, top5=res.top5, exit_share=res.exit_share,
                   average_gflops=res.expected_gflops(flops), seconds=res.seconds, throughput=res.throughput,
-                  batch_size=args.batch_size, warmup_batches=args.warmup_batches,
+                  batch_size=args.batch_size, warmup_batches=res.warmup_batches,
+                  warmup_batches_requested=args.warmup_batches,
                   timer='cuda events' if device.type == 'cuda' else 'wall clock (perf_counter)',
                   threads=torch.get_num_threads())
     _logger.info('* Acc@1 %.3f Acc@5 %.3f  exited at the coarse stage: %.1f%%  average GFLOPs: %.4f',
                  res.top1, res.top5, 100 * res.exit_share, res.expected_gflops(flops))
-    _logger.info('throughput: %.1f images/s (%d images timed in %.3f s, %d warm-up batches excluded)',
-                 res.throughput, res.timed_images, res.seconds, args.warmup_batches)
+    _logger.info('throughput: %.1f images/s (%d images timed in %.3f s, %s)', res.throughput, res.timed_images,
+                 res.seconds, f'{res.warmup_batches} warm-up batches excluded' if res.warmup_batches else 'no warm-up')
     write_json_atomic(result, out / 'throughput.json')
     return result
 

@@ -45,7 +45,7 @@ from datasets.token_label import (  # noqa: E402
     CROP_MODES, TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
-from utils.misc import positive_int  # noqa: E402
+from utils.misc import default_workers, positive_int  # noqa: E402
 from utils.token_labeling import SMOOTHING_MODES, CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
 from utils.train_setup import (  # noqa: E402
@@ -81,7 +81,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
     g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
-                   default=8,
+                   default=default_workers(8),
                    help='data loading processes per training process')
     g.add_argument('--lr', type=float_in(0, low_open=True), default=LVVIT_LR,
                    help=f'learning rate, used as given (LV-ViT: {LVVIT_LR:g} at {LVVIT_BATCH} images per step)')

@@ -64,7 +64,7 @@ from utils.signals import (  # noqa: E402
 from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
 from utils.misc import (  # noqa: E402
     EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
-    describe_os_error, positive_int, setup_logging,
+    default_workers, describe_os_error, positive_int, setup_logging,
 )
 
 _logger = logging.getLogger('make_token_labels')
@@ -113,7 +113,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
     g.add_argument('-b', '--batch-size', type=positive_int, default=64)
-    g.add_argument('-j', '--workers', type=int_at_least(0), default=4, help='image decoding processes')
+    g.add_argument('-j', '--workers', type=int_at_least(0), default=default_workers(4),
+                   help='image decoding processes (default: 4, capped by the cores)')
     g.add_argument('--write-threads', type=int_at_least(1), default=4, help='threads writing files')
     g.add_argument('--device', type=device_name, default=default_device())
     g.add_argument('--amp', action='store_true', help='teacher forward under torch.autocast')

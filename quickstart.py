@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from utils.checkpoint import load_checkpoint_file, write_json_atomic  # noqa: E402
-from utils.misc import architecture_from_checkpoint, run_script  # noqa: E402
+from utils.misc import architecture_from_checkpoint, default_workers, run_script  # noqa: E402
 
 _logger = logging.getLogger('quickstart')
 
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-path', default=None, help='default: the built-in synthetic set (written once)')
     p.add_argument('--epochs', type=int, default=12)
     p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
-    p.add_argument('--num-workers', type=int, default=2)
+    p.add_argument('--num-workers', type=int, default=default_workers(2))
     p.add_argument('--threshold', type=float, default=0.8, help='early-exit threshold of the throughput run')
     return p
 

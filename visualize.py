@@ -38,7 +38,9 @@ from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import (
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
 )
-from utils.misc import EXIT_BAD_INPUT, architecture_from_checkpoint, describe_os_error, positive_int
+from utils.misc import (
+    EXIT_BAD_INPUT, architecture_from_checkpoint, default_workers, describe_os_error, make_dirs, positive_int,
+)
 from utils.misc import OutputDirError
 from utils.run_folder import RunLock, check_outside_inputs, release_locks, same_file
 from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
@@ -114,7 +116,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--max-images', '--max_images', type=int_at_least(1), default=None,
                    help='run the model on at most this many images, a random subset (default: all)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=2)
+    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(2))
     p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--panel-size', '--panel_size', type=int_at_least(64, MAX_PANEL_SIZE), default=None,
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
@@ -139,7 +141,7 @@ def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
     out = Path(path)
     try:
         check_outside_inputs(out, inputs, '--output-dir')
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         with tempfile.TemporaryFile(dir=out):
             pass
         RunLock(out)

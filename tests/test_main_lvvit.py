@@ -237,6 +237,7 @@ def test_mixtoken_undone_exactly_and_dense_targets_stay_unmixed():
     unmixed batch everywhere, so the dense loss against UNMIXED targets is the same with and without
     MixToken; mixing the dense targets too would pair outputs with the wrong image's labels."""
     model = _tiny_model()
+    model.set_informative_selection(False)  # the same tokens with and without the box (selection would rank mixed rows)
     with torch.no_grad():
         for blk in model.blocks:
             for layer in (blk.attn.proj, blk.mlp.fc2):

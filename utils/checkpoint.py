@@ -141,8 +141,13 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         parts.append(f'{len(shapes)} shape mismatches: ' + listing(
             [f'{k} (checkpoint {list(a)} vs model {list(b)})' for k, a, b in shapes]))
     hint = ''
-    if any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
-        hint = ' The classifier differs in class count: use --finetune to load all but the head.'
+    heads = [(a, b) for k, a, b in shapes if k in ('head.weight', 'aux_head.weight')]
+    if heads:
+        hint = (f' The classifier differs in class count (checkpoint {heads[0][0][0]}, model {heads[0][1][0]}): '
+                'evaluating needs a checkpoint trained on these classes (a new head would be random); to train '
+                'from these weights on these classes, --finetune loads all but the head.')
+    elif any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
+        hint = ' The classifier differs in class count: --finetune (training) loads all but the head.'
     elif any(k.startswith('pos_embed_list') for k, _, _ in shapes):
         hint = ' The position embeddings differ: check --coarse-stage-size (7 or 9 for the released models).'
     return '; '.join(parts) + '.' + hint

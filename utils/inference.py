@@ -119,6 +119,7 @@ class ExitResult:
         top1, top5: accuracy (%) of the early-exit predictions.
         exit_share: fraction of images that stopped at the coarse stage.
         batch_seconds: time of each timed batch.
+        warmup_batches: batches run untimed before timing started (0 when the data had too few batches).
     """
     images: int
     timed_images: int
@@ -128,6 +129,7 @@ class ExitResult:
     exit_share: float
     skipped: int = 0
     batch_seconds: List[float] = field(default_factory=list)
+    warmup_batches: int = 0
 
     @property
     def throughput(self) -> float:
@@ -160,7 +162,8 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
     except TypeError:
         n_batches = None
     if n_batches is not None and n_batches <= warmup_batches:
-        _logger.warning('only %d batches: timing all of them, warm-up included', n_batches)
+        _logger.warning('only %d batch%s, not more than the %d warm-up batches asked for: timing every batch, '
+                        'with no warm-up', n_batches, '' if n_batches == 1 else 'es', warmup_batches)
         warmup_batches = 0
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
         check_stop()  # a stop signal ends the run at the next step
@@ -196,4 +199,4 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
     if n_images == 0:
         raise DatasetError('no readable images in the dataset')
     return ExitResult(n_images, n_timed, seconds, 100.0 * n_top1 / n_images, 100.0 * n_top5 / n_images,
-                      n_exit / n_images, skipped, batch_seconds)
+                      n_exit / n_images, skipped, batch_seconds, warmup_batches)

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -27,6 +27,7 @@ from . import checkpoint as checkpoint_io
 from .dist import collective_device, reduce
 
 __all__ = [
+    'available_cores', 'default_workers', 'make_dirs', 'remove_created_empty_dirs',
     'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
     'architecture_from_checkpoint', 'log_thread_os_errors', 'remove_log_handler', 'SCRIPTS', 'run_script',
@@ -134,6 +135,34 @@ def copy_atomic(src: PathLike, dst: PathLike) -> None:
         shutil.copyfileobj(fin, fout)
 
 
+_CREATED_DIRS: List[Path] = []
+
+
+def make_dirs(path: PathLike) -> Path:
+    """``mkdir -p path``, remembering the folders this process created, so that a run which fails before
+    writing anything leaves no empty folder behind (:func:`remove_created_empty_dirs`)."""
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    _CREATED_DIRS.extend(reversed(missing))
+    return path
+
+
+def remove_created_empty_dirs() -> None:
+    """Remove, deepest first, the folders :func:`make_dirs` created that are still empty (never a folder
+    that existed before, never one with anything in it)."""
+    for folder in sorted(set(_CREATED_DIRS), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # fails, and is left alone, when anything is inside
+        except OSError:
+            pass
+    _CREATED_DIRS.clear()
+
+
 def check_writable_dir(path: PathLike) -> Path:
     """Create ``path`` if needed and prove that files can be written in it.
 
@@ -142,7 +171,7 @@ def check_writable_dir(path: PathLike) -> Path:
     """
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
         fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=path)
         os.close(fd)
         os.unlink(probe)
@@ -172,6 +201,21 @@ def log_thread_os_errors() -> None:
         default(args)
     hook._cfvit = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(wanted: int) -> int:
+    """A loader-worker default: ``wanted`` (the released value), capped by :func:`available_cores`, so a
+    small machine neither oversubscribes its cores nor gets torch's "exceeds the suggested maximum"
+    warning; an explicit flag value is always used as given."""
+    return min(wanted, available_cores())
 
 
 def positive_int(text: str) -> int:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
-from .misc import OutputDirError
+from .misc import OutputDirError, remove_created_empty_dirs
 
 __all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file']
 
@@ -126,9 +126,11 @@ def _read(fd: int) -> str:
 
 
 def release_locks() -> None:
-    """Release every :class:`RunLock` this process holds."""
+    """Release every :class:`RunLock` this process holds, then remove the output folders it created that
+    stayed empty (a run that failed before writing anything leaves no empty folder behind)."""
     for lock in list(_HELD):
         lock.release()
+    remove_created_empty_dirs()
 
 
 atexit.register(release_locks)

@@ -41,8 +41,8 @@ from .checkpoint import (
 from .dist import DistInfo, DistributedSetupError, all_agree, cleanup, default_device, init_distributed, seed_everything
 from .engine import AmpConfig, NonFiniteLossError
 from .misc import (
-    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, describe_os_error, log_thread_os_errors,
-    positive_int, setup_logging,
+    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, default_workers, describe_os_error,
+    log_thread_os_errors, positive_int, setup_logging,
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
 from .run_folder import RunLock, check_outside_inputs, release_locks
@@ -192,7 +192,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
     g.add_argument('--subset', type=int_at_least(1), default=None,
                    help='debug: use at most this many images of each split, evenly spaced')
-    g.add_argument('--num_workers', '--num-workers', type=int_at_least(0), default=10)
+    g.add_argument('--num_workers', '--num-workers', type=int_at_least(0), default=default_workers(10),
+                   help='loader processes per training process (default: 10 as released, capped by the cores)')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pin loader memory (CUDA only)')
 
     g = parser.add_argument_group('distributed')
@@ -338,8 +339,12 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, world_size: int)
         opt_kwargs['eps'] = args.opt_eps
     if args.opt_betas is not None:
         opt_kwargs['betas'] = tuple(args.opt_betas)
-    _logger.info('optimizer %s, lr %.3e (base %.3e at %d images per step), weight decay %g',
-                 args.opt, lr, args.lr, args.batch_size * world_size, args.weight_decay)
+    if args.unscale_lr:
+        _logger.info('optimizer %s, lr %.3e (--unscale-lr: as given), weight decay %g', args.opt, lr, args.weight_decay)
+    else:
+        _logger.info('optimizer %s, lr %.3e = base %.3e x %d images per step / %d (the linear scaling rule), '
+                     'weight decay %g', args.opt, lr, args.lr, args.batch_size * world_size, int(LR_REFERENCE_BATCH),
+                     args.weight_decay)
     return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                param_group_fn=group_fn, **opt_kwargs)
 

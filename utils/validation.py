@@ -17,7 +17,7 @@ import argparse
 import math
 import numbers
 import re
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
