@@ -267,8 +267,10 @@ def test_reset_classifier():
     model = make('cf_lvvit_tiny')
     model.reset_classifier(3)
     assert model.head.out_features == model.aux_head.out_features == 3
-    out = model.eval()(images(model, 1))
-    assert out[0].shape == (1, 3)
+    out = model.eval()(images(model, 1))  # eval: one (B, C) tensor
+    assert out.shape == (1, 3)
+    coarse, fine = model.forward_stages(images(model, 1))
+    assert coarse.shape == fine.shape == (1, 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
