@@ -203,14 +203,10 @@ def section_grad_checkpointing(d: Dict[str, Any]) -> str:
         f"cf_deit_small, one training step at batch {d['batch']} (both stages, float32), with and without "
         "`model.set_grad_checkpointing()`: growth of the peak resident memory over a batch-2 warm-up, and the "
         f"median step time of {d['steps']} steps, fresh processes ({d.get('reps', 1)} per configuration).", '',
-        *([('Epoch times, median (min): ' + ', '.join(
-            f'{k} {statistics.median(v) / 60:.1f}' for k, v in d['epoch_seconds'].items())
-            + '; per epoch: ' + '; '.join(f"{k} " + ' '.join(f'{x / 60:.1f}' for x in v)
-                                          for k, v in d['epoch_seconds'].items())), '']
-          if d.get('epoch_seconds') else []),
         machine_line(d['machine']), '', '```', 'python benchmarks/bench_grad_checkpointing.py', '```', '',
         table(['configuration', 'peak growth (MiB)', 'peak RSS (MiB)', 's / step'], rows), '',
-        'The time ratio is indicative only: the machine was shared with other jobs while this ran.', ''])
+        'The time ratio is indicative only: the machine was shared with other jobs while this ran.'
+        + (f" {d['note']}" if d.get('note') else ''), ''])
 
 
 def _match(d: Dict[str, Any]) -> str:
