@@ -26,7 +26,7 @@ from . import checkpoint as checkpoint_io
 from .dist import collective_device, reduce
 
 __all__ = [
-    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
+    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'user_message', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
     'architecture_from_checkpoint', 'remove_log_handler', 'SCRIPTS', 'run_script',
 ]
@@ -83,6 +83,15 @@ def run_script(name: str, argv: Sequence[str]) -> int:
         return importlib.import_module(name).main(list(argv))
     finally:
         remove_log_handler()
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
+    text = str(error)
+    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
 
 
 class MetricMeter:
