@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -128,11 +128,13 @@ def test_resume_auto_needs_an_output_folder(image_folder, caplog):
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
-def _torchrun(launch, argv, timeout=240):
+def _torchrun(launch, argv, timeout=420):
+    """Run a torchrun job to its end (bounded: a hang fails the test with the job's output so far)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, 'main_deit.py', *argv]
-    started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
-    return proc, time.time() - started
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f'torchrun did not end within {timeout} s; its output:\n{(e.stderr or b"")[-6000:]!r}')
 
 
 def _digest(prefix: Path):
@@ -143,7 +145,7 @@ def _digest(prefix: Path):
 def two_process_reference(image_folder, tmp_path_factory):
     """An uninterrupted two-process run (2 epochs, 5 steps each) and its digests."""
     out = tmp_path_factory.mktemp('reference')
-    proc, _ = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}'], _dist_args(image_folder, out))
+    proc = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}'], _dist_args(image_folder, out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, _digest(out / 'digest')
 
@@ -165,7 +167,7 @@ def test_torchrun_restart_after_sigkill_equals_uninterrupted(image_folder, tmp_p
     extra = ['--resume', 'auto', '--debug-fault', '1:1:3:kill']
     if interval:
         extra += ['--save-interval-steps', str(interval)]
-    proc, _ = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}', '--max-restarts=1'],
+    proc = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}', '--max-restarts=1'],
                         _dist_args(image_folder, out, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'Restarting' in proc.stderr or 'restart' in proc.stderr.lower()
@@ -187,7 +189,7 @@ def test_two_nodes_train_like_one_node_with_two_processes(image_folder, tmp_path
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     try:
-        results = [node.communicate(timeout=240) for node in nodes]
+        results = [node.communicate(timeout=420) for node in nodes]
     finally:
         for node in nodes:
             if node.poll() is None:
@@ -203,11 +205,18 @@ def test_a_failing_process_stops_the_job_quickly_with_its_message(image_folder, 
     process 1 with its own message and exit status 2, process 0 naming it; torchrun ends without a restart
     wait or a collective timeout."""
     out = tmp_path / 'out'
-    proc, seconds = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}'],
-                              _dist_args(image_folder, out, '--debug-fault', '1:0:2:data'), timeout=120)
+    proc = _torchrun(['--nproc_per_node=2', f'--master_port={free_port()}'],
+                     _dist_args(image_folder, out, "--debug-fault", "1:0:2:data"), timeout=180)
+    ended = datetime.now()
     assert proc.returncode != 0
-    assert seconds < 60  # the start-up (imports on loaded cores) dominates; the default timeout would be 30 min
-    assert '32 images in a row could not be read' in proc.stderr
-    assert 'process 1 stopped the run at epoch 0, step 2: 32 images in a row could not be read' in proc.stderr
-    assert 'Traceback' not in proc.stderr.split('torch.distributed.elastic')[0]
-    assert 'exitcode  : 2' in proc.stderr or 'exitcode: 2' in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ' ERROR ' in line]
+    assert any(line.endswith(' ERROR 32 images in a row could not be read (injected by --debug-fault)')
+               for line in errors), proc.stderr[-4000:]  # process 1, its own message
+    assert any('ERROR process 1 stopped the run at epoch 0, step 2: 32 images in a row could not be read' in line
+               for line in errors)  # process 0
+    assert 'failed (exitcode: 2) local_rank: 1' in proc.stderr  # bad input: exit status 2
+    # within seconds of the error, not after the process-group timeout (30 minutes by default)
+    first_error = datetime.combine(ended.date(), datetime.strptime(errors[0].split()[0], '%H:%M:%S').time())
+    assert (ended - first_error).total_seconds() < 30
+    # one line per process, no worker traceback (torchrun prints its own summary)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith('File "') and '/utils/' in line]
