@@ -146,8 +146,16 @@ def init_distributed(
     else:
         backend = 'gloo'
     _logger.debug('process group: rank %d/%d, local rank %d, %s on %s', rank, world, local, backend, dist_url)
-    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank,
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '')
+    if dist_url == 'env://' and attempt:
+        # Restarted by torchrun (--max-restarts): the processes of this attempt meet under their own keys,
+        # never reading the addresses that the processes of an earlier attempt (now dead) left in the store.
+        store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world, timeout=timeout))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f'cfvit/attempt_{attempt}', store),
+                                world_size=world, rank=rank, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout)
     dist.barrier()
     return DistInfo(True, rank, world, local, dev, backend)
 
