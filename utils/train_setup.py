@@ -452,8 +452,8 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
         _logger.error('%s', e)
         code = e.exit_code
     except StopRequested:
-        _logger.error('stopped on request (SIGTERM) after writing %s; continue with --resume auto',
-                      STEP_CHECKPOINT_NAME)
+        _logger.error('stopped on request (SIGTERM) at a step boundary%s', f'; {STEP_CHECKPOINT_NAME} in '
+                      f'{args.output_dir} continues it with --resume auto' if args.output_dir else '')
         code = EXIT_STOPPED
     except OSError as e:  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
         _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
