@@ -21,7 +21,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch.distributed as dist
 __all__ = [
     'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
     'is_main_process', 'barrier', 'reduce', 'all_agree', 'collective_device', 'seed_everything', 'epoch_seed',
-    'cleanup', 'default_device',
+    'cleanup', 'default_device', 'PeerFailedError', 'step_status', 'gather_objects', 'broadcast_object',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ _logger = logging.getLogger(__name__)
 
 class DistributedSetupError(RuntimeError):
     """The launch environment is inconsistent (message meant for a person)."""
+
+
+class PeerFailedError(RuntimeError):
+    """Another process failed (its message is in this one); ``exit_code`` is the one that process exits with."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,16 @@ def init_distributed(
     else:
         backend = 'gloo'
     _logger.debug('process group: rank %d/%d, local rank %d, %s on %s', rank, world, local, backend, dist_url)
-    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank,
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '')
+    if dist_url == 'env://' and attempt:
+        # Restarted by torchrun (--max-restarts): the processes of this attempt meet under their own keys,
+        # never reading the addresses that the processes of an earlier attempt (now dead) left in the store.
+        store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world, timeout=timeout))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f'cfvit/attempt_{attempt}', store),
+                                world_size=world, rank=rank, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout)
     dist.barrier()
     return DistInfo(True, rank, world, local, dev, backend)
 
@@ -210,6 +226,51 @@ def all_agree(ok: bool, device: Optional[torch.device] = None) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device or collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def step_status(failure_code: int, stop: bool, message: str = '') -> Tuple[int, bool, Optional[Tuple[int, str]]]:
+    """The per-step agreement of the training loop (a collective: every process calls it once per step).
+
+    Args:
+        failure_code: 0 when this process's step went well, else the exit status its failure means
+            (2: bad input such as an unreadable training set, 1: a failed run).
+        stop: this process was asked to stop (SIGTERM).
+        message: this process's one-line error message when ``failure_code`` is not 0.
+
+    Returns:
+        ``(highest failure code, whether any process was asked to stop, (rank, message) of the first
+        failed process or None)``. One all-reduce per step; the messages are gathered only on a failure,
+        so every process learns within the step that one of them failed, instead of waiting for it in the
+        next collective until the process-group timeout.
+    """
+    if not is_dist_initialized():
+        return failure_code, stop, ((0, message) if failure_code else None)
+    flags = torch.tensor([failure_code, int(stop)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    code, any_stop = int(flags[0].item()), bool(flags[1].item())
+    first = None
+    if code:
+        messages = gather_objects((failure_code, message))
+        first = next((r, m) for r, (c, m) in enumerate(messages) if c)
+    return code, any_stop, first
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every process's ``obj`` (picklable), in rank order (a collective); ``[obj]`` for one process."""
+    if not is_dist_initialized():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (a collective); ``obj`` itself for one process."""
+    if not is_dist_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def seed_everything(seed: int) -> None:

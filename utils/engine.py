@@ -23,15 +23,18 @@ from tqdm import tqdm
 
 from datasets.folder import DatasetError, unreadable_images
 
-from .dist import all_agree, collective_device, is_main_process, reduce
+from .dist import PeerFailedError, collective_device, is_main_process, reduce, step_status
 from .inference import unpack_batch
 from .losses import class_logits
-from .misc import MetricMeter
+from .misc import EXIT_BAD_INPUT, EXIT_FAILED, MetricMeter, user_message
 from .signals import check_stop, stop_at_steps
 
 __all__ = ['AmpConfig', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
 _logger = logging.getLogger(__name__)
+
+#: step_status code of a non-finite loss (a failed run, exit 1; above the bad-input code so it is not hidden).
+NON_FINITE = 3
 
 BatchTransform = Callable[[torch.Tensor, Any], Tuple[torch.Tensor, Any]]
 
@@ -121,6 +124,10 @@ def train_one_epoch(
         log_writer: Optional[Any] = None,
         print_freq: int = 50,
         progress: bool = True,
+        start_step: int = 0,
+        meter: Optional[MetricMeter] = None,
+        stop_requested: Optional[Callable[[], bool]] = None,
+        on_step_end: Optional[Callable[[int, MetricMeter, bool], None]] = None,
 ) -> Dict[str, float]:
     """Train ``model`` for one pass over ``data_loader``.
 
@@ -145,6 +152,13 @@ def train_one_epoch(
         log_writer: a TensorBoard ``SummaryWriter`` (main process only), or None.
         print_freq: log a line (and a TensorBoard point) every this many steps.
         progress: show a tqdm bar (the caller passes False on non-main processes).
+        start_step: the epoch resumes after this many steps (``data_loader`` yields only the rest; its
+            length is the whole epoch's).
+        meter: the running means of the steps already done (a resumed epoch), or None.
+        stop_requested: checked at every step; when it holds on any process, every process stops at the
+            end of that step (after ``on_step_end`` with ``stop=True``).
+        on_step_end: ``on_step_end(steps_done, meter, stop)`` after every optimizer step, on every
+            process (mid-epoch checkpoints); with ``stop`` the epoch then ends early.
 
     Returns:
         Means over the epoch and over every process: ``loss`` and the criterion's other entries,
@@ -154,33 +168,55 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: the loss of some process was not finite; every process raises it at
             the same step, before the optimizer step, so the weights stay those of the last step.
+        PeerFailedError: another process failed to read its batch (it raises its own error), at the same step.
     """
     amp = amp or AmpConfig()
     model.train()
     base_model = unwrap_model(model)
-    meter = MetricMeter()
+    meter = meter if meter is not None else MetricMeter()
     num_steps = len(data_loader)  # type: ignore[arg-type]
-    bar = tqdm(data_loader, total=num_steps, desc=f'epoch {epoch}', disable=not progress or None,
-               dynamic_ncols=True, leave=False)
-    for step, (images, targets) in enumerate(bar):
-        check_stop()  # a stop signal ends the run at the next step
-        images = _to_device(images, device)
-        targets = _to_device(targets, device)
-        if batch_transform is not None:
-            images, targets = batch_transform(images, targets)
+    bar = tqdm(data_loader, total=num_steps, initial=start_step, desc=f'epoch {epoch}',
+               disable=not progress or None, dynamic_ncols=True, leave=False)
+    batches = iter(bar)
+    for step in range(start_step, num_steps):
+        if not (stop_requested and stop_requested()):  # a preemption stop (SIGTERM) is handled below
+            check_stop()  # SIGINT: the run ends at this step boundary, the last checkpoint intact
+        failure: Optional[BaseException] = None
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        except Exception as e:  # e.g. an unreadable training set: every process stops at this step
+            failure = e
+        if failure is None:
+            images = _to_device(images, device)
+            targets = _to_device(targets, device)
+            if batch_transform is not None:
+                images, targets = batch_transform(images, targets)
 
-        with amp.autocast(device):
-            outputs = model(images)  # (coarse, fine) in training; the coarse image is derived from this fine batch
-        losses = criterion(outputs, targets)
-        if isinstance(losses, torch.Tensor):
-            losses = {'loss': losses}
-        loss = losses['loss']
-        loss_value = float(loss.item())
-        if not all_agree(math.isfinite(loss_value)):
+            with amp.autocast(device):
+                outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
+            losses = criterion(outputs, targets)
+            if isinstance(losses, torch.Tensor):
+                losses = {'loss': losses}
+            loss = losses['loss']
+            loss_value = float(loss.item())
+        code = 0 if failure is None else EXIT_BAD_INPUT if isinstance(failure, (DatasetError, OSError)) else EXIT_FAILED
+        if failure is None and not math.isfinite(loss_value):
+            code = NON_FINITE
+        code, stop, first = step_status(code, bool(stop_requested and stop_requested()),
+                                        '' if failure is None else user_message(failure))
+        if failure is not None:
+            raise failure
+        if code == NON_FINITE:
             raise NonFiniteLossError(
                 f'the training loss is not finite (epoch {epoch}, step {step}, loss {loss_value} on this '
                 f'process): stopping. The last checkpoint is left as it was; lower --lr, raise '
                 f'--warmup-epochs or use --clip-grad.')
+        if code:
+            rank, message = first
+            raise PeerFailedError(f'process {rank} stopped the run at epoch {epoch}, step {step}: {message}',
+                                  EXIT_FAILED if code == NON_FINITE else code)
 
         optimizer.zero_grad(set_to_none=True)
         _backward_step(loss, optimizer, model, amp, clip_grad, clip_mode)
@@ -200,6 +236,10 @@ def train_one_epoch(
                          loss_value, meter.means()['loss'], lr)
             if log_writer is not None:
                 log_writer.add_scalar('train/loss_step', loss_value, num_updates)
+        if on_step_end is not None:
+            on_step_end(step + 1, meter, stop)
+        if stop:
+            break
     bar.close()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)

@@ -28,7 +28,7 @@ from .dist import collective_device, reduce
 
 __all__ = [
     'available_cores', 'default_workers', 'make_dirs', 'remove_created_empty_dirs',
-    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'MetricMeter',
+    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'describe_os_error', 'positive_int', 'setup_logging', 'user_message', 'MetricMeter',
     'append_json_line', 'copy_atomic', 'check_writable_dir', 'OutputDirError', 'parse_model_kwargs',
     'architecture_from_checkpoint', 'log_thread_os_errors', 'remove_log_handler', 'SCRIPTS', 'run_script',
 ]
@@ -85,6 +85,15 @@ def run_script(name: str, argv: Sequence[str]) -> int:
         return importlib.import_module(name).main(list(argv))
     finally:
         remove_log_handler()
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
+    text = str(error)
+    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
 
 
 class MetricMeter:

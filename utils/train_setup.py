@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -38,11 +39,15 @@ from datasets.folder import DatasetError, collate_skipping
 from .checkpoint import (
     CheckpointError, check_state_dict, extract_state_dict, load_checkpoint_file, remove_stale_temp_files,
 )
-from .dist import DistInfo, DistributedSetupError, all_agree, cleanup, default_device, init_distributed, seed_everything
+from .dist import (
+    DistInfo, DistributedSetupError, PeerFailedError, all_agree, cleanup, default_device, init_distributed,
+    seed_everything,
+)
 from .engine import AmpConfig, NonFiniteLossError
+from .preemption import EXIT_STOPPED, ResumableSampler, StopRequested
 from .misc import (
     EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, default_workers, describe_os_error,
-    log_thread_os_errors, positive_int, setup_logging,
+    log_thread_os_errors, positive_int, setup_logging, user_message,
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
 from .run_folder import RunLock, check_outside_inputs, release_locks
@@ -52,6 +57,8 @@ from .validation import BadInputError, create_model_checked, device_name, finite
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
+#: The mid-epoch checkpoint of --save-interval-steps and of a stop request (SIGTERM).
+STEP_CHECKPOINT_NAME = 'checkpoint_step.pth'
 BEST_CHECKPOINT_NAME = 'best_checkpoint.pth'
 LOG_NAME = 'log.txt'
 TENSORBOARD_DIR = 'tensorboard'
@@ -181,7 +188,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('weights')
     g.add_argument('--finetune', default='', help='start from these weights (head and grids adapted)')
-    g.add_argument('--resume', default='', help='continue from this checkpoint (or evaluate it with --eval)')
+    g.add_argument('--resume', default='',
+                   help="continue from this checkpoint (or evaluate it with --eval); 'auto': from the output "
+                        "folder's furthest readable checkpoint (checkpoint_step.pth, checkpoint.pth, "
+                        "best_checkpoint.pth), or a new run when it has none: one command to resubmit")
+    g.add_argument('--save-interval-steps', type=int, default=0, metavar='N',
+                   help='also write checkpoint_step.pth every N optimizer steps (atomically), for an exact '
+                        'mid-epoch resume after preemption; 0: only at the end of each epoch')
     g.add_argument('--unsafe-load', action='store_true',
                    help='allow full unpickling of a checkpoint you trust (never needed for ours)')
 
@@ -200,10 +213,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--world_size', '--world-size', type=int_at_least(1), default=1,
                    help='number of processes (read from the launcher when it sets WORLD_SIZE)')
     g.add_argument('--dist_url', '--dist-url', default='env://')
+    g.add_argument('--dist-timeout', type=float, default=30.0, metavar='MINUTES',
+                   help='process-group timeout of a collective (a process that hangs without failing)')
     g.add_argument('--local_rank', '--local-rank', type=int, default=None,
                    help='set by torch.distributed.launch (LOCAL_RANK in the environment wins)')
     # Tests only: every process writes a digest of its final weights to PATH.rank<r>.json.
     g.add_argument('--debug-weights-digest', default=None, help=argparse.SUPPRESS)
+    # Tests only: RANK:EPOCH:STEP:kill|data, a fault on the first attempt (utils.preemption.FaultInjection).
+    g.add_argument('--debug-fault', default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -319,7 +336,8 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[
                                            seed=args.seed)
     else:
         train_sampler = RandomSampler(train_set)
-    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=args.batch_size, drop_last=True, **common)
+    train_loader = DataLoader(train_set, sampler=ResumableSampler(train_sampler), batch_size=args.batch_size,
+                              drop_last=True, **common)
     if len(train_loader) == 0:
         raise DatasetError(
             f'the training split gives {len(train_sampler)} images per process per epoch, fewer than '
@@ -372,7 +390,13 @@ def set_selection(enabled: bool, *models_: Optional[nn.Module]) -> None:
 def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Optional[Path]]:
     """Distributed set-up, logging, determinism flags, and the output folder (checked by rank 0,
     agreed by all processes). Shared by the training scripts."""
-    info = init_distributed(args.device, args.dist_url, args.local_rank, args.world_size)
+    if args.save_interval_steps < 0:
+        raise ConfigError(f'--save-interval-steps must be >= 0, got {args.save_interval_steps}')
+    if args.resume == 'auto' and (args.eval or not args.output_dir):
+        raise ConfigError('--resume auto continues a training run in its --output_dir: give --output_dir '
+                          '(and no --eval)')
+    info = init_distributed(args.device, args.dist_url, args.local_rank, args.world_size,
+                            timeout_minutes=args.dist_timeout)
     setup_logging(info.rank == 0)
     device = info.device
     if device.type == 'cuda':
@@ -393,8 +417,9 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
-                stale = remove_stale_temp_files(output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, LOG_NAME),
-                                                keep=(args.resume, args.finetune))  # never a file the user named
+                stale = remove_stale_temp_files(
+                    output_dir, (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, STEP_CHECKPOINT_NAME, LOG_NAME),
+                    keep=(args.resume, args.finetune))  # never a file the user named
                 if stale:
                     _logger.info('removed %d temporary files of an interrupted save in %s', len(stale), output_dir)
     if not all_agree(problem is None):
@@ -443,29 +468,29 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) 
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def user_message(error: BaseException) -> str:
-    """The message of a user error; for one re-raised from a loader worker, without the traceback."""
-    text = str(error)
-    if 'Original Traceback' in text:  # torch.utils.data re-raises worker errors with the traceback inside
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        text = last.split(': ', 1)[1] if ': ' in last else last
-    return text
-
-
 def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     """Run ``run_fn(args)``; bad input, a non-finite loss, SIGINT or SIGTERM become one message and an exit
     code (2, 1, 130, 143). Shared by the training scripts."""
     setup_logging(True)
     log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
     code = 0
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+    # SIGTERM (a scheduler's preemption notice) is deferred to the next step boundary, where training writes
+    # its mid-epoch checkpoint and exits 143 (utils.preemption); SIGINT ends the run at the next step, 130.
+    with handle_stop_signals(deferred=(signal.SIGTERM,)):
         try:
             run_fn(args)
-        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (utils.signals)
+        except StopRequested:
+            _logger.error('stopped on request (SIGTERM) at a step boundary%s', f'; {STEP_CHECKPOINT_NAME} in '
+                          f'{args.output_dir} continues it with --resume auto' if args.output_dir else '')
+            code = EXIT_STOPPED
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the step loop (utils.signals)
             _logger.error('interrupted; the last checkpoint (if any) is intact')
             code = exit_status(e)
         except Exception as e:
-            if stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+            if isinstance(e, PeerFailedError):  # another process failed with its own message; this one stops with it
+                _logger.error('%s', e)
+                code = e.exit_code
+            elif stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
                 _logger.error('interrupted; the last checkpoint (if any) is intact')
                 code = exit_status()
             elif isinstance(e, USER_ERRORS):
