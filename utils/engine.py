@@ -179,7 +179,8 @@ def train_one_epoch(
                disable=not progress or None, dynamic_ncols=True, leave=False)
     batches = iter(bar)
     for step in range(start_step, num_steps):
-        if not (stop_requested and stop_requested()):  # a preemption stop (SIGTERM) is handled below
+        stop_asked = bool(stop_requested and stop_requested())  # once per step (a preemption: SIGTERM)
+        if not stop_asked:
             check_stop()  # SIGINT: the run ends at this step boundary, the last checkpoint intact
         failure: Optional[BaseException] = None
         try:
@@ -204,7 +205,7 @@ def train_one_epoch(
         code = 0 if failure is None else EXIT_BAD_INPUT if isinstance(failure, (DatasetError, OSError)) else EXIT_FAILED
         if failure is None and not math.isfinite(loss_value):
             code = NON_FINITE
-        code, stop, first = step_status(code, bool(stop_requested and stop_requested()),
+        code, stop, first = step_status(code, stop_asked,
                                         '' if failure is None else user_message(failure))
         if failure is not None:
             raise failure
