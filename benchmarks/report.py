@@ -219,6 +219,42 @@ def _match(d: Dict[str, Any]) -> str:
 REPRODUCTION_HEADLINE = 'reproduction_p16_g7_e12'
 
 
+#: The onnxruntime run of benchmark 1, reported on its own (it ran under another load than the eager runs).
+ONNX_RUN = 'inference_throughput_onnx'
+
+
+def section_onnx(d: Dict[str, Any]) -> str:
+    """Benchmark 1b: the exported pair in onnxruntime against eager PyTorch, measured in one run."""
+    eager = {(r['threads'], r['batch'], r['program']): r for r in d['rows'] if r['mode'] == 'eager'}
+    rows = []
+    for r in d['rows']:
+        if r['mode'] != 'onnxruntime' or r['kind'] != 'cf':
+            continue
+        e = eager.get((r['threads'], r['batch'], r['program']))
+        rows.append([str(r['threads']), str(r['batch']), f"{100 * r['exit_share']:.0f}%",
+                     f"{e['images_per_second']:.1f}" if e else '—', f"{r['images_per_second']:.1f}",
+                     f"{r['speedup_vs_eager_cf']:.2f}", f"{r['flop_efficiency']:.2f}",
+                     f"{e['flop_efficiency']:.2f}" if e else '—'])
+    b1 = [r for r in d['rows'] if r['mode'] == 'onnxruntime' and r['kind'] == 'cf' and r['batch'] == 1]
+    speed = min(r['speedup_vs_eager_cf'] for r in b1) if b1 else float('nan')
+    eff = min(r['flop_efficiency'] for r in b1) if b1 else float('nan')
+    return '\n'.join([
+        '## 1b. Early exit in onnxruntime (`export_onnx.py`, `OnnxEarlyExit`)', '',
+        f"cf_deit_small 7x7 exported as two graphs ({d['onnx']['exporter']} exporter), run by "
+        '`utils.onnx_runtime.OnnxEarlyExit`, against the same model in eager PyTorch and timm DeiT-S exported and '
+        f"run the same way, interleaved in one run ({d['reps']} rounds; batch 1: 16 single images a round). "
+        'FLOP efficiency = speed-up over DeiT-S in the same runtime / the GFLOPs-predicted speed-up.', '',
+        machine_line(d['machine']) + (f" {d['note']}" if d.get('note') else ''), '', '```',
+        'python benchmarks/bench_inference.py --onnxruntime --exporter torchscript --dtypes float32 --batches 1 64 '
+        '--threads 1 2 --reps 3 --images-batch1 16 --name inference_throughput_onnx', 'python benchmarks/report.py',
+        '```', '',
+        table(['threads', 'batch', 'exit at coarse', 'eager img/s', 'onnxruntime img/s', 'onnxruntime / eager',
+               'FLOP eff. (onnxruntime)', 'FLOP eff. (eager)'], rows), '',
+        f"Against the targets at batch 1: onnxruntime / eager at least {speed:.2f} (target 1.3: "
+        f"{'met' if speed >= 1.3 else 'NOT met'}); FLOP efficiency against DeiT-S in onnxruntime at least {eff:.2f} "
+        f"(target 0.8 at every exit share and thread count: {'met' if eff >= 0.8 else 'NOT met'}).", ''])
+
+
 def _selection_start(d: Dict[str, Any]) -> int:
     """First epoch (0-based) trained with informative selection."""
     return d.get('selection_start_epoch', d['epochs'] // 2 - 1) + 1
@@ -294,7 +330,7 @@ def section_reproduction(d: Dict[str, Any], name: str = 'reproduction',
 
 def main() -> None:
     parts = [HEADER]
-    runs = sorted(RESULTS.glob('inference_throughput*.json'))
+    runs = [r for r in sorted(RESULTS.glob('inference_throughput*.json')) if r.stem != ONNX_RUN]
     if runs:
         merged = json.loads(runs[0].read_text())
         for extra in runs[1:]:
@@ -305,6 +341,9 @@ def main() -> None:
         parts.append(section_inference(merged))
     else:
         parts.append('## 1. Early-exit inference throughput (CPU)\n\nNot run yet.\n')
+    onnx = load(ONNX_RUN)
+    if onnx:
+        parts.append(section_onnx(onnx))
     # the headline run is the one at the paper's geometry (patch 16, 7x7 on 112 px) when it exists
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob('reproduction*.json'))}
     headline = REPRODUCTION_HEADLINE if REPRODUCTION_HEADLINE in runs else 'reproduction'
