@@ -159,3 +159,24 @@ def test_sigint_and_sigterm_end_every_loop_with_130_or_143(tmp_path):
     assert len(maps) < 2 * 3 * 150 // 2  # stopped early (train/ only: 450 images)
     for p in maps:  # every map written is complete
         assert load_checkpoint_file(p).shape[0] == 2
+
+
+def test_a_process_with_a_leftover_loader_worker_still_exits(tmp_path):
+    """A DataLoader iterator left alive (as a caught exception's traceback keeps one) has workers that ignore
+    SIGTERM (utils.signals.quiet_worker_signals); multiprocessing's exit handler terminates them with
+    SIGTERM and joins them, so without utils.signals' own exit hook the process would never end."""
+    script = tmp_path / 'leftover.py'
+    script.write_text(
+        'import sys\n'
+        f'sys.path.insert(0, {str(ROOT)!r})\n'
+        'import torch\n'
+        'from utils.signals import handle_stop_signals, quiet_worker_signals\n'
+        'with handle_stop_signals():\n'
+        '    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=2, num_workers=2,\n'
+        '                                         worker_init_fn=quiet_worker_signals)\n'
+        '    KEEP = iter(loader)\n'
+        '    next(KEEP)\n'
+        'print("done", flush=True)\n')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0 and 'done' in proc.stdout, proc.stderr[-2000:]

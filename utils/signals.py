@@ -22,7 +22,10 @@ step boundary, saves, and raises :class:`Interrupted` itself.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before ours: ours runs first
 import os
 import signal
 import threading
@@ -121,3 +124,27 @@ def exit_status(error: Optional[BaseException] = None) -> int:
     """128 + the signal number (130 for SIGINT, 143 for SIGTERM); 130 for a plain KeyboardInterrupt."""
     signum = getattr(error, 'signum', None) or _State.signum or signal.SIGINT
     return 128 + int(signum)
+
+
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, kill loader workers still alive (a DataLoader iterator kept alive by a caught
+    exception's traceback, e.g. an in-process run that failed inside a worker). They ignore SIGTERM
+    (:func:`quiet_worker_signals`), so multiprocessing's own exit handler, which terminates daemonic
+    children with SIGTERM and then joins them, would wait for them forever."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    try:  # torch's SIGCHLD handler would raise about the very workers killed here
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
+    for child in children:
+        child.kill()
+    for child in children:
+        try:
+            child.join(timeout=5)
+        except Exception:  # noqa: BLE001 (exit time: nothing more to do for this child)
+            pass
+
+
+atexit.register(_kill_leftover_workers)
