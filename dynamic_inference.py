@@ -34,11 +34,11 @@ from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic,
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import EXIT_BAD_INPUT, OutputDirError, default_workers, describe_os_error, make_dirs, positive_int
+from utils.misc import OutputDirError, default_workers, make_dirs, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
-from utils.run_folder import RunLock, check_outside_inputs, release_locks
-from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.run_folder import RunLock, check_outside_inputs
+from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, device_name, float_in, int_at_least
 
 _logger = logging.getLogger('dynamic_inference')
@@ -372,27 +372,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
-        try:
-            with console_logging():
-                run(args)
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: result files written so far are complete
-            print('dynamic_inference.py: interrupted', file=sys.stderr)
-            return exit_status(e)
-        except (UsageError, CheckpointError, DatasetError, BadInputError) as e:
-            print(f'dynamic_inference.py: error: {e}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OSError as e:  # writing the results failed (full disk, ...); earlier result files are intact
-            print(f'dynamic_inference.py: error: {describe_os_error(e, "cannot write the results")}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except RuntimeError:  # a loader worker's error while the run stops on a signal
-            if stop_requested() is None:
-                raise
-            print('dynamic_inference.py: interrupted', file=sys.stderr)
-            return exit_status()
-        finally:
-            release_locks()
-    return 0
+    def work() -> None:
+        with console_logging():
+            run(args)
+    return run_entry_point('dynamic_inference.py', work, (UsageError, CheckpointError, DatasetError, BadInputError),
+                           'cannot write the results')
 
 
 if __name__ == '__main__':

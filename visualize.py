@@ -38,12 +38,12 @@ from datasets.transforms import data_config, eval_transform
 from utils.checkpoint import (
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
 )
-from utils.misc import (
-    EXIT_BAD_INPUT, architecture_from_checkpoint, default_workers, describe_os_error, make_dirs, positive_int,
+from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT, named in main)
+    EXIT_BAD_INPUT, architecture_from_checkpoint, default_workers, make_dirs, positive_int,
 )
 from utils.misc import OutputDirError
-from utils.run_folder import RunLock, check_outside_inputs, release_locks, same_file
-from utils.signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.run_folder import RunLock, check_outside_inputs, same_file
+from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
     FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
@@ -372,26 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
-        try:
-            run(args)
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every picture written so far is complete
-            print('visualize.py: interrupted', file=sys.stderr)
-            return exit_status(e)
-        except (InputError, DatasetError, CheckpointError, BadInputError) as e:
-            print(f'visualize.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OSError as e:  # writing the pictures failed (full disk, ...)
-            print(f'visualize.py: error: {describe_os_error(e, "cannot write the pictures")}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except RuntimeError:  # a loader worker's error while the run stops on a signal
-            if stop_requested() is None:
-                raise
-            print('visualize.py: interrupted', file=sys.stderr)
-            return exit_status()
-        finally:
-            release_locks()
-    return 0
+    return run_entry_point('visualize.py', lambda: run(args), (InputError, DatasetError, CheckpointError, BadInputError),
+                           'cannot write the pictures', one_line=True)
 
 
 if __name__ == '__main__':

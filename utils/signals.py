@@ -29,9 +29,9 @@ import multiprocessing.util  # registers multiprocessing's exit handler before o
 import os
 import signal
 import threading
-from typing import Any, Iterable, Iterator, Optional, Set
+from typing import Any, Callable, Iterable, Iterator, Optional, Set, Tuple, Type
 
-__all__ = ['Interrupted', 'handle_stop_signals', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop',
+__all__ = ['Interrupted', 'handle_stop_signals', 'run_entry_point', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop',
            'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -124,6 +124,39 @@ def exit_status(error: Optional[BaseException] = None) -> int:
     """128 + the signal number (130 for SIGINT, 143 for SIGTERM); 130 for a plain KeyboardInterrupt."""
     signum = getattr(error, 'signum', None) or _State.signum or signal.SIGINT
     return 128 + int(signum)
+
+
+def run_entry_point(script: str, work: Callable[[], Any], user_errors: Tuple[Type[BaseException], ...],
+                    writing: str, one_line: bool = False) -> int:
+    """An evaluation script's ``main``: run ``work()`` under :func:`handle_stop_signals` and turn what ends it
+    into an exit status with one line on stderr: 0; 130 / 143 on SIGINT / SIGTERM (also when a loader
+    worker's error reaches the main process while it stops); 2 (:data:`utils.misc.EXIT_BAD_INPUT`) for
+    ``user_errors`` and for an ``OSError`` while writing (``writing`` names what: "cannot write the results").
+    Run locks are released on the way out. ``one_line``: fold a multi-line message onto one line."""
+    import sys
+
+    from .misc import EXIT_BAD_INPUT, describe_os_error
+    from .run_folder import release_locks
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143
+        try:
+            work()
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every file written so far is complete
+            print(f'{script}: interrupted', file=sys.stderr)
+            return exit_status(e)
+        except user_errors as e:
+            print(f'{script}: error: {" ".join(str(e).split()) if one_line else e}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # writing failed (full disk, ...); earlier files are intact
+            print(f'{script}: error: {describe_os_error(e, writing)}', file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError:  # a loader worker's error while the run stops on a signal
+            if stop_requested() is None:
+                raise
+            print(f'{script}: interrupted', file=sys.stderr)
+            return exit_status()
+        finally:
+            release_locks()
+    return 0
 
 
 def _kill_leftover_workers() -> None:
