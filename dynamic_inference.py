@@ -30,6 +30,7 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
+from utils.cpu import AMP_CHOICES, cast_weights_for_autocast, keep_freed_memory, resolve_amp_dtype
 from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
@@ -47,7 +48,6 @@ MODES = {'0': 0, 'anytime': 0, '1': 1, 'budgeted': 1, '2': 2, 'throughput': 2, '
 MODE_NAMES = {0: 'anytime', 1: 'budgeted', 2: 'throughput', 3: 'report'}
 #: Mode 2's threshold when --threshold is not given (the release required the flag).
 DEFAULT_MODE2_THRESHOLD = 0.5
-AMP_DTYPES = {'none': None, 'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
 class UsageError(Exception):
@@ -93,8 +93,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',
                    help='mode 1: also write the checkpoint with the results added, as a NEW file in --output-dir')
-    p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), default='none',
-                   help='autocast dtype for the forward passes (default none: float32, as the released numbers)')
+    p.add_argument('--amp-dtype', choices=AMP_CHOICES, default='none',
+                   help='autocast dtype for the forward passes (default none: float32, as the released numbers); '
+                        'auto: bfloat16 on a CPU where it is native and measured faster (else float32), float16 on '
+                        'CUDA. The layers autocast casts get their weights cast once (same outputs, less work)')
+    p.add_argument('--allocator', choices=('keep-freed', 'system'), default='keep-freed',
+                   help='CPU only: keep-freed (default) keeps freed memory in the heap for the next batch instead '
+                        'of page-faulting large activations in again (the process keeps its peak memory); '
+                        'system leaves the C library as it is')
     p.add_argument('--warmup-batches', type=int_at_least(0), default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
@@ -245,7 +251,8 @@ def onnx_predictor(args: argparse.Namespace, out: Path):
         raise UsageError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
     unsupported = [flag for flag, given in (('--checkpoint_path', args.checkpoint_path), ('--compile', args.compile),
                                             ('--write-checkpoint', args.write_checkpoint),
-                                            ('--amp-dtype', AMP_DTYPES[args.amp_dtype] is not None)) if given]
+                                            ('--amp-dtype', args.amp_dtype not in ('none', 'float32', 'auto')))
+                   if given]
     if unsupported:
         raise UsageError(f'{", ".join(unsupported)} cannot be used with --backend onnxruntime (the export folder '
                          'holds the model)')
@@ -309,13 +316,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model.to(device).eval()
         flops = stage_gflops(model)
         check_stored_flops(checkpoint, flops)
+    amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device)
+    if args.amp_dtype == 'auto' and not onnx:
+        _logger.info('--amp-dtype auto: %s on %s', str(amp).replace('torch.', '') if amp else 'float32 (no autocast)',
+                     device.type)
+    if amp is not None:
+        cast_weights_for_autocast(model, amp)
+    if device.type == 'cpu' and args.allocator == 'keep-freed' and not keep_freed_memory():
+        _logger.info('--allocator keep-freed: this C library has no mallopt; its own allocator is used')
     if args.compile:
         model.compile_stages()
         _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)')
-    amp = AMP_DTYPES[args.amp_dtype]
     result: Dict[str, Any] = {
         'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'img_size_list': model.img_size_list,
         'checkpoint': str(args.checkpoint_path), 'device': str(device), 'amp_dtype': args.amp_dtype,
+        'autocast': str(amp).replace('torch.', '') if amp else None, 'allocator': args.allocator,
         'torch': torch.__version__, 'flop': flops, 'backend': args.backend,
     }
     if onnx:

@@ -69,7 +69,11 @@ def default_providers() -> List[str]:
 
 def make_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
     """An ``onnxruntime.InferenceSession`` with every graph optimization, ``threads`` intra-op
-    threads (default: torch's thread count) and one inter-op thread."""
+    threads (default: torch's thread count) and one inter-op thread.
+
+    Its threads stop spinning when a run ends (``session.force_spinning_stop``): an early-exit
+    predictor runs two sessions in turn, and the coarse session's threads spinning on through the
+    fine run took the cores from it (batch 1, 2 threads: 1.9x slower fine stage, BENCHMARKS.md 7)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -77,6 +81,7 @@ def make_session(path: PathLike, threads: Optional[int] = None, providers: Optio
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only
+    options.add_session_config_entry('session.force_spinning_stop', '1')
     return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
 
 

@@ -1,0 +1,386 @@
+"""Benchmark 7: early-exit inference, ours against the released code, side by side.
+
+    python benchmarks/bench_vs_release.py --release DIR [--batches 1 16 64] [--exit-shares 100 50 0]
+        [--threads 1 2] [--rounds 5] [--programs PROGRAM ...] [--name vs_release]
+
+``DIR`` is a checkout of the released code (``git clone https://github.com/ChenMnZ/CF-ViT``). This
+repository holds none of it: the release's worker imports ``DIR/utils.py`` and
+``DIR/deit/models_deit.py`` at run time, with the installed timm for the layers they import
+(``DropPath``, ``to_2tuple``, ``trunc_normal_``: identities or initializers at inference) and
+``Tensor.cuda`` made a no-op, so the released model runs unchanged on the CPU.
+
+Every program runs in its own process (the release's ``utils`` module and ours cannot share one),
+and all load the same weights strictly: a random ``cf_deit_small`` (7x7 coarse grid) written in the
+released checkpoint layout, its head scaled so that the coarse confidences spread out (random
+heads give near-uniform softmaxes, whose confidences nearly tie). The parent asks the workers in
+turn to time one configuration, so every program sees the machine in the same state: one untimed
+round, then for each round, for each configuration, for each program. A configuration is a batch
+size, an exit share and a thread count; its images are the first ``max(--images, batch)`` of one
+fixed pool, run in batches of that size. Each program picks its own thresholds from its own coarse
+confidences on those images so that the given share exits (100: threshold 0; 0: threshold above
+1). Timed: the fine images in, the early-exit logits out, including the coarse image's bilinear
+resize, which the release does outside its model and ours inside. Reported: images per second, the
+median over the rounds, and each program's ratio to the release's median, with the min-max of the
+per-round ratios (the two ran back to back in each round).
+
+Programs:
+  release            the released ``forward_early_exit``, float32
+  ours               our ``forward_early_exit``, float32, eager
+  ours-bf16          the same under bfloat16 autocast with the weights cast once
+                     (``utils.cpu.cast_weights_for_autocast``), as ``dynamic_inference.py --amp-dtype
+                     bfloat16`` (or ``auto`` on a CPU with native bfloat16) runs it
+  ours-compile       ``compile_stages()`` (minutes of compilation per new shape on a CPU)
+  ours-compile-bf16  both
+  ours-onnxruntime   ``export_onnx``'s graphs run by ``utils.onnx_runtime.OnnxEarlyExit``
+Any of them with ``+keep-freed``: the worker process first calls ``utils.cpu.keep_freed_memory()``
+(glibc keeps freed memory for reuse), as ``dynamic_inference.py`` does on a CPU by default; the
+ratios of such a program are also given against ``release+keep-freed`` when it runs, which shows
+what the model code gains under the same allocator.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PROGRAMS = ('release', 'ours', 'ours-bf16', 'ours-compile', 'ours-compile-bf16', 'ours-onnxruntime')
+#: What a run without --programs compares.
+DEFAULT_PROGRAMS = ('release', 'ours', 'release+keep-freed', 'ours+keep-freed', 'ours-bf16+keep-freed',
+                    'ours-onnxruntime')
+#: The model both sides build: CF-DeiT-S with a 7x7 coarse grid on 112 px, 14x14 on 224 px.
+COARSE_SIDE, FINE_SIDE = 112, 224
+#: Program suffix: the worker keeps freed memory in its heap (``utils.cpu.keep_freed_memory``).
+KEEP_FREED = 'keep-freed'
+#: Factor on the random head's weights, so that the coarse max-softmax spreads over (0, 1).
+HEAD_SCALE = 40.0
+
+
+# ---------------------------------------------------------------------------------------- workers
+def load_release_model(release_dir: Path, checkpoint: Path) -> torch.nn.Module:
+    """The released ``cf_deit_small`` from a checkout, with the checkpoint loaded strictly."""
+    for rel in ('utils.py', 'deit/models_deit.py'):
+        if not (release_dir / rel).is_file():
+            raise SystemExit(f'error: --release {release_dir} is not a checkout of the released code: no {rel}')
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the release builds index tensors with .cuda()
+
+    def load(name: str, path: Path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    load('utils', release_dir / 'utils.py')  # models_deit does `from utils import batch_index_select, get_index`
+    models_deit = load('release_models_deit', release_dir / 'deit' / 'models_deit.py')
+    model = models_deit.cf_deit_small(img_size_list=[COARSE_SIDE, FINE_SIDE])
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)['model']
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_cpu_module():
+    """``utils/cpu.py`` of this repository, loaded by path: the release's worker cannot import our
+    ``utils`` package (its own ``utils.py`` takes the name)."""
+    spec = importlib.util.spec_from_file_location('cfvit_cpu', Path(__file__).resolve().parents[1] / 'utils' / 'cpu.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_program(program: str) -> Tuple[str, bool]:
+    """``'ours-bf16+keep-freed'`` -> ``('ours-bf16', True)``."""
+    base, _, option = program.partition('+')
+    if base not in PROGRAMS or option not in ('', KEEP_FREED):
+        raise argparse.ArgumentTypeError(
+            f'unknown program {program!r}: one of {", ".join(PROGRAMS)}, optionally with +{KEEP_FREED}')
+    return base, bool(option)
+
+
+class Worker:
+    """One program: builds its model, then answers the parent's requests on stdin/stdout."""
+
+    def __init__(self, program: str, release_dir: Optional[Path], checkpoint: Path, export_dir: Optional[Path]):
+        self.program = program
+        base, keep_freed = split_program(program)
+        cpu = load_cpu_module()
+        if keep_freed and not cpu.keep_freed_memory():
+            raise SystemExit(f'error: {program}: this C library has no mallopt (not glibc)')
+        bf16 = base.endswith('-bf16')
+        self.autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
+        self._onnx: Dict[int, Any] = {}
+        self.export_dir = export_dir
+        if base == 'release':
+            self.model = load_release_model(release_dir, checkpoint)
+            self.run = self._run_release
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            import timm
+            import models  # noqa: F401  (registers the cf_* models)
+            model = timm.create_model('cf_deit_small', coarse_stage_size=COARSE_SIDE // 16)
+            state = torch.load(checkpoint, map_location='cpu', weights_only=True)['model']
+            model.load_state_dict(state, strict=True)
+            self.model = model.eval()
+            if bf16:  # as dynamic_inference.py runs bfloat16: the weights cast once
+                cpu.cast_weights_for_autocast(self.model, torch.bfloat16)
+            if base.startswith('ours-compile'):
+                self.model.compile_stages()
+            self.run = self._run_onnx if base == 'ours-onnxruntime' else self._run_ours
+
+    def _run_release(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        x_c = F.interpolate(x, (COARSE_SIDE, COARSE_SIDE), mode='bilinear', align_corners=True)
+        return self.model.forward_early_exit([x_c, x], threshold)
+
+    def _run_ours(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        with self.autocast:
+            return self.model.forward_early_exit(x, threshold)
+
+    def _run_onnx(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        if threads not in self._onnx:
+            from utils.onnx_runtime import OnnxEarlyExit
+            self._onnx[threads] = OnnxEarlyExit(self.export_dir, threads=threads)
+        return self._onnx[threads].forward_early_exit(x, threshold)
+
+    def confidences(self, images: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each image's coarse max-softmax as this program computes it (the 0-threshold logits
+        are the coarse stage's)."""
+        out = [self.run(images[i:i + batch], 0.0).float().softmax(-1).max(-1).values
+               for i in range(0, len(images), batch)]
+        return torch.cat(out)
+
+    def serve(self, pool: torch.Tensor) -> None:
+        print(json.dumps({'ready': self.program}), flush=True)
+        cache: Dict[Any, Any] = {}
+        for line in sys.stdin:
+            req = json.loads(line)
+            if req.get('cmd') == 'quit':
+                break
+            torch.set_num_threads(int(req['threads']))
+            batch, share = int(req['batch']), float(req['share'])
+            images = pool[:max(int(req['images']), batch)]
+            key = (batch, len(images))
+            with torch.inference_mode():
+                if key not in cache:
+                    cache[key] = self.confidences(images, batch)
+                    for i in range(0, len(images), batch):  # warm-up (and, compiled, compile) every shape
+                        self.run(images[i:i + batch], threshold_for(cache[key], 50.0))
+                conf = cache[key]
+                threshold = threshold_for(conf, share)
+                batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+                t0 = time.perf_counter()
+                for b in batches:
+                    self.run(b, threshold)
+                seconds = time.perf_counter() - t0
+            exited = int((conf >= threshold).sum())
+            print(json.dumps({'seconds': seconds, 'images': len(images), 'exited': exited,
+                              'threshold': threshold}), flush=True)
+
+
+def threshold_for(conf: torch.Tensor, share: float) -> float:
+    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours."""
+    n = conf.numel()
+    n_exit = int(round(share * n / 100.0))
+    if n_exit >= n:
+        return 0.0
+    if n_exit <= 0:
+        return 1.01
+    c = conf.sort().values
+    return float((c[n - n_exit - 1] + c[n - n_exit]) / 2)
+
+
+# ---------------------------------------------------------------------------------------- parent
+def program_name(value: str) -> str:
+    split_program(value)
+    return value
+
+
+def cpu_record() -> Dict[str, Any]:
+    """The CPU's model, the flags that matter for these programs, and what torch makes of it."""
+    flags: List[str] = []
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('flags'):
+                flags = line.split(':', 1)[1].split()
+                break
+    except OSError:
+        pass
+    wanted = [f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c')) or f in ('sse4_2',)]
+    from utils.cpu import cpu_bf16_native
+    return {'flags': wanted, 'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(),
+            'bf16_native': cpu_bf16_native()}
+
+
+def make_checkpoint(path: Path) -> None:
+    """A random cf_deit_small in the released checkpoint layout, the head scaled by HEAD_SCALE."""
+    import timm
+    import models  # noqa: F401  (registers the cf_* models)
+    torch.manual_seed(0)
+    model = timm.create_model('cf_deit_small', coarse_stage_size=COARSE_SIDE // 16)
+    state = model.state_dict()
+    state['head.weight'] = state['head.weight'] * HEAD_SCALE
+    torch.save({'model': state}, path)
+    return model
+
+
+def start_worker(program: str, args, checkpoint: Path, pool_path: Path, export_dir: Optional[Path]) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--worker', program, '--checkpoint', str(checkpoint),
+           '--pool', str(pool_path)]
+    if args.release:
+        cmd += ['--release', str(args.release)]
+    if export_dir:
+        cmd += ['--export-dir', str(export_dir)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    reply = proc.stdout.readline()
+    if not reply:
+        raise SystemExit(f'error: the {program} worker failed to start (its error is above)')
+    return proc
+
+
+def ask(proc: subprocess.Popen, program: str, request: Dict[str, Any]) -> Dict[str, Any]:
+    proc.stdin.write(json.dumps(request) + '\n')
+    proc.stdin.flush()
+    reply = proc.stdout.readline()
+    if not reply:
+        raise SystemExit(f'error: the {program} worker stopped (its error is above)')
+    return json.loads(reply)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--release', type=Path, default=None, help='a checkout of github.com/ChenMnZ/CF-ViT')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 16, 64])
+    p.add_argument('--exit-shares', type=float, nargs='+', default=[100, 50, 0],
+                   help='percent of the images that exit at the coarse stage')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--images', type=int, default=48, help='images per timing (at least one batch)')
+    p.add_argument('--pool-size', type=int, default=64)
+    p.add_argument('--programs', nargs='+', type=program_name, default=list(DEFAULT_PROGRAMS),
+                   help=f'any of {", ".join(PROGRAMS)}, each optionally with +{KEEP_FREED} (see the docstring)')
+    p.add_argument('--name', default='vs_release', help='result file name (benchmarks/results/NAME.json)')
+    p.add_argument('--load-note', default='', help='what else ran on the machine (recorded with the results)')
+    # worker side
+    p.add_argument('--worker', type=program_name, help=argparse.SUPPRESS)
+    p.add_argument('--checkpoint', type=Path, help=argparse.SUPPRESS)
+    p.add_argument('--pool', type=Path, help=argparse.SUPPRESS)
+    p.add_argument('--export-dir', type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        torch.manual_seed(0)
+        pool = torch.load(args.pool, weights_only=True)
+        Worker(args.worker, args.release, args.checkpoint, args.export_dir).serve(pool)
+        return
+
+    if len(set(args.programs)) < len(args.programs):
+        p.error('--programs names a program twice')
+    if any(split_program(prog)[0] == 'release' for prog in args.programs) and args.release is None:
+        p.error('--release DIR is needed for the release program (or leave it out of --programs)')
+    for name, values in (('--batches', args.batches), ('--threads', args.threads), ('--rounds', [args.rounds]),
+                         ('--images', [args.images])):
+        if min(values) < 1:
+            p.error(f'{name} must be positive')
+    if not all(0 <= s <= 100 for s in args.exit_shares):
+        p.error('--exit-shares are percentages in [0, 100]')
+    if args.pool_size < max(max(args.batches), args.images):
+        p.error('--pool-size must hold the largest batch and --images')
+
+    from common import machine, median, save  # also puts the repository on sys.path
+    from tqdm import tqdm
+    record = dict(machine(), **cpu_record(), load=args.load_note)
+    work = Path(tempfile.mkdtemp(prefix='cfvit-vs-release-'))
+    checkpoint, pool_path = work / 'cf_deit_small_g7.pth', work / 'pool.pth'
+    model = make_checkpoint(checkpoint)
+    torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
+               pool_path)
+    export_dir = None
+    if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
+        from utils.onnx_export import export_early_exit
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
+        export_dir = work / 'onnx'
+        export_early_exit(model.eval(), export_dir, exporter='torchscript')
+    del model
+
+    workers = {prog: start_worker(prog, args, checkpoint, pool_path, export_dir) for prog in args.programs}
+    configs = [dict(batch=b, share=s, threads=t, images=args.images)
+               for t in args.threads for b in args.batches for s in args.exit_shares]
+    results: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
+    rows: List[Dict[str, Any]] = []
+
+    def ratio(rs: List[float], ref: List[float]) -> Dict[str, Any]:
+        n = min(len(rs), len(ref))
+        per_round = [rs[i] / ref[i] for i in range(n)]  # the two ran back to back in each round
+        return {'median_ratio': median(rs) / median(ref), 'per_round': [min(per_round), max(per_round)]}
+
+    def summarize() -> None:
+        rows.clear()
+        for cfg in configs:
+            key = (cfg['threads'], cfg['batch'], cfg['share'])
+            per = results.get(key)
+            if not per:
+                continue
+            rates = {prog: [r['images'] / r['seconds'] for r in reps] for prog, reps in per.items()}
+            row = dict(threads=cfg['threads'], batch=cfg['batch'], exit_share=cfg['share'],
+                       rounds=min(len(v) for v in rates.values()))
+            for prog, rs in rates.items():
+                row[prog] = {'img_per_s': median(rs), 'runs': rs,
+                             'exited': per[prog][-1]['exited'], 'images': per[prog][-1]['images']}
+                if 'release' in rates and prog != 'release':  # against the release as it runs
+                    row[prog]['vs_release'] = ratio(rs, rates['release'])
+                same = 'release+' + KEEP_FREED
+                if prog.endswith('+' + KEEP_FREED) and prog != same and same in rates:  # same allocator
+                    row[prog]['vs_release_keep_freed'] = ratio(rs, rates[same])
+            rows.append(row)
+        save(args.name, {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
+                         'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
+                         'command': 'python benchmarks/bench_vs_release.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+                         'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows})
+
+    try:
+        for cfg in tqdm(configs, desc='warm-up round', unit='config'):  # untimed: first calls of each shape
+            for prog, proc in workers.items():
+                ask(proc, prog, dict(cfg, cmd='time'))
+        bar = tqdm(total=args.rounds * len(configs) * len(workers), desc='timing', unit='run')
+        for _ in range(args.rounds):
+            for cfg in configs:
+                key = (cfg['threads'], cfg['batch'], cfg['share'])
+                for prog, proc in workers.items():
+                    reply = ask(proc, prog, dict(cfg, cmd='time'))
+                    results.setdefault(key, {}).setdefault(prog, []).append(reply)
+                    bar.update()
+            summarize()  # after every round: an interrupted run keeps what it measured
+        bar.close()
+    finally:
+        for prog, proc in workers.items():
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+        for proc in workers.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    for row in rows:
+        cells = [f"{prog} {row[prog]['img_per_s']:.1f}" + (
+            f" ({row[prog]['vs_release']['median_ratio']:.2f}x)" if 'vs_release' in row[prog] else '')
+            for prog in args.programs if prog in row]
+        print(f"threads {row['threads']} batch {row['batch']:>3} exit {row['exit_share']:>5.1f}%: " + ', '.join(cells))
+
+if __name__ == '__main__':
+    main()
