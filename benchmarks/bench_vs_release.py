@@ -29,6 +29,7 @@ Programs:
   ours-bf16          the same under bfloat16 autocast with the weights cast once
                      (``utils.cpu.cast_weights_for_autocast``), as ``dynamic_inference.py --amp-dtype
                      bfloat16`` (or ``auto`` on a CPU with native bfloat16) runs it
+  ours-bf16-autocast plain bfloat16 autocast on the float32 model (it casts every weight at every call)
   ours-compile       ``compile_stages()`` (minutes of compilation per new shape on a CPU)
   ours-compile-bf16  both
   ours-onnxruntime   ``export_onnx``'s graphs run by ``utils.onnx_runtime.OnnxEarlyExit``
@@ -42,8 +43,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PROGRAMS = ('release', 'ours', 'ours-bf16', 'ours-compile', 'ours-compile-bf16', 'ours-onnxruntime')
+PROGRAMS = ('release', 'ours', 'ours-bf16', 'ours-bf16-autocast', 'ours-compile', 'ours-compile-bf16',
+            'ours-onnxruntime')
 #: What a run without --programs compares.
 DEFAULT_PROGRAMS = ('release', 'ours', 'release+keep-freed', 'ours+keep-freed', 'ours-bf16+keep-freed',
                     'ours-onnxruntime')
@@ -118,7 +120,7 @@ class Worker:
         cpu = load_cpu_module()
         if keep_freed and not cpu.keep_freed_memory():
             raise SystemExit(f'error: {program}: this C library has no mallopt (not glibc)')
-        bf16 = base.endswith('-bf16')
+        bf16 = base.endswith(('-bf16', '-bf16-autocast'))
         self.autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
         self._onnx: Dict[int, Any] = {}
         self.export_dir = export_dir
@@ -133,7 +135,7 @@ class Worker:
             state = torch.load(checkpoint, map_location='cpu', weights_only=True)['model']
             model.load_state_dict(state, strict=True)
             self.model = model.eval()
-            if bf16:  # as dynamic_inference.py runs bfloat16: the weights cast once
+            if bf16 and base != 'ours-bf16-autocast':  # as dynamic_inference.py runs bfloat16: the weights cast once
                 cpu.cast_weights_for_autocast(self.model, torch.bfloat16)
             if base.startswith('ours-compile'):
                 self.model.compile_stages()
@@ -180,13 +182,23 @@ class Worker:
                 conf = cache[key]
                 threshold = threshold_for(conf, share)
                 batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+                profiler = None
+                if req.get('cmd') == 'profile':
+                    from torch.profiler import ProfilerActivity, profile
+                    profiler = profile(activities=[ProfilerActivity.CPU])
+                    profiler.__enter__()
                 t0 = time.perf_counter()
                 for b in batches:
                     self.run(b, threshold)
                 seconds = time.perf_counter() - t0
+                if profiler is not None:
+                    profiler.__exit__(None, None, None)
             exited = int((conf >= threshold).sum())
-            print(json.dumps({'seconds': seconds, 'images': len(images), 'exited': exited,
-                              'threshold': threshold}), flush=True)
+            reply = {'seconds': seconds, 'images': len(images), 'exited': exited, 'threshold': threshold}
+            if profiler is not None:
+                reply['table'] = profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=15,
+                                                               max_name_column_width=48)
+            print(json.dumps(reply), flush=True)
 
 
 def threshold_for(conf: torch.Tensor, share: float) -> float:
@@ -258,6 +270,67 @@ def ask(proc: subprocess.Popen, program: str, request: Dict[str, Any]) -> Dict[s
     return json.loads(reply)
 
 
+def write_profiles(args, workers: Dict[str, subprocess.Popen], configs: List[Dict[str, Any]],
+                   record: Dict[str, Any]) -> Path:
+    """--profile: each program's operator table (self CPU time) for each configuration, in one text file."""
+    from common import RESULTS
+    from utils.checkpoint import atomic_file
+    parts = [f'# {args.name}: torch.profiler operator tables of bench_vs_release.py --profile',
+             f"# machine: {record['cpu']}, torch {record['torch']}, {record['date']}; load: {record.get('load') or '-'}",
+             '# command: python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:]), '']
+    for cfg in configs:
+        for prog, proc in workers.items():
+            reply = ask(proc, prog, dict(cfg, cmd='profile'))
+            parts += [f"## {prog}: threads {cfg['threads']}, batch {cfg['batch']}, {cfg['share']:.0f}% exit, "
+                      f"{reply['images']} images in {reply['seconds']:.3f} s (under the profiler)", reply['table'], '']
+    path = RESULTS / f'{args.name}_profile.txt'
+    with atomic_file(path, 'w') as f:
+        f.write('\n'.join(parts))
+    print(f'wrote {path}')
+    return path
+
+
+def plot_ratios(result: Dict[str, Any], path: Path) -> Path:
+    """Grouped bars: each program's median speed ratio to the release per configuration, the
+    per-round min-max as error bars, lines at 1.0 (parity) and 1.3."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from utils.checkpoint import atomic_file
+
+    rows = [r for r in result['rows'] if 'release' in r]
+    programs = [p for p in result['programs'] if p != 'release']
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.55 * len(rows) * (1 + len(programs) / 4))), 4.6), dpi=120,
+                           layout='constrained')
+    width = 0.8 / max(1, len(programs))
+    for j, prog in enumerate(programs):
+        xs, ys, lo, hi = [], [], [], []
+        for i, r in enumerate(rows):
+            if prog in r and 'vs_release' in r[prog]:
+                v = r[prog]['vs_release']
+                xs.append(i + (j - (len(programs) - 1) / 2) * width)
+                ys.append(v['median_ratio'])
+                lo.append(v['median_ratio'] - v['per_round'][0])
+                hi.append(v['per_round'][1] - v['median_ratio'])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=1.5, label=prog, error_kw={'lw': 0.6})
+    ax.axhline(1.0, color='black', lw=0.8)
+    ax.axhline(1.3, color='tab:red', lw=0.8, ls='--', label='1.3x')
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['threads']}t b{r['batch']}\n{r['exit_share']:.0f}%" for r in rows], fontsize=7)
+    ax.set_ylabel('images/s relative to the release (median)')
+    ax.set_xlabel('threads, batch size, share of images exiting at the coarse stage')
+    ax.set_title(f"CF-DeiT-S 7x7 early exit vs the released code, {result['machine']['cpu']}", fontsize=9)
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=min(4, len(programs) + 1), fontsize=7,
+              frameon=False)
+    ax.grid(axis='y', alpha=0.3)
+    buf = __import__('io').BytesIO()
+    fig.savefig(buf, format='png')
+    plt.close(fig)
+    with atomic_file(path) as f:
+        f.write(buf.getvalue())
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--release', type=Path, default=None, help='a checkout of github.com/ChenMnZ/CF-ViT')
@@ -271,6 +344,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--programs', nargs='+', type=program_name, default=list(DEFAULT_PROGRAMS),
                    help=f'any of {", ".join(PROGRAMS)}, each optionally with +{KEEP_FREED} (see the docstring)')
     p.add_argument('--name', default='vs_release', help='result file name (benchmarks/results/NAME.json)')
+    p.add_argument('--profile', action='store_true',
+                   help='instead of timing rounds: one torch.profiler run of each configuration and program, '
+                        'the operator tables written to benchmarks/results/NAME_profile.txt')
+    p.add_argument('--plot-only', action='store_true',
+                   help='redraw benchmarks/results/NAME.png from NAME.json without running anything')
     p.add_argument('--load-note', default='', help='what else ran on the machine (recorded with the results)')
     # worker side
     p.add_argument('--worker', type=program_name, help=argparse.SUPPRESS)
@@ -285,6 +363,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         Worker(args.worker, args.release, args.checkpoint, args.export_dir).serve(pool)
         return
 
+    if args.plot_only:
+        from common import RESULTS
+        source = RESULTS / f'{args.name}.json'
+        if not source.is_file():
+            p.error(f'--plot-only: no {source}')
+        print(f"wrote {plot_ratios(json.loads(source.read_text()), RESULTS / f'{args.name}.png')}")
+        return
     if len(set(args.programs)) < len(args.programs):
         p.error('--programs names a program twice')
     if any(split_program(prog)[0] == 'release' for prog in args.programs) and args.release is None:
@@ -301,7 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from common import machine, median, save  # also puts the repository on sys.path
     from tqdm import tqdm
     record = dict(machine(), **cpu_record(), load=args.load_note)
-    work = Path(tempfile.mkdtemp(prefix='cfvit-vs-release-'))
+    tmp = tempfile.TemporaryDirectory(prefix='cfvit-vs-release-')  # weights, images, export: removed at the end
+    work = Path(tmp.name)
     checkpoint, pool_path = work / 'cf_deit_small_g7.pth', work / 'pool.pth'
     model = make_checkpoint(checkpoint)
     torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
@@ -314,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         export_early_exit(model.eval(), export_dir, exporter='torchscript')
     del model
 
-    workers = {prog: start_worker(prog, args, checkpoint, pool_path, export_dir) for prog in args.programs}
+    workers: Dict[str, subprocess.Popen] = {}
     configs = [dict(batch=b, share=s, threads=t, images=args.images)
                for t in args.threads for b in args.batches for s in args.exit_shares]
     results: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
@@ -346,13 +432,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows.append(row)
         save(args.name, {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
                          'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
-                         'command': 'python benchmarks/bench_vs_release.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+                         'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
                          'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows})
 
     try:
+        for prog in args.programs:
+            workers[prog] = start_worker(prog, args, checkpoint, pool_path, export_dir)
         for cfg in tqdm(configs, desc='warm-up round', unit='config'):  # untimed: first calls of each shape
             for prog, proc in workers.items():
                 ask(proc, prog, dict(cfg, cmd='time'))
+        if args.profile:
+            write_profiles(args, workers, configs, record)
+            return
         bar = tqdm(total=args.rounds * len(configs) * len(workers), desc='timing', unit='run')
         for _ in range(args.rounds):
             for cfg in configs:
@@ -363,6 +454,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     bar.update()
             summarize()  # after every round: an interrupted run keeps what it measured
         bar.close()
+        if any('release' in r for r in rows):
+            from common import RESULTS
+            print(f"wrote {plot_ratios(json.loads((RESULTS / f'{args.name}.json').read_text()), RESULTS / f'{args.name}.png')}")
     finally:
         for prog, proc in workers.items():
             if proc.poll() is None:
@@ -376,11 +470,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+        tmp.cleanup()
     for row in rows:
         cells = [f"{prog} {row[prog]['img_per_s']:.1f}" + (
             f" ({row[prog]['vs_release']['median_ratio']:.2f}x)" if 'vs_release' in row[prog] else '')
             for prog in args.programs if prog in row]
         print(f"threads {row['threads']} batch {row['batch']:>3} exit {row['exit_share']:>5.1f}%: " + ', '.join(cells))
+
 
 if __name__ == '__main__':
     main()

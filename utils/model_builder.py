@@ -53,6 +53,10 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     head = state_dict.get('head.weight')
     if head is None:
         raise ModelBuildError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
+    for key, value in (('num_classes', head.shape[0]), ('coarse_stage_size', g)):
+        given = extra.pop(key, value)  # a model argument the checkpoint or a flag already fixes
+        if given != value:
+            raise ModelBuildError(f'--model-kwargs {key}={given} but the checkpoint and flags give {key}={value}')
     model = create_model_checked(name, ModelBuildError, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     load_model_weights(model, state_dict)
     model.set_informative_selection(True)  # inference always selects
