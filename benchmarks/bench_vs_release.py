@@ -45,6 +45,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -358,6 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
 
     if args.worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the workers
         torch.manual_seed(0)
         pool = torch.load(args.pool, weights_only=True)
         Worker(args.worker, args.release, args.checkpoint, args.export_dir).serve(pool)
@@ -383,6 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.pool_size < max(max(args.batches), args.images):
         p.error('--pool-size must hold the largest batch and --images')
 
+    if args.release is not None:
+        missing = [rel for rel in ('utils.py', 'deit/models_deit.py') if not (args.release / rel).is_file()]
+        if missing:
+            p.error(f'--release {args.release} is not a checkout of github.com/ChenMnZ/CF-ViT: no {missing[0]}')
     from common import machine, median, save  # also puts the repository on sys.path
     from tqdm import tqdm
     record = dict(machine(), **cpu_record(), load=args.load_note)
@@ -480,4 +486,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print('interrupted: the result file holds the rounds completed before the interruption', file=sys.stderr)
+        sys.exit(130)

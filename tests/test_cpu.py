@@ -216,7 +216,8 @@ def test_benchmark_refuses_bad_flags(tmp_path):
                           (['--programs', 'ours', 'ours'], 'names a program twice'),
                           (['--programs', 'ours', '--exit-shares', '120'], 'percentages in [0, 100]'),
                           (['--programs', 'ours', '--batches', '0'], '--batches must be positive'),
-                          (['--programs', 'theirs'], 'unknown program')):
+                          (['--programs', 'theirs'], 'unknown program'),
+                          (['--release', str(tmp_path)], 'is not a checkout of github.com/ChenMnZ/CF-ViT: no utils.py')):
         out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr, (argv, out.stderr[-500:])
 
