@@ -30,7 +30,8 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
-from utils.cpu import AMP_CHOICES, cast_weights_for_autocast, keep_freed_memory, resolve_amp_dtype
+from utils.cpu import (AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory,
+                       resolve_amp_dtype)
 from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
@@ -99,7 +100,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'CUDA. The layers autocast casts get their weights cast once (same outputs, less work)')
     p.add_argument('--allocator', choices=('keep-freed', 'system'), default='keep-freed',
                    help='CPU only: keep-freed (default) keeps freed memory in the heap for the next batch instead '
-                        'of page-faulting large activations in again (the process keeps its peak memory); '
+                        'of page-faulting large activations in again (the process keeps its peak memory, for its '
+                        'lifetime); '
                         'system leaves the C library as it is')
     p.add_argument('--warmup-batches', type=int_at_least(0), default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
@@ -323,7 +325,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if amp is not None:
         cast_weights_for_autocast(model, amp)
     if device.type == 'cpu' and args.allocator == 'keep-freed' and not keep_freed_memory():
-        _logger.info('--allocator keep-freed: this C library has no mallopt; its own allocator is used')
+        _logger.info('--allocator keep-freed: %s; the allocator is left as it is',
+                     'the C library refused the thresholds' if has_mallopt() else 'this C library has no mallopt')
     if args.compile:
         model.compile_stages()
         _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)')

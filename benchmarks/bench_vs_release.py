@@ -174,7 +174,7 @@ class Worker:
             torch.set_num_threads(int(req['threads']))
             batch, share = int(req['batch']), float(req['share'])
             images = pool[:max(int(req['images']), batch)]
-            key = (batch, len(images))
+            key = (batch, len(images), torch.get_num_threads())  # confidences as computed at this thread count
             with torch.inference_mode():
                 if key not in cache:
                     cache[key] = self.confidences(images, batch)
@@ -194,7 +194,7 @@ class Worker:
                 seconds = time.perf_counter() - t0
                 if profiler is not None:
                     profiler.__exit__(None, None, None)
-            exited = int((conf >= threshold).sum())
+            exited = int((conf >= threshold).sum())  # this program's own confidences of these batches
             reply = {'seconds': seconds, 'images': len(images), 'exited': exited, 'threshold': threshold}
             if profiler is not None:
                 reply['table'] = profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=15,
@@ -231,9 +231,9 @@ def cpu_record() -> Dict[str, Any]:
     except OSError:
         pass
     wanted = [f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c')) or f in ('sse4_2',)]
-    from utils.cpu import cpu_bf16_native
+    from utils.cpu import bf16_speedup, cpu_bf16_native
     return {'flags': wanted, 'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(),
-            'bf16_native': cpu_bf16_native()}
+            'bf16_native': cpu_bf16_native(), 'bf16_mlp_speedup': round(bf16_speedup(), 2)}
 
 
 def make_checkpoint(path: Path) -> None:
@@ -248,14 +248,19 @@ def make_checkpoint(path: Path) -> None:
     return model
 
 
-def start_worker(program: str, args, checkpoint: Path, pool_path: Path, export_dir: Optional[Path]) -> subprocess.Popen:
+RESULTS_NOTE = 'after {0} round(s): {1} holds them'
+
+
+def start_worker(program: str, args, checkpoint: Path, pool_path: Path, export_dir: Optional[Path],
+                 workers: Dict[str, subprocess.Popen]) -> subprocess.Popen:
+    """Start a worker, registered in ``workers`` before it is waited for (so that it is always ended)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), '--worker', program, '--checkpoint', str(checkpoint),
            '--pool', str(pool_path)]
     if args.release:
         cmd += ['--release', str(args.release)]
     if export_dir:
         cmd += ['--export-dir', str(export_dir)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = workers[program] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     reply = proc.stdout.readline()
     if not reply:
         raise SystemExit(f'error: the {program} worker failed to start (its error is above)')
@@ -394,17 +399,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     record = dict(machine(), **cpu_record(), load=args.load_note)
     tmp = tempfile.TemporaryDirectory(prefix='cfvit-vs-release-')  # weights, images, export: removed at the end
     work = Path(tmp.name)
-    checkpoint, pool_path = work / 'cf_deit_small_g7.pth', work / 'pool.pth'
-    model = make_checkpoint(checkpoint)
-    torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
-               pool_path)
-    export_dir = None
-    if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
-        from utils.onnx_export import export_early_exit
-        model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
-        export_dir = work / 'onnx'
-        export_early_exit(model.eval(), export_dir, exporter='torchscript')
-    del model
+    checkpoint, pool_path, export_dir = work / 'cf_deit_small_g7.pth', work / 'pool.pth', None
+
+    def prepare() -> Optional[Path]:
+        model = make_checkpoint(checkpoint)
+        torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
+                   pool_path)
+        if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
+            from utils.onnx_export import export_early_exit
+            model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
+            export_early_exit(model.eval(), work / 'onnx', exporter='torchscript')
+            return work / 'onnx'
+        return None
 
     workers: Dict[str, subprocess.Popen] = {}
     configs = [dict(batch=b, share=s, threads=t, images=args.images)
@@ -441,9 +447,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
                          'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows})
 
+    rounds_done = 0
     try:
+        export_dir = prepare()
         for prog in args.programs:
-            workers[prog] = start_worker(prog, args, checkpoint, pool_path, export_dir)
+            start_worker(prog, args, checkpoint, pool_path, export_dir, workers)
         for cfg in tqdm(configs, desc='warm-up round', unit='config'):  # untimed: first calls of each shape
             for prog, proc in workers.items():
                 ask(proc, prog, dict(cfg, cmd='time'))
@@ -459,10 +467,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     results.setdefault(key, {}).setdefault(prog, []).append(reply)
                     bar.update()
             summarize()  # after every round: an interrupted run keeps what it measured
+            rounds_done += 1
         bar.close()
         if any('release' in r for r in rows):
             from common import RESULTS
             print(f"wrote {plot_ratios(json.loads((RESULTS / f'{args.name}.json').read_text()), RESULTS / f'{args.name}.png')}")
+    except KeyboardInterrupt:
+        from common import RESULTS
+        where = RESULTS_NOTE.format(rounds_done, RESULTS / f'{args.name}.json') if rounds_done else 'before a round was complete: nothing written'
+        print(f'interrupted {where}', file=sys.stderr)
+        raise SystemExit(130)
     finally:
         for prog, proc in workers.items():
             if proc.poll() is None:
@@ -486,8 +500,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:
-        print('interrupted: the result file holds the rounds completed before the interruption', file=sys.stderr)
-        sys.exit(130)
+    main()

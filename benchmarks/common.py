@@ -12,7 +12,8 @@ from typing import Callable, Dict, List
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / 'results'
+#: Where result files go: benchmarks/results/, or the folder CFVIT_BENCH_RESULTS names (tests use it).
+RESULTS = Path(os.environ.get('CFVIT_BENCH_RESULTS') or Path(__file__).resolve().parent / 'results')
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -303,7 +303,7 @@ def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[s
         'bfloat16 autocast with the weights cast once (`utils.cpu.cast_weights_for_autocast`), as '
         '`dynamic_inference.py --amp-dtype auto` runs on a CPU with native bfloat16. `ours-onnxruntime`: '
         '`export_onnx.py`\'s graphs in `OnnxEarlyExit`, float32.', '',
-        machine_line(m) + f" CPU flags: {flags or 'none of avx2/avx512/amx'}; native bfloat16: "
+        machine_line(m) + " (Benchmarks 1-6 ran on another machine: see their own machine lines.)" + f" CPU flags: {flags or 'none of avx2/avx512/amx'}; native bfloat16: "
         f"{'yes' if m.get('bf16_native') else 'no'}"
         + (f" (a ViT MLP {m['bf16_mlp_speedup']:.2f}x faster in bfloat16 here)" if 'bf16_mlp_speedup' in m else '')
         + f". Load: {m.get('load') or 'not recorded'}.", '',
@@ -340,6 +340,9 @@ def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[s
                         [[str(r['threads']), str(r['batch']), f"{r['exit_share']:.0f}%", f"{r['release']['img_per_s']:.1f}"]
                          + [_ratio_cell(r[p]) if p in r else '—' for p in progs] for r in extra['rows'] if 'release' in r]),
                   '']
+        targets = [(p, t) for p, t in ((EAGER, 1.0), (EAGER_SHIPPED, 1.0), (BEST, 1.3)) if p in progs]
+        if targets:
+            lines += [f'- {_verdict(extra["rows"], p, t)}.' for p, t in targets] + ['']
     if d.get('note'):
         lines += [d['note'], '']
     return '\n'.join(lines)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['cpu_flags', 'cpu_bf16_native', 'bf16_speedup', 'resolve_amp_dtype', 'cast_weights_for_autocast',
-           'keep_freed_memory', 'AMP_CHOICES']
+           'keep_freed_memory', 'has_mallopt', 'AMP_CHOICES']
 
 #: CPU flags that mean bfloat16 multiply instructions.
 BF16_FLAGS = ('amx_bf16', 'avx512_bf16')
@@ -130,17 +130,32 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """Keep freed blocks up to ``threshold`` bytes in this process's heap for reuse (glibc only).
 
     Raises glibc's mmap and trim thresholds, so that the large activations of every forward pass
-    reuse the memory of the previous one instead of being page-faulted in again. The process keeps
-    its peak memory for its lifetime. Returns False where the C library has no ``mallopt`` (not
-    glibc) or refuses the values.
+    reuse the memory of the previous one instead of being page-faulted in again. The setting lasts
+    for the process's lifetime (also where a script runs in-process, as the quick start runs
+    ``dynamic_inference.py``), and the process keeps its peak memory. Older glibc refuses mmap
+    thresholds above 32 MiB: then 32 MiB is used. Returns False where the C library has no
+    ``mallopt`` (not glibc) or refuses both values.
     """
-    name = ctypes.util.find_library('c')
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    value = int(min(threshold, 2 ** 31 - 1))
+    mmap_ok = bool(mallopt(_M_MMAP_THRESHOLD, value)) or bool(mallopt(_M_MMAP_THRESHOLD, min(value, 32 << 20)))
+    trim_ok = bool(mallopt(_M_TRIM_THRESHOLD, value))
+    return mmap_ok or trim_ok
+
+
+def has_mallopt() -> bool:
+    """The C library has glibc's ``mallopt``."""
+    return _mallopt() is not None
+
+
+def _mallopt():
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
-        return False
+        return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    value = int(min(threshold, 2 ** 31 - 1))
-    return bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
+    return mallopt

@@ -56,7 +56,8 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     for key, value in (('num_classes', head.shape[0]), ('coarse_stage_size', g)):
         given = extra.pop(key, value)  # a model argument the checkpoint or a flag already fixes
         if given != value:
-            raise ModelBuildError(f'--model-kwargs {key}={given} but the checkpoint and flags give {key}={value}')
+            raise ModelBuildError(f'model_kwargs (from --model-kwargs or recorded in the checkpoint) say {key}={given}, '
+                                  f'but the checkpoint\'s weights and the flags give {key}={value}')
     model = create_model_checked(name, ModelBuildError, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     load_model_weights(model, state_dict)
     model.set_informative_selection(True)  # inference always selects

@@ -73,7 +73,7 @@ def make_session(path: PathLike, threads: Optional[int] = None, providers: Optio
 
     Its threads stop spinning when a run ends (``session.force_spinning_stop``): an early-exit
     predictor runs two sessions in turn, and the coarse session's threads spinning on through the
-    fine run took the cores from it (batch 1, 2 threads: 1.9x slower fine stage, BENCHMARKS.md 7)."""
+    fine run took the cores from it."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
