@@ -41,6 +41,7 @@ what the model code gains under the same allocator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -120,7 +121,8 @@ class Worker:
         base, keep_freed = split_program(program)
         cpu = load_cpu_module()
         if keep_freed and not cpu.keep_freed_memory():
-            raise SystemExit(f'error: {program}: this C library has no mallopt (not glibc)')
+            raise SystemExit(f'error: {program}: ' + ('glibc refused the allocator thresholds' if cpu.has_mallopt()
+                                                       else 'this C library has no mallopt (not glibc)'))
         bf16 = base.endswith(('-bf16', '-bf16-autocast'))
         self.autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
         self._onnx: Dict[int, Any] = {}
@@ -157,12 +159,10 @@ class Worker:
             self._onnx[threads] = OnnxEarlyExit(self.export_dir, threads=threads)
         return self._onnx[threads].forward_early_exit(x, threshold)
 
-    def confidences(self, images: torch.Tensor, batch: int) -> torch.Tensor:
+    def confidences(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each image's coarse max-softmax as this program computes it (the 0-threshold logits
         are the coarse stage's)."""
-        out = [self.run(images[i:i + batch], 0.0).float().softmax(-1).max(-1).values
-               for i in range(0, len(images), batch)]
-        return torch.cat(out)
+        return torch.cat([self.run(b, 0.0).float().softmax(-1).max(-1).values for b in batches])
 
     def serve(self, pool: torch.Tensor) -> None:
         print(json.dumps({'ready': self.program}), flush=True)
@@ -174,26 +174,24 @@ class Worker:
             torch.set_num_threads(int(req['threads']))
             batch, share = int(req['batch']), float(req['share'])
             images = pool[:max(int(req['images']), batch)]
+            batches = images.split(batch)
             key = (batch, len(images), torch.get_num_threads())  # confidences as computed at this thread count
+            profiler = None
+            if req.get('cmd') == 'profile':
+                from torch.profiler import ProfilerActivity, profile
+                profiler = profile(activities=[ProfilerActivity.CPU])
             with torch.inference_mode():
                 if key not in cache:
-                    cache[key] = self.confidences(images, batch)
-                    for i in range(0, len(images), batch):  # warm-up (and, compiled, compile) every shape
-                        self.run(images[i:i + batch], threshold_for(cache[key], 50.0))
+                    cache[key] = self.confidences(batches)
+                    for b in batches:  # warm-up (and, compiled, compile) every shape
+                        self.run(b, threshold_for(cache[key], 50.0))
                 conf = cache[key]
                 threshold = threshold_for(conf, share)
-                batches = [images[i:i + batch] for i in range(0, len(images), batch)]
-                profiler = None
-                if req.get('cmd') == 'profile':
-                    from torch.profiler import ProfilerActivity, profile
-                    profiler = profile(activities=[ProfilerActivity.CPU])
-                    profiler.__enter__()
-                t0 = time.perf_counter()
-                for b in batches:
-                    self.run(b, threshold)
-                seconds = time.perf_counter() - t0
-                if profiler is not None:
-                    profiler.__exit__(None, None, None)
+                with profiler or contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    for b in batches:
+                        self.run(b, threshold)
+                    seconds = time.perf_counter() - t0
             exited = int((conf >= threshold).sum())  # this program's own confidences of these batches
             reply = {'seconds': seconds, 'images': len(images), 'exited': exited, 'threshold': threshold}
             if profiler is not None:
@@ -222,16 +220,8 @@ def program_name(value: str) -> str:
 
 def cpu_record() -> Dict[str, Any]:
     """The CPU's model, the flags that matter for these programs, and what torch makes of it."""
-    flags: List[str] = []
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('flags'):
-                flags = line.split(':', 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = [f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c')) or f in ('sse4_2',)]
-    from utils.cpu import bf16_speedup, cpu_bf16_native
+    from utils.cpu import bf16_speedup, cpu_bf16_native, cpu_flags
+    wanted = [f for f in cpu_flags() if f.startswith(('avx', 'amx', 'fma', 'f16c')) or f in ('sse4_2',)]
     return {'flags': wanted, 'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(),
             'bf16_native': cpu_bf16_native(), 'bf16_mlp_speedup': round(bf16_speedup(), 2)}
 
@@ -302,7 +292,7 @@ def plot_ratios(result: Dict[str, Any], path: Path) -> Path:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from utils.checkpoint import atomic_file
+    from utils.visualization import save_figure
 
     rows = [r for r in result['rows'] if 'release' in r]
     programs = [p for p in result['programs'] if p != 'release']
@@ -329,11 +319,8 @@ def plot_ratios(result: Dict[str, Any], path: Path) -> Path:
     ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=min(4, len(programs) + 1), fontsize=7,
               frameon=False)
     ax.grid(axis='y', alpha=0.3)
-    buf = __import__('io').BytesIO()
-    fig.savefig(buf, format='png')
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    with atomic_file(path) as f:
-        f.write(buf.getvalue())
     return path
 
 
@@ -423,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         per_round = [rs[i] / ref[i] for i in range(n)]  # the two ran back to back in each round
         return {'median_ratio': median(rs) / median(ref), 'per_round': [min(per_round), max(per_round)]}
 
-    def summarize() -> None:
+    def summarize() -> Dict[str, Any]:
         rows.clear()
         for cfg in configs:
             key = (cfg['threads'], cfg['batch'], cfg['share'])
@@ -442,10 +429,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 if prog.endswith('+' + KEEP_FREED) and prog != same and same in rates:  # same allocator
                     row[prog]['vs_release_keep_freed'] = ratio(rs, rates[same])
             rows.append(row)
-        save(args.name, {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
-                         'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
-                         'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
-                         'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows})
+        payload = {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
+                   'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
+                   'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
+                   'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows}
+        save(args.name, payload)
+        return payload
 
     rounds_done = 0
     try:
@@ -466,12 +455,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     reply = ask(proc, prog, dict(cfg, cmd='time'))
                     results.setdefault(key, {}).setdefault(prog, []).append(reply)
                     bar.update()
-            summarize()  # after every round: an interrupted run keeps what it measured
+            payload = summarize()  # after every round: an interrupted run keeps what it measured
             rounds_done += 1
         bar.close()
         if any('release' in r for r in rows):
             from common import RESULTS
-            print(f"wrote {plot_ratios(json.loads((RESULTS / f'{args.name}.json').read_text()), RESULTS / f'{args.name}.png')}")
+            print(f"wrote {plot_ratios(payload, RESULTS / f'{args.name}.png')}")
     except KeyboardInterrupt:
         from common import RESULTS
         where = RESULTS_NOTE.format(rounds_done, RESULTS / f'{args.name}.json') if rounds_done else 'before a round was complete: nothing written'

@@ -269,22 +269,28 @@ def _ratio_cell(entry: Dict[str, Any], key: str = 'vs_release') -> str:
 
 
 def _verdict(rows: List[Dict[str, Any]], program: str, target: float, key: str = 'vs_release') -> str:
-    ratios = [r[program][key]['median_ratio'] for r in rows if program in r and key in r[program]]
-    if not ratios:
+    scored = [(r[program][key]['median_ratio'], r) for r in rows if program in r and key in r[program]]
+    if not scored:
         return f'`{program}` was not run'
-    worst = min(rows, key=lambda r: r[program][key]['median_ratio'] if program in r and key in r[program] else 1e9)
+    ratios = [x for x, _ in scored]
+    worst = min(scored, key=lambda item: item[0])[1]
     where = f"threads {worst['threads']}, batch {worst['batch']}, {worst['exit_share']:.0f}% exit"
     return (f"`{program}`: lowest median ratio {min(ratios):.2f} ({where}), {sum(x >= target for x in ratios)} of "
             f"{len(ratios)} configurations at {target:.1f}x or more: {'met' if min(ratios) >= target else 'NOT met'}")
+
+
+def _vs_release_table(d: Dict[str, Any]) -> str:
+    """One row per configuration: the release's images/s, then each program's cell."""
+    programs = [p for p in d['programs'] if p != 'release']
+    return table(['threads', 'batch', 'exit at coarse', 'release img/s'] + [f'`{p}`' for p in programs],
+                 [[str(r['threads']), str(r['batch']), f"{r['exit_share']:.0f}%", f"{r['release']['img_per_s']:.1f}"]
+                  + [_ratio_cell(r[p]) if p in r else '—' for p in programs] for r in d['rows'] if 'release' in r])
 
 
 def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
     """Benchmark 7: the released model code and ours, each in its own process, interleaved."""
     m = d['machine']
     supplements = supplements or {}
-    programs = [p for p in d['programs'] if p != 'release']
-    rows = [[str(r['threads']), str(r['batch']), f"{r['exit_share']:.0f}%", f"{r['release']['img_per_s']:.1f}"]
-            + [_ratio_cell(r[p]) if p in r else '—' for p in programs] for r in d['rows'] if 'release' in r]
     same = [[str(r['threads']), str(r['batch']), f"{r['exit_share']:.0f}%",
              f"{r['release+keep-freed']['img_per_s']:.1f}", _ratio_cell(r[EAGER_SHIPPED], 'vs_release_keep_freed')]
             for r in d['rows'] if 'release+keep-freed' in r and EAGER_SHIPPED in r]
@@ -308,7 +314,7 @@ def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[s
         + (f" (a ViT MLP {m['bf16_mlp_speedup']:.2f}x faster in bfloat16 here)" if 'bf16_mlp_speedup' in m else '')
         + f". Load: {m.get('load') or 'not recorded'}.", '',
         '```', d['command'], 'python benchmarks/report.py', '```', '',
-        table(['threads', 'batch', 'exit at coarse', 'release img/s'] + [f'`{p}`' for p in programs], rows), '',
+        _vs_release_table(d), '',
         'Verdicts (median ratio to the release as it runs, every configuration):', '',
         f"- eager float32, model code only, same process settings as the release: {_verdict(d['rows'], EAGER, 1.0)}.",
         f"- eager float32 as `dynamic_inference.py` runs it: {_verdict(d['rows'], EAGER_SHIPPED, 1.0)}.",
@@ -336,10 +342,7 @@ def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[s
         progs = [p for p in extra['programs'] if p != 'release']
         lines += [f"Supplementary run `{name}` ({extra['rounds']} rounds, {extra['machine']['date']}; load: "
                   f"{extra['machine'].get('load') or 'not recorded'}):", '', '```', extra['command'], '```', '',
-                  table(['threads', 'batch', 'exit at coarse', 'release img/s'] + [f'`{p}`' for p in progs],
-                        [[str(r['threads']), str(r['batch']), f"{r['exit_share']:.0f}%", f"{r['release']['img_per_s']:.1f}"]
-                         + [_ratio_cell(r[p]) if p in r else '—' for p in progs] for r in extra['rows'] if 'release' in r]),
-                  '']
+                  _vs_release_table(extra), '']
         targets = [(p, t) for p, t in ((EAGER, 1.0), (EAGER_SHIPPED, 1.0), (BEST, 1.3)) if p in progs]
         if targets:
             lines += [f'- {_verdict(extra["rows"], p, t)}.' for p, t in targets] + ['']
