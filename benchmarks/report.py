@@ -424,6 +424,60 @@ def section_reproduction(d: Dict[str, Any], name: str = 'reproduction',
     return '\n'.join(lines)
 
 
+#: Section 8's run: a plain DeiT converted to CF-DeiT and fine-tuned (benchmarks/bench_finetune.py).
+FINETUNE_RUN = 'finetune_p16_g7'
+#: The issue's goal for section 8: early exit matches the plain DeiT at this share of its GFLOPs or less.
+FINETUNE_GOAL_SHARE = 0.60
+
+
+def section_finetune(d: Dict[str, Any], name: str = FINETUNE_RUN) -> str:
+    gflops, acc = d['cf_budgeted_batch_classification']
+    thresholds = d['cf_thresholds']
+    base, base_g = d['baseline_top1'], d['baseline_gflops']
+    coarse, fine = d['cf_anytime_classification']
+    share = d.get('cf_gflops_to_match_baseline_share')
+    secs = d['epoch_seconds']
+    minutes = {k: sum(v) / 60 for k, v in secs.items()}
+    picks = [i for i, t in enumerate(thresholds) if any(abs(t - x) < 1e-9 for x in (0.0, 0.3, 0.5, 0.7, 0.9, 0.99))]
+    if share is not None:
+        met = share <= FINETUNE_GOAL_SHARE
+        verdict = (f"**Early exit matches the plain DeiT's top-1 ({base:.2f}%) at {100 * share:.0f}% of its GFLOPs** "
+                   f"({d['cf_gflops_to_match_baseline']:.4f} of {base_g:.4f}); the goal was "
+                   f"{100 * FINETUNE_GOAL_SHARE:.0f}% or less: {'met' if met else 'NOT met'} (the paper: 41% of "
+                   'DeiT-S on ImageNet).')
+    else:
+        verdict = (f"**Early exit does not match the plain DeiT's top-1 ({base:.2f}%) at any threshold:** the fine "
+                   f"stage reaches {fine:.2f}% ({base - fine:.2f} points below), so the goal (a match at "
+                   f"{100 * FINETUNE_GOAL_SHARE:.0f}% of its GFLOPs or less) is NOT met.")
+    lines = [
+        '## 8. A pretrained DeiT made coarse-to-fine: conversion and a short fine-tuning (imagenette224)', '',
+        f"Model: {d['model']}. The plain DeiT trains {d['baseline_epochs']} epochs with benchmark 5's recipe "
+        f"(`{d['baseline_recipe']}`); its weights are then converted into CF-DeiT of the same size "
+        '(`main_deit.py --finetune PLAIN_CHECKPOINT`: the fine stage with selection off starts equal to the plain '
+        f"model) and fine-tuned {d['finetune_epochs']} epochs (a third of the baseline's at most) with "
+        f"`{d['finetune_recipe']}`, informative selection from epoch {d['selection_start_epoch'] + 1} (0-based). "
+        f"Training took: plain DeiT {minutes.get('deit_baseline', 0):.0f} min, fine-tuning "
+        f"{minutes.get('cf_deit_finetuned', 0):.0f} min (sums of the logged epoch times, evaluation included).", '',
+        machine_line(d['machine']) + (f" Load: {d['load_note']}." if d.get('load_note') else ''), '',
+        '```', d['command'], 'python benchmarks/report.py', '```', '',
+        table(['', 'top-1 (%)', 'GFLOPs/img', 'share of the plain DeiT\'s GFLOPs'], [
+            [f"plain DeiT ({d['baseline_epochs']} epochs)", f'{base:.2f}', f'{base_g:.4f}', '100%'],
+            ['CF-DeiT coarse stage alone', f'{coarse:.2f}', f"{d['cf_flop'][0]:.4f}", f"{d['cf_flop'][0] / base_g:.0%}"],
+            ['CF-DeiT both stages (no early exit)', f'{fine:.2f}', f"{d['cf_flop'][1]:.4f}",
+             f"{d['cf_flop'][1] / base_g:.0%}"],
+        ]), '',
+        verdict, '',
+        'Per fine-tuning epoch (coarse / fine top-1, %): ' + ', '.join(
+            f'{i}: {c:.2f} / {f:.2f}' for i, (c, f) in enumerate(d['cf_top1_per_epoch'])) + '.', '',
+        table(['threshold', 'GFLOPs/img', 'share', 'top-1 (%)'],
+              [[f'{thresholds[i]:.2f}', f'{gflops[i]:.4f}', f'{gflops[i] / base_g:.0%}', f'{acc[i]:.2f}']
+               for i in picks]), '',
+        f'![curve](benchmarks/results/{name}/curve.png)', '']
+    if d.get('note'):
+        lines[-2:-2] = [d['note'], '']
+    return '\n'.join(lines)
+
+
 def render() -> str:
     """BENCHMARKS.md's text from the result files."""
     parts = [HEADER]
@@ -463,6 +517,9 @@ def render() -> str:
     supplements = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f'{VS_RELEASE_RUN}_*.json'))}
     parts.append(section_vs_release(vs_release, supplements) if vs_release else
                  '## 7. Early exit against the released code (CPU)\n\nNot run yet.\n')
+    finetune = load(FINETUNE_RUN)
+    if finetune:
+        parts.append(section_finetune(finetune))
     return '\n'.join(parts)
 
 
