@@ -270,6 +270,10 @@ class CFVisionTransformer(nn.Module):
         forward_returns_both_stages: True reproduces the released ``forward``, which returned the
             list ``[coarse, fine]`` in eval mode too. False (default): eval mode returns the
             early-exit prediction, training mode the tuple ``(coarse, fine)``.
+        init_values: layer scale of the blocks' residual branches (timm's ``LayerScale``, keys
+            ``blocks.i.ls1.gamma`` / ``ls2.gamma``; DeiT-III); None (the released models): none.
+        weight_init: ``''``: timm's ViT initialization; ``'skip'`` (timm's spelling): none, for weights
+            that are loaded right after (``models.convert`` builds on the meta device so).
     """
 
     #: The model has dense (per-token) stage outputs for token labeling (LV-ViT).
@@ -305,6 +309,8 @@ class CFVisionTransformer(nn.Module):
             img_size: Optional[int] = None,
             exit_threshold: float = NEVER_EXIT,
             forward_returns_both_stages: bool = False,
+            init_values: Optional[float] = None,
+            weight_init: str = '',
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -342,12 +348,12 @@ class CFVisionTransformer(nn.Module):
             nn.Parameter(torch.zeros(1, 1 + h * w, embed_dim)) for h, w in (self.coarse_grid, self.fine_grid)
         ])
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]  # also under a meta device
         self.blocks = nn.ModuleList([
             CFBlock(
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam)
+                norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam, init_values=init_values)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -361,7 +367,10 @@ class CFVisionTransformer(nn.Module):
         # relative to the fine input, the model's input size)
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=FINE_SCALE * patch_size) for i in range(depth)]
-        self.init_weights()
+        if weight_init not in ('', 'skip'):
+            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
+        if weight_init != 'skip':
+            self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
     def _init_extra_heads(self) -> None:
