@@ -33,6 +33,10 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 import models  # noqa: F401  (registers the CF models with timm)
+from models.cf_vit import CFVisionTransformer
+from models.convert import (
+    CONVERTED_SWITCHES, ConversionError, convert_state_dict, is_cf_state_dict, plain_vit_state_dict,
+)
 from datasets.build import DATA_SETS, build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
 
@@ -269,8 +273,22 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
 
 def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False) -> None:
     """Load ``path`` for fine-tuning: a head of another class count is left fresh, position
-    embeddings of another grid are resampled; anything else that does not fit is an error."""
+    embeddings of another grid are resampled; anything else that does not fit is an error.
+
+    A plain timm ViT's weights (timm layout, or ``models.baseline.SingleStageBaseline``'s with its
+    ``model.`` prefix) are made coarse-to-fine first (``models.convert``, which also turns on the
+    model's ``fine_pos_embed_without_selection``); what cannot be converted is one line."""
     state_dict = extract_state_dict(load_checkpoint_file(path, unsafe=unsafe))
+    if isinstance(model, CFVisionTransformer) and not is_cf_state_dict(state_dict) and (
+            not model.return_dense or plain_vit_state_dict(state_dict) is not None):
+        try:
+            state_dict = convert_state_dict(state_dict, model)
+        except ConversionError as e:
+            raise CheckpointError(f'--finetune {path}: {e}') from e
+        for name, value in CONVERTED_SWITCHES.items():
+            setattr(model, name, value)
+        _logger.info('--finetune %s: a plain ViT, converted to %s (%s)', path, model.pretrained_cfg['architecture'],
+                     ', '.join(f'{k}={v}' for k, v in CONVERTED_SWITCHES.items()))
     own = model.state_dict()
     fresh: List[str] = []
     for key in list(state_dict):
