@@ -44,7 +44,7 @@ from .cf_vit import CFVisionTransformer, checkpoint_filter_fn
 
 __all__ = [
     'ConversionError', 'convert_vit', 'convert_state_dict', 'load_plain_vit', 'pretrained_filter_fn',
-    'plain_vit_state_dict', 'is_cf_state_dict', 'cf_kwargs_from_vit', 'CONVERTED_SWITCHES',
+    'plain_vit_state_dict', 'is_cf_state_dict', 'cf_kwargs_from_vit', 'pretrained_overlay', 'CONVERTED_SWITCHES',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -335,3 +335,15 @@ def convert_vit(vit: nn.Module, coarse_stage_size: Optional[int] = None, **kwarg
                                 num_classes=model.num_classes)
     model.default_cfg = model.pretrained_cfg
     return model
+
+
+def pretrained_overlay(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """``pretrained_cfg_overlay`` that makes timm's pretrained loader take the weights of ``checkpoint`` (a
+    file's contents, CF or plain ViT, read by the caller): ``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=pretrained_overlay(ckpt))``. Its ``num_classes`` is the checkpoint head's, so a
+    model of that class count keeps the head and one of another count gets a fresh one (timm's rule)."""
+    state_dict = _unwrap(checkpoint)
+    head = state_dict.get('head.weight')
+    if not is_cf_state_dict(state_dict) and not _looks_like_vit(state_dict):
+        _refuse_unsupported(state_dict)  # not a ViT: say so before timm does
+    return dict(state_dict=state_dict, num_classes=int(head.shape[0]) if head is not None and head.dim() == 2 else 0)
