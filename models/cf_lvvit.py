@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from .cf_vit import NO_BOX, CFVisionTransformer, TokenLayout, _cfg, create_cf_model
+from .cf_vit import NO_BOX, CFVisionTransformer, TokenLayout, _cfg, create_cf_model, release_cfgs
 from .layers import ConvStemPatchEmbed
 from .token_ops import scatter_to_fine_grid
 
@@ -127,7 +127,7 @@ def _lvvit_cfg(**kwargs: Any) -> dict:
 
 default_cfgs = generate_default_cfgs({
     'cf_lvvit_tiny': _lvvit_cfg(),
-    'cf_lvvit_small': _lvvit_cfg(origin_url='https://github.com/ChenMnZ/CF-ViT'),
+    **release_cfgs('cf_lvvit_small', crop_pct=0.9, first_conv='patch_embed.conv1', classifier=('head', 'aux_head')),
 })
 
 

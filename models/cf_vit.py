@@ -22,6 +22,7 @@ which therefore load with ``strict=True``.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import named_apply
@@ -270,6 +272,10 @@ class CFVisionTransformer(nn.Module):
         forward_returns_both_stages: True reproduces the released ``forward``, which returned the
             list ``[coarse, fine]`` in eval mode too. False (default): eval mode returns the
             early-exit prediction, training mode the tuple ``(coarse, fine)``.
+        init_values: layer scale of the blocks' residual branches (timm's ``LayerScale``, keys
+            ``blocks.i.ls1.gamma`` / ``ls2.gamma``; DeiT-III); None (the released models): none.
+        weight_init: ``''``: timm's ViT initialization; ``'skip'`` (timm's spelling): none, for weights
+            that are loaded right after (``models.convert`` builds on the meta device so).
     """
 
     #: The model has dense (per-token) stage outputs for token labeling (LV-ViT).
@@ -305,6 +311,8 @@ class CFVisionTransformer(nn.Module):
             img_size: Optional[int] = None,
             exit_threshold: float = NEVER_EXIT,
             forward_returns_both_stages: bool = False,
+            init_values: Optional[float] = None,
+            weight_init: str = '',
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -342,12 +350,12 @@ class CFVisionTransformer(nn.Module):
             nn.Parameter(torch.zeros(1, 1 + h * w, embed_dim)) for h, w in (self.coarse_grid, self.fine_grid)
         ])
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]  # also under a meta device
         self.blocks = nn.ModuleList([
             CFBlock(
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam)
+                norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam, init_values=init_values)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -361,7 +369,10 @@ class CFVisionTransformer(nn.Module):
         # relative to the fine input, the model's input size)
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=FINE_SCALE * patch_size) for i in range(depth)]
-        self.init_weights()
+        if weight_init not in ('', 'skip'):
+            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
+        if weight_init != 'skip':
+            self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
     def _init_extra_heads(self) -> None:
@@ -788,10 +799,37 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+#: The released checkpoints (README "Released checkpoints"): Google Drive files a user downloads; the
+#: tags carry no download address, the file comes with ``pretrained_cfg_overlay=dict(file=PATH)``.
+RELEASE_URL = 'https://github.com/ChenMnZ/CF-ViT'
+
+
+def release_cfgs(name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
+    """Tags ``release_g7_in1k`` (224 px) and ``release_g9_in1k`` (288 px) of a released model."""
+    return {f'{name}.release_g{g}_in1k': _cfg(**dict(dict(
+        input_size=(3, 32 * g, 32 * g), origin_url=RELEASE_URL,
+        description=f'released ImageNet-1k weights, {g}x{g} coarse grid: a local file '
+                    '(pretrained_cfg_overlay=dict(file=PATH))'), **kwargs)) for g in (7, 9)}
+
+
 default_cfgs = generate_default_cfgs({
     'cf_deit_tiny': _cfg(),
-    'cf_deit_small': _cfg(origin_url='https://github.com/ChenMnZ/CF-ViT'),
+    **release_cfgs('cf_deit_small'),
 })
+
+
+class WeightsNotFoundError(ValueError):
+    """Pretrained weights that are not on this machine; the message is one line for a person."""
+
+
+def _filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """:func:`models.convert.pretrained_filter_fn` (CF weights as they are, plain ViT weights converted)."""
+    from .convert import pretrained_filter_fn  # convert imports this module
+    return pretrained_filter_fn(state_dict, model)
+
+
+def _has_source(cfg: Any) -> bool:
+    return cfg.source == 'local-dir' or any(getattr(cfg, k) for k in ('url', 'hf_hub_id', 'file', 'state_dict'))
 
 
 def create_cf_model(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -802,13 +840,29 @@ def create_cf_model(model_cls: type, variant: str, pretrained: bool = False, **k
     goes through timm's feature getter (:meth:`CFVisionTransformer.forward_intermediates`, coarse
     stage), by default on the last 3 blocks (``out_indices``).
     """
-    kwargs['img_size_list'] = resolve_img_size_list(
-        kwargs.pop('img_size_list', None), kwargs.pop('coarse_stage_size', None),
-        kwargs.pop('img_size', None), kwargs.get('patch_size', 16))
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    sizes = [kwargs.pop(k, None) for k in ('img_size_list', 'coarse_stage_size', 'img_size')]
+    if isinstance(kwargs.get('pretrained_cfg'), str) and all(v is None for v in sizes) and cfg.input_size:
+        sizes[2] = cfg.input_size[-1]  # a tag (cf_deit_small.release_g9_in1k): its input size
+    kwargs['img_size_list'] = resolve_img_size_list(*sizes, kwargs.get('patch_size', 16))
     kwargs['img_size'] = kwargs['img_size_list'][1]  # or timm passes the cfg's (fixed) input size
     out_indices = kwargs.pop('out_indices', 3)
-    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    if pretrained and not _has_source(cfg):
+        raise WeightsNotFoundError(
+            f'{name} has no download address: pass the file you downloaded ({cfg.origin_url or "README"}) as '
+            'pretrained_cfg_overlay=dict(file=PATH)')
+    try:
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=_filter_fn,
+                                     feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    except OSError as e:  # a hub or url source unreachable (offline), a missing file
+        if not pretrained:
+            raise
+        where = cfg.file or cfg.hf_hub_id or cfg.url
+        raise WeightsNotFoundError(
+            f'cannot read the weights of {name} from {where} ({type(e).__name__}; HF_HUB_OFFLINE='
+            f'{os.environ.get("HF_HUB_OFFLINE", "")}): download them once, or pass a local copy as '
+            'pretrained_cfg_overlay=dict(file=PATH)') from e
     fine = kwargs['img_size_list'][1]
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, fine, fine))
     model.default_cfg = model.pretrained_cfg

@@ -33,6 +33,10 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 import models  # noqa: F401  (registers the CF models with timm)
+from models.cf_vit import CFVisionTransformer, WeightsNotFoundError
+from models.convert import (
+    CONVERTED_SWITCHES, ConversionError, convert_state_dict, is_cf_state_dict, plain_vit_state_dict, pretrained_overlay,
+)
 from datasets.build import DATA_SETS, build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
 
@@ -187,7 +191,13 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--mixup-mode', choices=('batch', 'pair', 'elem'), default='batch')
 
     g = parser.add_argument_group('weights')
-    g.add_argument('--finetune', default='', help='start from these weights (head and grids adapted)')
+    g.add_argument('--finetune', default='', help='start from these weights (head and grids adapted; a plain '
+                   'timm ViT checkpoint is converted to the CF model)')
+    g.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='FILE',
+                   help="start from the weights of --model's pretrained tag (e.g. --model "
+                        "cf_deit_small_patch16_224.fb_in1k; timm's cache or the Hub), or from FILE (a plain timm ViT's "
+                        'weights, converted, or a CF checkpoint, e.g. a released one); a head of another class '
+                        'count is re-initialised')
     g.add_argument('--resume', default='',
                    help="continue from this checkpoint (or evaluate it with --eval); 'auto': from the output "
                         "folder's furthest readable checkpoint (checkpoint_step.pth, checkpoint.pth, "
@@ -245,7 +255,10 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(parse_model_kwargs(args.model_kwargs))
-    if args.model not in timm.list_models('cf_*'):
+    pretrained = getattr(args, 'pretrained', None)
+    if args.model.split('.', 1)[0] not in timm.list_models('cf_*'):  # a CF model name may carry a pretrained tag
+        if pretrained:
+            raise ConfigError(f'--pretrained needs a CF model (cf_*), got --model {args.model}')
         if args.model in timm.list_models() and not dense:
             # a plain baseline (e.g. deit_tiny_patch16_224) trained with the same recipe
             from models.baseline import create_baseline
@@ -256,7 +269,34 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
             baseline.set_grad_checkpointing(args.grad_checkpointing)
             return baseline
         raise ConfigError(f'unknown --model {args.model!r}; registered: {", ".join(timm.list_models("cf_*"))}')
-    model = create_model_checked(args.model, error=ConfigError, pretrained=False, **kwargs)
+    if pretrained:
+        if args.finetune:
+            raise ConfigError('--pretrained and --finetune both choose the starting weights: give one')
+        if isinstance(pretrained, str):  # a file: read here (weights_only), converted by the model's filter
+            checkpoint = extract_state_dict(load_checkpoint_file(pretrained, unsafe=args.unsafe_load))
+            try:
+                kwargs['pretrained_cfg_overlay'] = pretrained_overlay(checkpoint)
+            except ConversionError as e:
+                raise ConfigError(f'--pretrained {pretrained}: {e}') from e
+    try:
+        model = create_model_checked(args.model, error=ConfigError, pretrained=bool(pretrained), **kwargs)
+    except ConfigError as e:
+        if not pretrained:
+            raise
+        # one line without the weights the overlay holds: the conversion's reason, or the loader's first lines
+        cause = e.__cause__
+        lines = [x.strip() for x in str(cause).splitlines() if x.strip()]
+        why = str(cause) if isinstance(cause, (ConversionError, WeightsNotFoundError)) else \
+            f'{type(cause).__name__}: {" ".join(lines[:2])}'
+        if isinstance(cause, WeightsNotFoundError):
+            why += ' (here: --pretrained FILE)'
+        raise ConfigError(f'--pretrained{" " + pretrained if isinstance(pretrained, str) else ""} '
+                          f'({args.model}): {why}') from cause
+    if pretrained:
+        source_classes = kwargs.get('pretrained_cfg_overlay', model.pretrained_cfg).get('num_classes')
+        _logger.info('%s: weights of %s%s', args.model, pretrained if isinstance(pretrained, str) else 'its pretrained tag',
+                     f'; new (randomly initialized) head for {num_classes} classes (the weights have {source_classes})'
+                     if source_classes != num_classes else '')
     if getattr(model, 'return_dense', False) and not dense:
         raise ConfigError(f'{args.model} trains with token labeling: use main_lvvit.py')
     if dense and not getattr(model, 'return_dense', False):
@@ -269,8 +309,22 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
 
 def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False) -> None:
     """Load ``path`` for fine-tuning: a head of another class count is left fresh, position
-    embeddings of another grid are resampled; anything else that does not fit is an error."""
+    embeddings of another grid are resampled; anything else that does not fit is an error.
+
+    A plain timm ViT's weights (timm layout, or ``models.baseline.SingleStageBaseline``'s with its
+    ``model.`` prefix) are made coarse-to-fine first (``models.convert``, which also turns on the
+    model's ``fine_pos_embed_without_selection``); what cannot be converted is one line."""
     state_dict = extract_state_dict(load_checkpoint_file(path, unsafe=unsafe))
+    if isinstance(model, CFVisionTransformer) and not is_cf_state_dict(state_dict) and (
+            not model.return_dense or plain_vit_state_dict(state_dict) is not None):
+        try:
+            state_dict = convert_state_dict(state_dict, model)
+        except ConversionError as e:
+            raise CheckpointError(f'--finetune {path}: {e}') from e
+        for name, value in CONVERTED_SWITCHES.items():
+            setattr(model, name, value)
+        _logger.info('--finetune %s: a plain ViT, converted to %s (%s)', path, model.pretrained_cfg['architecture'],
+                     ', '.join(f'{k}={v}' for k, v in CONVERTED_SWITCHES.items()))
     own = model.state_dict()
     fresh: List[str] = []
     for key in list(state_dict):
