@@ -200,7 +200,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('data')
     g.add_argument('--data-path', '--data_path', default=None, help='dataset root')
-    g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS)
+    g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS,
+                   help="IMNET (the released name): any ImageFolder tree, --data-path holding train/<class>/ and "
+                        "val/<class>/; CIFAR/CIFAR100, INAT/INAT19: those data sets' own layouts")
     g.add_argument('--inat-category', default='name',
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
     g.add_argument('--subset', type=int_at_least(1), default=None,
