@@ -466,6 +466,12 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) 
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    peak_epoch = args.warmup_epochs + 1 - SCHED_STEPS[args.sched_step]  # the first epoch at the full rate
+    if args.warmup_epochs and args.epochs <= peak_epoch:
+        _logger.warning('the whole run is learning-rate warm-up: the rate starts at --warmup-lr %g and would reach '
+                        'the full rate at epoch %d (--warmup-epochs %d, --sched-step %s), but the last epoch is %d; '
+                        'for a short run pass --warmup-epochs 0', args.warmup_lr, peak_epoch, args.warmup_epochs,
+                        args.sched_step, args.epochs - 1)
     return lr_scheduler
 
 
