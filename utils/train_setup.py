@@ -234,6 +234,50 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
         raise ConfigError(str(e)) from e
 
 
+def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> frozenset:
+    """The ``dest`` of every flag the command line ``argv`` sets itself (not left at its default)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return frozenset(vars(given))
+
+
+def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozenset]) -> None:
+    """``--eval --resume FILE``: build the architecture a training checkpoint records (``args``: model, grid,
+    size overrides) wherever the command line does not name one itself (``given``: :func:`flags_given`;
+    None adopts nothing). Released checkpoints record nothing: the flags and their defaults decide."""
+    if given is None or not (args.eval and args.resume and args.resume != 'auto'):
+        return
+    from .misc import architecture_from_checkpoint
+    recorded = architecture_from_checkpoint(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
+    if not recorded.get('model'):
+        return
+    if 'model' in given and args.model != recorded['model']:
+        return  # another model asked for by name: its sizes are the flags' too
+    taken: List[str] = []
+    for dest in ('model', 'coarse_stage_size'):
+        if dest not in given and recorded.get(dest) is not None and getattr(args, dest) != recorded[dest]:
+            setattr(args, dest, recorded[dest])
+            taken.append(f'--{dest.replace("_", "-")} {recorded[dest]}')
+    kwargs = dict(recorded.get('kwargs', {}))
+    for dest in ('embed_dim', 'depth', 'num_heads'):
+        value = kwargs.pop(dest, None)
+        if value is not None and dest not in given and getattr(args, dest) != value:
+            setattr(args, dest, value)
+            taken.append(f'--{dest.replace("_", "-")} {value}')
+    kwargs = {k: v for k, v in kwargs.items() if k not in ('drop_rate', 'drop_path_rate')}  # training only
+    if kwargs and 'model_kwargs' not in given:
+        args.model_kwargs = [f'{k}={v!r}' for k, v in kwargs.items()]
+        taken.append('--model-kwargs ' + ' '.join(args.model_kwargs))
+    if taken:
+        _logger.info('--eval: %s records its architecture; using %s', args.resume, ' '.join(taken))
+
+
 # ---------------------------------------------------------------------------------------------- building
 def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
     """The CF model of ``--model`` at ``--coarse-stage-size`` with the requested overrides.
