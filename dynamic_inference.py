@@ -30,6 +30,7 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
+from datasets.folder import find_image_folder
 from utils.cpu import (AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory,
                        resolve_amp_dtype)
 from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
@@ -68,8 +69,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--eval-mode', '--eval_mode', type=eval_mode, default=1,
                    help='0|anytime, 1|budgeted, 2|throughput, 3|report (default 1)')
     p.add_argument('--data-url', '--data_url', '--data-path', '--data_path', dest='data_url', default=None,
-                   help='dataset root holding val/ in ImageFolder layout (modes 0-2; default: the built-in '
-                        'synthetic shapes set)')
+                   help='dataset root holding val/<class>/<image> (ImageFolder layout), or such a class-folder '
+                        'tree itself (modes 0-2; default: the built-in synthetic shapes set)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
     p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
                    help="the model (default: the one a training checkpoint records, else cf_deit_small)")
@@ -179,9 +180,8 @@ def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: in
     root = Path(args.data_url)
     if not root.is_dir():
         raise UsageError(f'dataset folder not found: {root}')
-    valdir = root / 'val'
-    if not valdir.is_dir():
-        raise UsageError(f'no val/ folder in {root}: --data_url must hold val/<class>/<image> (ImageFolder layout)')
+    # a dataset root holding val/<class>/<image>, or an ImageFolder itself (<class>/<image>), as visualize.py reads
+    valdir = find_image_folder(root)
     dataset = open_image_folder(valdir, eval_transform(model))
     if len(dataset.classes) != num_classes:
         raise UsageError(f'{valdir} has {len(dataset.classes)} classes but the checkpoint head has {num_classes}')
