@@ -10,12 +10,15 @@ an unlabelled block holding command lines) must
 - or be cheap enough to run here: ``SCRIPT -h``, which this test runs.
 
 For every command, marked or not: the script it names exists in the repository, and every flag it
-passes (``--flag``, ``-x``) appears in that script's ``--help``. Python blocks must compile (the
-README's is run by ``tests/test_readme.py``). Links to files of the repository must resolve.
+passes (``--flag``, ``-x``) appears in that script's ``--help``. Python blocks must compile and what
+they import from ``models``, ``utils`` and ``datasets`` must exist (the README's block is run by
+``tests/test_readme.py``). Links to files of the repository must resolve.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
 import io
 import re
 import runpy
@@ -36,6 +39,8 @@ FENCE = re.compile(r'^```([\w-]*)\n(.*?)^```', flags=re.S | re.M)
 SHELL_LANGS = {'bash', 'sh', 'console', ''}
 #: Launchers whose own flags precede the script (not the script's flags).
 LAUNCHERS = {'python', 'python3', '.venv/bin/python', 'torchrun', 'srun'}
+#: This repository's packages: a snippet's imports from them must resolve.
+OURS = {'models', 'utils', 'datasets'}
 
 
 class Block(NamedTuple):
@@ -206,8 +211,17 @@ def test_scripts_exist_and_take_the_flags_used(block, line):
 
 
 @pytest.mark.parametrize('block', [b for b in blocks() if b.lang == 'python'], ids=lambda b: b.where)
-def test_python_blocks_compile(block):
-    compile(block.text, block.where, 'exec')
+def test_python_blocks_compile_and_import_what_exists(block):
+    tree = compile(block.text, block.where, 'exec', flags=ast.PyCF_ONLY_AST)
+    for node in ast.walk(tree):  # the library's names a snippet imports exist (utils/ may move: snippets follow)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] in OURS:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f'{block.where}: {node.module} has no {alias.name}'
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split('.')[0] in OURS:
+                    importlib.import_module(alias.name)
 
 
 LINK = re.compile(r'\]\(([^)\s]+)\)')
