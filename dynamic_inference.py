@@ -30,13 +30,14 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
+from datasets.folder import find_image_folder
 from utils.cpu import (AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory,
                        resolve_amp_dtype)
 from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import OutputDirError, default_workers, make_dirs, positive_int
+from utils.misc import OutputDirError, architecture_from_checkpoint, default_workers, make_dirs, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs
@@ -68,8 +69,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--eval-mode', '--eval_mode', type=eval_mode, default=1,
                    help='0|anytime, 1|budgeted, 2|throughput, 3|report (default 1)')
     p.add_argument('--data-url', '--data_url', '--data-path', '--data_path', dest='data_url', default=None,
-                   help='dataset root holding val/ in ImageFolder layout (modes 0-2; default: the built-in '
-                        'synthetic shapes set)')
+                   help='dataset root holding val/<class>/<image> (ImageFolder layout), or such a class-folder '
+                        'tree itself (modes 0-2; default: the built-in synthetic shapes set)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
     p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
                    help="the model (default: the one a training checkpoint records, else cf_deit_small)")
@@ -131,13 +132,22 @@ def console_logging(level: int = logging.INFO) -> Iterator[None]:
         root.setLevel(old_level)
 
 
-def output_dir(args: argparse.Namespace) -> Path:
+def run_name(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> str:
+    """``<model>_g<g>`` of the default output folder: the flags, else what the checkpoint records (or the
+    export folder's manifest, which sets ``args.model``), else the released defaults (cf_deit_small, 7),
+    as :func:`utils.model_builder.build_from_checkpoint` builds it."""
+    recorded = architecture_from_checkpoint(checkpoint) if checkpoint else {}
+    model = args.model or recorded.get('model', 'cf_deit_small')
+    g = args.coarse_stage_size or recorded.get('coarse_stage_size', 7)
+    return f'{model}_g{g}'
+
+
+def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = None) -> Path:
     if args.output_dir:
         out = Path(args.output_dir)
     else:
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        name = f'{args.model or "model"}_g{args.coarse_stage_size or "ckpt"}'
-        out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
+        out = Path('output') / 'dynamic_inference' / f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
         check_outside_inputs(out, [args.data_url], '--output-dir')
         make_dirs(out)
@@ -170,9 +180,8 @@ def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: in
     root = Path(args.data_url)
     if not root.is_dir():
         raise UsageError(f'dataset folder not found: {root}')
-    valdir = root / 'val'
-    if not valdir.is_dir():
-        raise UsageError(f'no val/ folder in {root}: --data_url must hold val/<class>/<image> (ImageFolder layout)')
+    # a dataset root holding val/<class>/<image>, or an ImageFolder itself (<class>/<image>), as visualize.py reads
+    valdir = find_image_folder(root)
     dataset = open_image_folder(valdir, eval_transform(model))
     if len(dataset.classes) != num_classes:
         raise UsageError(f'{valdir} has {len(dataset.classes)} classes but the checkpoint head has {num_classes}')
@@ -188,14 +197,31 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     return '[' + ', '.join(f'{v:.{digits}g}' if digits > 2 else f'{v:.{digits}f}' for v in values) + ']'
 
 
-def abbreviate(value: Any, keep: int = 3) -> str:
+def format_stored(key: str, value: Any) -> str:
+    """A result stored in a checkpoint, printed as modes 0 and 1 print it: GFLOPs to 4 significant digits,
+    top-1 in percent to 2 decimals (the JSON file keeps the stored values)."""
+    value = _jsonable(value)
+    numbers = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+    if key == 'flop' and numbers:
+        return fmt([float(v) for v in value], 4)
+    if key == 'anytime_classification' and numbers:
+        return fmt([float(v) for v in value], 2)
+    if key == 'budgeted_batch_classification' and isinstance(value, (list, tuple)) and len(value) == 2:
+        return f'[{abbreviate(value[0])}, {abbreviate(value[1], digits=2)}]'
+    return abbreviate(value)
+
+
+def abbreviate(value: Any, keep: int = 3, digits: Optional[int] = None) -> str:
     """A stored result for the log: lists longer than ``2 * keep + 1`` show their ends and length (the
     JSON file holds every value); the budgeted curve is a pair of such lists."""
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
         return '[' + ', '.join(abbreviate(v, keep) for v in value) + ']'
     if isinstance(value, (list, tuple)) and len(value) > 2 * keep + 1:
-        ends = [f'{float(v):.4g}' for v in (*value[:keep], *value[-keep:])]
+        ends = [f'{float(v):.{digits}f}' if digits is not None else f'{float(v):.4g}'
+                for v in (*value[:keep], *value[-keep:])]
         return f'[{", ".join(ends[:keep])}, ... ({len(value)} values) ..., {", ".join(ends[keep:])}]'
+    if digits is not None and isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return fmt([float(v) for v in value], digits)
     return str(value)
 
 
@@ -205,11 +231,13 @@ def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out:
     keys = ('flop', 'anytime_classification', 'budgeted_batch_classification')
     missing = [k for k in keys if k not in checkpoint]
     if len(missing) == len(keys):
-        raise UsageError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}); '
-                         'run --eval-mode 1 --write-checkpoint to make a checkpoint that does')
+        stem = Path(args.checkpoint_path).stem
+        raise UsageError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}): mode 3 reads a '
+                         f'released checkpoint, or the {stem}_with_results.pth that --eval-mode 1 ... '
+                         f'--write-checkpoint writes into its output folder')
     result = {k: checkpoint.get(k) for k in keys}
     for k in keys:
-        _logger.info('%s : %s', k, abbreviate(result[k]))
+        _logger.info('%s : %s', k, format_stored(k, result[k]))
     budget = result['budgeted_batch_classification']
     if budget is not None:
         gflops, acc = [float(v) for v in budget[0]], [float(v) for v in budget[1]]
@@ -245,9 +273,9 @@ def check_stored_flops(checkpoint: Dict[str, Any], flops: List[float]) -> None:
         _logger.warning('the checkpoint stores flop=%s but this model counts %s GFLOPs', stored, fmt(flops, 4))
 
 
-def onnx_predictor(args: argparse.Namespace, out: Path):
+def onnx_predictor(args: argparse.Namespace):
     """--backend onnxruntime: the export folder as a predictor with the model's early-exit contract
-    (``utils.onnx_runtime.OnnxEarlyExit``); mode 3 prints its manifest."""
+    (``utils.onnx_runtime.OnnxEarlyExit``)."""
     from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
     if not args.export_dir:
         raise UsageError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
@@ -270,23 +298,27 @@ def onnx_predictor(args: argparse.Namespace, out: Path):
                              f'{manifest[key]}')
         setattr(args, flag, manifest[key])
     args.checkpoint_path = str(args.export_dir)
-    if args.eval_mode == 3:
-        keys = ('model', 'coarse_stage_size', 'img_size_list', 'num_classes', 'gflops', 'stage_gflops', 'exporter',
-                'quantize', 'data_config')
-        result = {k: manifest.get(k) for k in keys}
-        result['flop'] = result['gflops']
-        for k in ('flop',) + keys[:-1]:
-            _logger.info('%s : %s', k, result[k])
-        write_json_atomic(result, out / 'export_manifest.json')
     return predictor
 
 
+def report_manifest(manifest: Dict[str, Any], out: Path) -> None:
+    """Mode 3 with --backend onnxruntime: print the export's manifest."""
+    keys = ('model', 'coarse_stage_size', 'img_size_list', 'num_classes', 'gflops', 'stage_gflops', 'exporter',
+            'quantize', 'data_config')
+    result = {k: manifest.get(k) for k in keys}
+    result['flop'] = result['gflops']
+    for k in ('flop',) + keys[:-1]:
+        _logger.info('%s : %s', k, fmt(result[k], 4) if k == 'flop' and result[k] else result[k])
+    write_json_atomic(result, out / 'export_manifest.json')
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    out = output_dir(args)
     onnx = args.backend == 'onnxruntime'
     if onnx:
-        model, checkpoint = onnx_predictor(args, out), {}
+        model, checkpoint = onnx_predictor(args), {}  # sets args.model and args.coarse_stage_size
+        out = output_dir(args)
         if args.eval_mode == 3:
+            report_manifest(model.manifest, out)
             return model.manifest
     else:
         if args.export_dir:
@@ -296,6 +328,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
         if not isinstance(checkpoint, dict):
             raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+        out = output_dir(args, checkpoint)
     _logger.info('output folder: %s', out)
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,10 +101,29 @@ def run(args: argparse.Namespace) -> dict:
     return manifest
 
 
+def _drop_quantizer_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Please consider to run pre-processing before quantization')
+
+
+def quiet_exporter_logs() -> None:
+    """Our own progress lines only: the exporter's graph optimizer (onnxscript, onnx_ir) and onnxruntime's
+    quantizer log hundreds of INFO lines per graph ('Removed 87 unused nodes', 'Replaced initializer ...')
+    through the root logger, and torch warns that the two batch axes share one name (they do, on purpose).
+    Their warnings and errors still show."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stdout)
+    _logger.setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:  # onnxruntime's quantizer advises its pre-processing once per
+        handler.addFilter(_drop_quantizer_advice)  # graph through the root logger; the graphs are already shaped
+    warnings.filterwarnings('ignore', message=r'.*The axis name: .* will not be used')
+    # --exporter torchscript: the traced Python conditions are checks of the input's spatial size, which is
+    # fixed per model; the batch axis stays dynamic, and the pair is checked against PyTorch below
+    warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    quiet_exporter_logs()
     try:
         run(args)
     except (UsageError, CheckpointError) as e:

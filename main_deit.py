@@ -38,8 +38,8 @@ from datasets.build import attach_transform, build_transform  # noqa: E402
 from utils.losses import CFViTLoss  # noqa: E402
 from utils.train_loop import train_or_evaluate  # noqa: E402
 from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, get_args_parser,
-    load_datasets, load_finetune_weights, run_main, setup_process,
+    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, adopt_recorded_architecture, build_model,
+    flags_given, get_args_parser, load_datasets, load_finetune_weights, run_main, setup_process,
 )
 
 __all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_TRAINING_FAILED',
@@ -64,8 +64,13 @@ def build_criterion(args: argparse.Namespace, num_classes: int) -> Tuple[CFViTLo
     return CFViTLoss(base), mixup_fn
 
 
-def run(args: argparse.Namespace) -> None:
-    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
+def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
+    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`.
+
+    ``given``: the flags the command line set (:func:`utils.train_setup.flags_given`); with ``--eval --resume``
+    the architecture a training checkpoint records fills in the others. None: the flags as they are.
+    """
+    adopt_recorded_architecture(args, given)
     info, _, output_dir = setup_process(args)
     train_set, val_set, num_classes = load_datasets(args)
 
@@ -85,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-DeiT training and evaluation', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    return run_main(run, args)
+    given = flags_given(parser, argv)
+    return run_main(lambda a: run(a, given), args)
 
 
 if __name__ == '__main__':

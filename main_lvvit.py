@@ -49,8 +49,8 @@ from utils.misc import default_workers, positive_int  # noqa: E402
 from utils.token_labeling import SMOOTHING_MODES, CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
 from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
 from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, load_datasets,
-    load_finetune_weights, run_main, setup_process,
+    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, adopt_recorded_architecture, build_model,
+    flags_given, load_datasets, load_finetune_weights, run_main, setup_process,
 )
 from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
 
@@ -200,8 +200,13 @@ def build_objective(args: argparse.Namespace, num_classes: int, label_size: int)
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> None:
-    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`."""
+def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
+    """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`.
+
+    ``given``: the flags the command line set (:func:`utils.train_setup.flags_given`); with ``--eval --resume``
+    the architecture a training checkpoint records fills in the others. None: the flags as they are.
+    """
+    adopt_recorded_architecture(args, given)
     check_args(args)
     info, _, output_dir = setup_process(args)
     train_set, val_set, num_classes = load_datasets(args)
@@ -238,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse, run, and turn bad input into one clear message and a non-zero exit code."""
     parser = argparse.ArgumentParser('CF-LV-ViT training with token labeling', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    return run_main(run, args)
+    given = flags_given(parser, argv)
+    return run_main(lambda a: run(a, given), args)
 
 
 if __name__ == '__main__':

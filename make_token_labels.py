@@ -328,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     futures: List[Future] = []
     with stop_at_steps(), ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
-        bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True)
+        bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True,
+                   disable=None)  # no bar when stderr is not a terminal (piped, logged)
         for images, indices, skipped in bar:  # indices: the samples' positions, as collate_skipping's targets
             check_stop()  # a stop signal ends the run at the next step
             unreadable += skipped

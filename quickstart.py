@@ -11,7 +11,9 @@
 5. prints a summary: per-stage top-1 and GFLOPs, points of the accuracy-vs-GFLOPs curve, early-exit
    throughput, and the share of re-split patches that fall on the objects' boxes.
 
-Everything lands in one output folder. No argument is needed and nothing is downloaded.
+The results land in one output folder (default ``output/quickstart/``); the dataset is written once to
+``output/data/synthetic_shapes/`` (``$CFVIT_DATA_DIR`` moves it) and reused by later runs. No argument is
+needed and nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ from utils.misc import architecture_from_checkpoint, default_workers, run_script
 
 _logger = logging.getLogger('quickstart')
 
+#: Training logs a line every this many steps (and one per epoch): no minute-long silence within an epoch.
+PRINT_FREQ = 20
 #: The tiny model and recipe of the quick start (patch 8: a 4x4 coarse grid on 32 px images).
 MODEL_ARGS = ['--model', 'cf_deit_tiny', '--embed-dim', '96', '--depth', '6', '--num-heads', '3',
               '--model-kwargs', 'patch_size=8', '--coarse-stage-size', '4']
 RECIPE_ARGS = ['--warmup-epochs', '0', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0',
                '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0',
-               '--crop-scale', '0.6', '1', '--batch-size', '64', '--print-freq', '1000']
+               '--crop-scale', '0.6', '1', '--batch-size', '64', '--print-freq', str(PRINT_FREQ)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = Path(args.data_path) if args.data_path else make_synthetic_dataset()
     _logger.info('dataset: %s', data)
 
-    _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1})')
+    _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1}); '
+          f'a line every {PRINT_FREQ} steps and an evaluation line per epoch')
     train_dir = out / 'train'
     train_argv = MODEL_ARGS + RECIPE_ARGS + [
         '--data-path', str(data), '--epochs', str(args.epochs),
@@ -186,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a_c, a_f = budget['anytime_classification']
     lines = [
         '',
-        f'Summary ({summary["seconds"]:.0f} s, everything in {out}/)',
+        f'Summary ({summary["seconds"]:.0f} s; results in {out}/, the dataset in {data}/)',
         f'  coarse stage : top-1 {a_c:6.2f}%  at {c * 1000:.2f} MFLOPs per image',
         f'  fine stage   : top-1 {a_f:6.2f}%  at {f * 1000:.2f} MFLOPs per image (both stages)',
         '  early exit, budgeted sweep (threshold: MFLOPs, top-1):',

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import math
 import os
 import random
 import sys
@@ -152,18 +153,43 @@ def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
     return out
 
 
-def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int]]:
-    """The checkpoint's state_dict and its class count (from ``head.weight``), or (None, None)."""
+def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int],
+                                                             Optional[Tuple[str, List[str]]]]:
+    """The checkpoint's state_dict, its class count (from ``head.weight``) and the class folders of the data it
+    was trained on (:func:`_trained_classes`), or Nones."""
     if not args.resume:
         _resolve_architecture(args, {})
-        return None, None
+        return None, None, None
     checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load)
     _resolve_architecture(args, architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else {})
     state_dict = extract_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     if head is None or head.dim() != 2:
         raise CheckpointError(f'{args.resume} has no classifier (head.weight): not a CF-ViT checkpoint')
-    return state_dict, int(head.shape[0])
+    return state_dict, int(head.shape[0]), _trained_classes(checkpoint)
+
+
+def _trained_classes(checkpoint: Any) -> Optional[Tuple[str, List[str]]]:
+    """``(where, class folder names)`` of the ImageFolder a training checkpoint was trained on, when it is still
+    there (its ``args.data_path``; none recorded: the built-in shapes), else None. Only folder names are read."""
+    recorded = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if recorded is None:
+        return None
+    get = (lambda k: recorded.get(k)) if isinstance(recorded, dict) else (lambda k: getattr(recorded, k, None))
+    if str(get('data_set') or 'IMNET').upper() != 'IMNET':
+        return None
+    if not get('data_path'):
+        from datasets.synthetic import SYNTHETIC_CLASSES
+        return 'the built-in synthetic shapes set', list(SYNTHETIC_CLASSES)
+    for split in ('val', 'train'):
+        folder = Path(str(get('data_path'))) / split
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if e.is_dir())  # torchvision ImageFolder's order
+        except OSError:
+            continue
+        if names:
+            return str(folder), names
+    return None
 
 
 def _resolve_architecture(args: argparse.Namespace, recorded: Dict[str, Any]) -> None:
@@ -218,26 +244,61 @@ def _pick(mask: torch.Tensor, confidence: torch.Tensor, n: int, seed: int) -> Li
     return sorted(chosen, key=lambda i: (-float(confidence[i]), i))
 
 
-def _title(d: Details, i: int, names: Sequence[str], threshold: float, path: str) -> List[Tuple[str, str]]:
-    """Four title lines (text, colour) of image position ``i``."""
+#: Point size of the title lines (``utils.visualization.draw_grid`` writes them at 8 pt).
+TITLE_POINTS = 8
+
+
+def _text_px(text: str, dpi: int) -> float:
+    """Width in pixels of ``text`` in the title font (matplotlib's default family) at ``dpi``."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    return TextPath((0, 0), text, prop=FontProperties(size=TITLE_POINTS)).get_extents().width * dpi / 72
+
+
+def _fit(options: Sequence[str], width: float, dpi: int) -> str:
+    """The first of ``options`` (longest first) no wider than ``width`` px, else the last one cut with an ellipsis."""
+    for text in options:
+        if _text_px(text, dpi) <= width:
+            return text
+    text = options[-1]
+    while len(text) > 1 and _text_px(text + '\u2026', dpi) > width:
+        text = text[:-1]
+    return text + '\u2026'
+
+
+def _title(d: Details, i: int, names: Sequence[str], threshold: float, path: str, width: float = math.inf,
+           dpi: int = 100) -> List[Tuple[str, str]]:
+    """Four title lines (text, colour) of image position ``i``, each no wider than ``width`` pixels (the space
+    above its image pair, so neighbouring titles never run into each other)."""
     conf, exited = float(d.confidence[i]), bool(d.exited[i])
     target = int(d.targets[i])
 
+    def named(prefix: str, name: str, suffix: str = '') -> str:
+        """``prefix + name + suffix`` with the name shortened (never the mark) to fit."""
+        if _text_px(prefix + name + suffix, dpi) <= width:
+            return prefix + name + suffix
+        while len(name) > 1 and _text_px(prefix + name + '\u2026' + suffix, dpi) > width:
+            name = name[:-1]
+        return prefix + name + '\u2026' + suffix
+
     def pred_line(stage: str, pred: int) -> Tuple[str, str]:
         if target < 0:
-            return f'{stage}: {names[pred]}', BLACK
+            return named(f'{stage}: ', names[pred]), BLACK
         right = pred == target
-        return f'{stage}: {names[pred]} {CHECK if right else CROSS}', GREEN if right else RED
+        return named(f'{stage}: ', names[pred], f' {CHECK if right else CROSS}'), GREEN if right else RED
 
     for digits in range(3, 8):  # enough digits that the printed numbers agree with the decision
         shown = f'{conf:.{digits}f}'
         if (float(shown) >= threshold) == exited:
             break
-    route = f'coarse conf {shown} {">=" if exited else "<"} {threshold:.6g}: ' + (
-        'exited' if exited else 'fine stage')
+    op = '>=' if exited else '<'
+    route = _fit([f'coarse conf {shown} {op} {threshold:.6g}: ' + ('exited' if exited else 'fine stage'),
+                  f'conf {shown} {op} {threshold:.6g}: ' + ('exited' if exited else 'fine'),
+                  f'{shown} {op} {threshold:.6g}'], width, dpi)
     fine = int(d.fine_pred[i])
-    fine_line = ('fine: not run (exited)', GREY) if fine < 0 else pred_line('fine', fine)
-    last = (f'true: {names[target]}', BLACK) if target >= 0 else (f'file: {Path(path).name[:30]}', GREY)
+    fine_line = (_fit(['fine: not run (exited)', 'fine: not run'], width, dpi), GREY) if fine < 0 \
+        else pred_line('fine', fine)
+    last = (named('true: ', names[target]), BLACK) if target >= 0 else (named('file: ', Path(path).name), GREY)
     return [(route, BLACK), pred_line('coarse', int(d.coarse_pred[i])), fine_line, last]
 
 
@@ -266,7 +327,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         files = list(listed)
         source = str(folder)
 
-    state_dict, ckpt_classes = _checkpoint_weights(args)
+    state_dict, ckpt_classes, trained_classes = _checkpoint_weights(args)
     if ckpt_classes is not None:
         if args.num_classes is not None and args.num_classes != ckpt_classes:
             log.warning('--num-classes %d ignored: the checkpoint\'s head has %d classes', args.num_classes,
@@ -277,6 +338,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     index_file = _class_index_file(args, folder)
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
     names, folder_to_target = resolve_classes(num_classes, folders, class_index)
+    if folders is None and class_index is None and names[0] == '#0':  # --img-path: no folders to name the classes
+        if trained_classes is not None and len(trained_classes[1]) == num_classes:
+            names = trained_classes[1]
+            log.info('class names from the class folders of %s (the data the checkpoint was trained on)',
+                     trained_classes[0])
+        else:
+            log.info('class names unknown: shown as #0..#%d; --class-index-file FILE (one name a line) names them',
+                     num_classes - 1)
     samples = [(f, -1 if c is None else folder_to_target[c]) for f, c in files]
     if args.max_images is not None and args.max_images < len(samples):
         keep = sorted(random.Random(args.seed).sample(range(len(samples)), args.max_images))
@@ -317,6 +386,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     weights = Path(args.resume).name if args.resume else 'RANDOM WEIGHTS (no --resume)'
     g = f'{grid[0]}x{grid[1]}'
     layout = GridLayout(panel=args.panel_size or model.img_size_list[1])
+    title_width = 2 * layout.panel + layout.inner_gap + layout.pair_gap - 10  # short of the next pair's title
     outputs: Dict[str, Any] = {}
     for key, (mask, heading) in categories.items():
         png = out_dir / f'{key}.png'
@@ -331,9 +401,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for i in chosen:
             image, _, _ = dataset[int(details.indices[i])]
             items.append(GridItem(unnormalize(image, cfg['mean'], cfg['std']), details.important[i],
-                                  _title(details, i, names, args.threshold, samples[int(details.indices[i])][0])))
+                                  _title(details, i, names, args.threshold, samples[int(details.indices[i])][0],
+                                         title_width, layout.dpi)))
+        exited_only = key in ('coarse_correct', 'coarse_exit')  # these images never reached the fine stage
         header = [f'{heading}: {len(chosen)} of {int(mask.sum())} shown',
                   f'{args.model} {g}, threshold {args.threshold:.3g}, {weights}',
+                  'Left: input.  Right: what the fine stage would re-split (outlined); it did not run: exited.'
+                  if exited_only else
                   'Left: input.  Right: patches kept coarse faded, re-split ones outlined on the fine grid.']
         size = draw_grid(items, grid, png, header, layout, fade=args.fade)
         log.info('wrote %s (%dx%d px)', png, *size)

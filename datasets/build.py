@@ -194,7 +194,9 @@ def build_dataset(is_train: bool, args: argparse.Namespace,
     if transform is not None:
         dataset.transform = transform
     dataset = _subset(dataset, getattr(args, 'subset', None))
-    _logger.info('%s split of %s: %d images, %d classes', 'training' if is_train else 'validation', name,
+    # IMNET is the released flag value for any ImageFolder tree: name the folder, not 'IMNET'
+    source = f'{Path(root) / ("train" if is_train else "val")} (ImageFolder)' if name == 'IMNET' else name
+    _logger.info('%s split %s: %d images, %d classes', 'training' if is_train else 'validation', source,
                  len(dataset), num_classes)
     return dataset, num_classes
 

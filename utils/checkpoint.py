@@ -140,17 +140,36 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     if shapes:
         parts.append(f'{len(shapes)} shape mismatches: ' + listing(
             [f'{k} (checkpoint {list(a)} vs model {list(b)})' for k, a, b in shapes]))
-    hint = ''
+    return '; '.join(parts) + '.' + _mismatch_hint(own, state_dict, shapes)
+
+
+def _model_size(state_dict: Mapping[str, Any]) -> Tuple[Optional[int], int]:
+    """(embedding width, number of blocks) of a CF/ViT state_dict (width None when it has no ``cls_token``)."""
+    width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
+    blocks = {int(m.group(1)) for m in (re.match(r'blocks\.(\d+)\.', k) for k in state_dict) if m}
+    return width, (max(blocks) + 1 if blocks else 0)
+
+
+def _mismatch_hint(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+                   shapes: List[Tuple[str, tuple, tuple]]) -> str:
+    """What the mismatch most likely means: another model size, another class count or another grid."""
+    (c_width, c_depth), (m_width, m_depth) = _model_size(state_dict), _model_size(own)
+    hints = []
+    if (c_width, c_depth) != (m_width, m_depth) and c_width is not None and m_width is not None:
+        hints.append(f' The checkpoint holds a model of another size (embed_dim {c_width}, depth {c_depth}; this '
+                     f'model: embed_dim {m_width}, depth {m_depth}): build the model it was trained as (a training '
+                     f'checkpoint records its sizes, which the scripts use when no flag overrides them; otherwise '
+                     f'--model and --model-kwargs embed_dim={c_width} depth={c_depth} num_heads=...).')
     heads = [(a, b) for k, a, b in shapes if k in ('head.weight', 'aux_head.weight')]
-    if heads:
-        hint = (f' The classifier differs in class count (checkpoint {heads[0][0][0]}, model {heads[0][1][0]}): '
-                'evaluating needs a checkpoint trained on these classes (a new head would be random); to train '
-                'from these weights on these classes, --finetune loads all but the head.')
-    elif any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
-        hint = ' The classifier differs in class count: --finetune (training) loads all but the head.'
-    elif any(k.startswith('pos_embed_list') for k, _, _ in shapes):
-        hint = ' The position embeddings differ: check --coarse-stage-size (7 or 9 for the released models).'
-    return '; '.join(parts) + '.' + hint
+    if heads and heads[0][0][0] != heads[0][1][0]:
+        hints.append(f' The classifier differs in class count (checkpoint {heads[0][0][0]}, model {heads[0][1][0]}): '
+                     'evaluating needs a checkpoint trained on these classes (a new head would be random); to train '
+                     'from these weights on these classes, --finetune loads all but the head.')
+    elif not hints and any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
+        hints.append(' The classifier differs in class count: --finetune (training) loads all but the head.')
+    if not hints and any(k.startswith('pos_embed_list') for k, _, _ in shapes):
+        hints.append(' The position embeddings differ: check --coarse-stage-size (7 or 9 for the released models).')
+    return ''.join(hints)
 
 
 def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]], key: Optional[str] = None,

@@ -89,7 +89,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     model.eval()
     conf, pred, top5, tgts = [], [], [], []
     skipped = 0
-    for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
+    for batch in tqdm(loader, desc=desc, unit='batch', leave=False, disable=None):  # no bar when not a terminal
         check_stop()  # a stop signal ends the run at the next step
         images, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped
@@ -165,7 +165,8 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         _logger.warning('only %d batch%s, not more than the %d warm-up batches asked for: timing every batch, '
                         'with no warm-up', n_batches, '' if n_batches == 1 else 'es', warmup_batches)
         warmup_batches = 0
-    for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False)):
+    for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False,
+                                   disable=None)):  # no bar when stderr is not a terminal (piped, logged)
         check_stop()  # a stop signal ends the run at the next step
         x_f, targets, n_skipped = unpack_batch(batch, device)
         skipped += n_skipped

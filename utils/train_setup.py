@@ -210,7 +210,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('data')
     g.add_argument('--data-path', '--data_path', default=None, help='dataset root')
-    g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS)
+    g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS,
+                   help="IMNET (the released name): any ImageFolder tree, --data-path holding train/<class>/ and "
+                        "val/<class>/; CIFAR/CIFAR100, INAT/INAT19: those data sets' own layouts")
     g.add_argument('--inat-category', default='name',
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
     g.add_argument('--subset', type=int_at_least(1), default=None,
@@ -240,6 +242,50 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
         return _parse_model_kwargs(items)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> frozenset:
+    """The ``dest`` of every flag the command line ``argv`` sets itself (not left at its default)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return frozenset(vars(given))
+
+
+def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozenset]) -> None:
+    """``--eval --resume FILE``: build the architecture a training checkpoint records (``args``: model, grid,
+    size overrides) wherever the command line does not name one itself (``given``: :func:`flags_given`;
+    None adopts nothing). Released checkpoints record nothing: the flags and their defaults decide."""
+    if given is None or not (args.eval and args.resume and args.resume != 'auto'):
+        return
+    from .misc import architecture_from_checkpoint
+    recorded = architecture_from_checkpoint(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
+    if not recorded.get('model'):
+        return
+    if 'model' in given and args.model != recorded['model']:
+        return  # another model asked for by name: its sizes are the flags' too
+    taken: List[str] = []
+    for dest in ('model', 'coarse_stage_size'):
+        if dest not in given and recorded.get(dest) is not None and getattr(args, dest) != recorded[dest]:
+            setattr(args, dest, recorded[dest])
+            taken.append(f'--{dest.replace("_", "-")} {recorded[dest]}')
+    kwargs = dict(recorded.get('kwargs', {}))
+    for dest in ('embed_dim', 'depth', 'num_heads'):
+        value = kwargs.pop(dest, None)
+        if value is not None and dest not in given and getattr(args, dest) != value:
+            setattr(args, dest, value)
+            taken.append(f'--{dest.replace("_", "-")} {value}')
+    kwargs = {k: v for k, v in kwargs.items() if k not in ('drop_rate', 'drop_path_rate')}  # training only
+    if kwargs and 'model_kwargs' not in given:
+        args.model_kwargs = [f'{k}={v!r}' for k, v in kwargs.items()]
+        taken.append('--model-kwargs ' + ' '.join(args.model_kwargs))
+    if taken:
+        _logger.info('--eval: %s records its architecture; using %s', args.resume, ' '.join(taken))
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -518,6 +564,12 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) 
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    peak_epoch = args.warmup_epochs + 1 - SCHED_STEPS[args.sched_step]  # the first epoch at the full rate
+    if args.warmup_epochs and args.epochs <= peak_epoch:
+        _logger.warning('the whole run is learning-rate warm-up: the rate starts at --warmup-lr %g and would reach '
+                        'the full rate at epoch %d (--warmup-epochs %d, --sched-step %s), but the last epoch is %d; '
+                        'for a short run pass --warmup-epochs 0', args.warmup_lr, peak_epoch, args.warmup_epochs,
+                        args.sched_step, args.epochs - 1)
     return lr_scheduler
 
 

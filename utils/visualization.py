@@ -309,7 +309,7 @@ def collect_details(model: nn.Module, loader: DataLoader, threshold: float, devi
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in (
         'indices', 'targets', 'confidence', 'coarse_pred', 'fine_pred', 'exited', 'important')}
     seen = n_exited = 0
-    bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress or None, dynamic_ncols=True)  # None: no bar off a terminal
     for batch in bar:
         check_stop()  # a stop signal ends the run at the next step
         images, targets, indices = batch[0], batch[1], batch[3] if len(batch) > 3 else None

@@ -1,0 +1,234 @@
+"""What a newcomer meets in the first hour (issue 27): messages that say what is true, output folders with real
+names, the runner for timm's own scripts, quiet export, titles that fit, warm-up and data-set log lines.
+
+One tiny CF-DeiT (D=48, 2 blocks, 3x3 coarse grid, 6 classes) saved as a training checkpoint (with the ``args``
+main_deit.py records) stands in for the user's checkpoint; the data are tiny PNG folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import dynamic_inference
+import main_deit
+import run_timm_script
+import visualize
+from helpers import make_image_folder, script_env
+from utils.checkpoint import check_state_dict, save_atomic
+from utils.train_setup import build_scheduler, flags_given, get_args_parser
+from utils.visualization import Details
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 6
+TINY = ['--model', 'cf_deit_tiny', '--coarse-stage-size', '3', '--embed-dim', '48', '--depth', '2', '--num-heads', '3']
+
+
+def _tiny(**kwargs) -> torch.nn.Module:
+    sizes = dict(embed_dim=48, depth=2, num_heads=3, coarse_stage_size=3, num_classes=CLASSES)
+    return timm.create_model('cf_deit_tiny', **{**sizes, **kwargs})
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('data'), {'train': 1, 'val': 2}, num_classes=CLASSES)
+
+
+@pytest.fixture(scope='module')
+def training_checkpoint(tmp_path_factory, data) -> Path:
+    """A checkpoint in main_deit.py's layout: weights and the run's flags (model, grid, sizes, data path)."""
+    torch.manual_seed(0)
+    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(TINY + ['--data-path', str(data)])
+    path = tmp_path_factory.mktemp('run') / 'checkpoint.pth'
+    save_atomic({'model': _tiny().state_dict(), 'args': args, 'epoch': 0}, path)
+    return path
+
+
+# ------------------------------------------------------------------ defect 2: the mismatch message
+def test_a_checkpoint_of_another_width_is_named_so_not_a_class_count():
+    problem = check_state_dict(_tiny(embed_dim=96), _tiny().state_dict())
+    assert 'another size (embed_dim 48, depth 2; this model: embed_dim 96, depth 2)' in problem
+    assert 'embed_dim=48 depth=2' in problem
+    assert 'class count' not in problem and '--finetune' not in problem
+
+
+def test_another_class_count_still_gets_the_finetune_hint():
+    problem = check_state_dict(_tiny(num_classes=10), _tiny().state_dict())
+    assert 'class count (checkpoint 6, model 10)' in problem and '--finetune' in problem
+    assert 'another size' not in problem
+
+
+# ------------------------------------------------------------------ defect 3: --eval --resume reads the architecture
+def test_flags_given_tells_set_flags_from_defaults():
+    parser = argparse.ArgumentParser(parents=[get_args_parser()])
+    given = flags_given(parser, ['--eval', '--model=cf_deit_tiny', '--embed-dim', '48'])
+    assert given == {'eval', 'model', 'embed_dim'}
+    assert parser.parse_args([]).model == 'cf_deit_small'  # the defaults are restored
+
+
+def test_eval_resume_builds_the_architecture_the_checkpoint_records(training_checkpoint, data, caplog):
+    caplog.set_level(logging.INFO)
+    common = ['--eval', '--resume', str(training_checkpoint), '--data-path', str(data), '--device', 'cpu',
+              '--num_workers', '0', '--batch-size', '8']
+    assert main_deit.main(common) == 0
+    assert '--model cf_deit_tiny --coarse-stage-size 3 --embed-dim 48 --depth 2 --num-heads 3' in caplog.text
+    assert 'cf_deit_tiny, 6 classes, input [48, 96]' in caplog.text
+    assert '12 images' in caplog.text  # evaluated: 2 validation images x 6 classes
+    caplog.clear()
+    assert main_deit.main(common + ['--model', 'cf_deit_small']) == 2  # a model named on the command line wins
+    assert 'another size (embed_dim 48, depth 2; this model: embed_dim 384, depth 12)' in caplog.text
+
+
+# ------------------------------------------------------------------ defects 5, 6, 7: dynamic_inference.py
+def test_default_output_folder_is_named_after_the_checkpoints_model(training_checkpoint, data, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data), '--checkpoint_path',
+                                   str(training_checkpoint), '--num-workers', '0']) == 0
+    (folder,) = (tmp_path / 'output' / 'dynamic_inference').iterdir()
+    assert folder.name.startswith('cf_deit_tiny_g3_anytime_'), folder.name
+    assert 'ckpt' not in folder.name and 'model_g' not in folder.name
+    assert (folder / 'anytime.json').is_file()
+
+
+def test_mode3_prints_stored_results_as_modes_0_and_1_do(tmp_path, capsys):
+    ckpt = tmp_path / 'with_results.pth'
+    gflops = [0.0009 + i * 1e-5 for i in range(100)]
+    acc = [56.49999999999999 + i * 0.17 for i in range(100)]
+    save_atomic({'model': _tiny().state_dict(), 'flop': [0.000916734, 0.0039452],
+                 'anytime_classification': [56.49999999999999, 73.83333333333333],
+                 'budgeted_batch_classification': [gflops, acc]}, ckpt)
+    assert dynamic_inference.main(['--eval-mode', '3', '--checkpoint_path', str(ckpt),
+                                   '--output-dir', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    assert 'anytime_classification : [56.50, 73.83]' in out
+    assert 'flop : [0.0009167, 0.003945]' in out
+    assert '[56.50, 56.67, 56.84, ... (100 values) ...' in out
+    assert '56.49999' not in out and '73.8333' not in out
+    stored = json.loads((tmp_path / 'out' / 'checkpoint_results.json').read_text())
+    assert stored['anytime_classification'] == [56.49999999999999, 73.83333333333333]  # the JSON keeps every digit
+
+
+def test_mode3_without_results_names_the_file_mode1_writes(training_checkpoint, tmp_path, capsys):
+    assert dynamic_inference.main(['--eval-mode', '3', '--checkpoint_path', str(training_checkpoint),
+                                   '--output-dir', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'stores no evaluation results' in err[0]
+    assert 'checkpoint_with_results.pth' in err[0] and '--write-checkpoint' in err[0]
+
+
+def test_dynamic_inference_reads_a_class_folder_tree_as_visualize_does(training_checkpoint, data, tmp_path, capsys):
+    assert dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data / 'val'), '--checkpoint_path',
+                                   str(training_checkpoint), '--num-workers', '0',
+                                   '--output-dir', str(tmp_path / 'out')]) == 0
+    assert json.loads((tmp_path / 'out' / 'anytime.json').read_text())['images'] == 12
+
+
+# ------------------------------------------------------------------ the runner for timm's scripts
+FAKE_VALIDATE = '''
+import sys
+import timm
+assert __name__ == '__main__'
+name = sys.argv[sys.argv.index('--model') + 1]
+model = timm.create_model(name, num_classes=6, embed_dim=48, depth=2, num_heads=3)
+print('CREATED', type(model).__name__, model.img_size_list, sys.argv[0].endswith('validate.py'), sys.argv[1:])
+sys.exit(int(sys.argv[sys.argv.index('--exit') + 1]))
+'''
+
+
+def _runner(argv, cwd, monkeypatch, capsys):
+    """run_timm_script.main(argv) in this process, as from ``cwd``: (exit status, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    try:
+        code = run_timm_script.main(argv)
+    except SystemExit as e:  # the script's own exit
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_runner_registers_the_cf_models_inside_a_timm_script(tmp_path, training_checkpoint, monkeypatch, capsys):
+    (tmp_path / 'validate.py').write_text(FAKE_VALIDATE)
+    # as a user runs it: a process of its own, from another folder
+    proc = subprocess.run([sys.executable, str(ROOT / 'run_timm_script.py'), 'validate.py', 'DATA', '--model',
+                           'cf_deit_tiny', '--exit', '0'], cwd=tmp_path, env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "CREATED CFVisionTransformer [112, 224] True ['DATA', '--model', 'cf_deit_tiny', '--exit', '0']" \
+        in proc.stdout
+    code, out, _ = _runner(['validate.py', '--model', 'cf_deit_tiny', '--exit', '3'], tmp_path, monkeypatch, capsys)
+    assert code == 3 and 'CREATED' in out
+    # a checkpoint of another grid: one line before the script starts, with the flag it needs
+    code, out, err = _runner(['validate.py', '--model', 'cf_deit_tiny', '--checkpoint', str(training_checkpoint),
+                              '--exit', '0'], tmp_path, monkeypatch, capsys)
+    assert code == 2 and 'CREATED' not in out
+    assert err.strip().splitlines() == [
+        f'run_timm_script.py: error: {training_checkpoint} holds a 3x3 coarse grid, the models default to 7x7: '
+        'add --model-kwargs coarse_stage_size=3']
+    code, out, _ = _runner(['validate.py', '--model', 'cf_deit_tiny', '--checkpoint', str(training_checkpoint),
+                            '--model-kwargs', 'coarse_stage_size=3', '--exit', '0'], tmp_path, monkeypatch, capsys)
+    assert code == 0 and 'CREATED' in out
+    code, _, err = _runner(['benchmark.py', '--model', 'cf_deit_tiny'], tmp_path, monkeypatch, capsys)
+    assert code == 2 and 'pytorch-image-models/tree/v1.0.31' in err
+    assert _runner([], tmp_path, monkeypatch, capsys)[0] == 2
+
+
+# ------------------------------------------------------------------ defect 9: export without the exporter's chatter
+def test_export_prints_only_its_own_lines(training_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'export_onnx.py'), '--checkpoint_path', str(training_checkpoint),
+                           '--output-dir', str(tmp_path / 'export')], cwd=tmp_path, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ['exporting', 'GFLOPs', 'check', 'wrote'], proc.stdout[-3000:]
+    assert proc.stderr.strip() == ''
+
+
+# ------------------------------------------------------------------ defect 8 and the exited images' picture
+def test_titles_fit_above_their_pair_and_img_path_names_the_trained_classes(training_checkpoint, data, tmp_path,
+                                                                             caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / 'vis'
+    code = visualize.main(['--resume', str(training_checkpoint), '--img-path', str(data / 'val' / 'class1'),
+                           '--output-dir', str(out), '--threshold', '0', '--num-workers', '0', '--no-progress'])
+    assert code == 0
+    assert f'class names from the class folders of {data / "val"}' in caplog.text
+    assert json.loads((out / 'summary.json').read_text())['exited'] == 2  # threshold 0: every image exits
+    width = 2 * 96 + 4 + 16 - 10  # the space above one image pair at the default 96 px panels, as visualize.py sets
+    names = ['American Staffordshire terrier, Staffordshire bullterrier'] * CLASSES
+    details = Details(confidence=torch.tensor([0.6999999]), exited=torch.tensor([False]), coarse_pred=torch.tensor([1]),
+                fine_pred=torch.tensor([2]), targets=torch.tensor([2]), important=[torch.tensor([0])],
+                indices=torch.tensor([0]), unreadable=[])
+    lines = visualize._title(details, 0, names, 0.7, 'some/very_long_file_name_of_a_holiday_photo.jpg', width)
+    for text, _ in lines:
+        assert visualize._text_px(text, 100) <= width, text
+    assert lines[2][0].endswith('\u2713') and '\u2026' in lines[1][0]  # the name is cut, never the mark
+
+
+# ------------------------------------------------------------------ frictions: warm-up, data-set name in the log
+@pytest.mark.parametrize('epochs,sched_step,warns', [(1, 'epoch', True), (6, 'epoch', True), (7, 'epoch', False),
+                                                     (5, 'next-epoch', True), (6, 'next-epoch', False)])
+def test_a_run_shorter_than_its_warmup_is_warned_about(epochs, sched_step, warns, caplog):
+    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(
+        ['--epochs', str(epochs), '--sched-step', sched_step])  # default --warmup-epochs 5
+    build_scheduler(args, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert ('the whole run is learning-rate warm-up' in caplog.text) == warns
+    if warns:
+        assert '--warmup-epochs 0' in caplog.text and f'the last epoch is {epochs - 1}' in caplog.text
+
+
+def test_the_log_names_the_image_folder_not_imnet(data, caplog):
+    from datasets.build import build_dataset
+    caplog.set_level(logging.INFO)
+    build_dataset(False, argparse.Namespace(data_path=str(data), data_set='IMNET', subset=None))
+    assert f'validation split {data / "val"} (ImageFolder): 12 images, 6 classes' in caplog.text
+    assert 'IMNET' not in caplog.text
