@@ -36,7 +36,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic,
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import OutputDirError, default_workers, make_dirs, positive_int
+from utils.misc import OutputDirError, check_writable_dir, default_workers, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs
@@ -140,10 +140,7 @@ def output_dir(args: argparse.Namespace) -> Path:
         out = Path('output') / 'dynamic_inference' / f'{name}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
         check_outside_inputs(out, [args.data_url], '--output-dir')
-        make_dirs(out)
-        probe = out / '.write_test'
-        probe.write_bytes(b'')
-        probe.unlink()
+        check_writable_dir(out)  # a probe of a random name (a fixed one could be a planted link)
         RunLock(out)
     except OutputDirError as e:
         raise UsageError(str(e)) from e

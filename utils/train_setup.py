@@ -51,6 +51,7 @@ from .misc import (
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
 from .run_folder import RunLock, check_outside_inputs, release_locks
+from .safe_io import UnsafeInputError, check_fixed_names, refuse_overwriting_inputs
 from .signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
 from .validation import BadInputError, create_model_checked, device_name, finite_float, float_in, int_at_least
 
@@ -413,7 +414,10 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
             check_writable_dir(output_dir)
             if not getattr(args, 'eval', False):  # one training run per folder (--eval writes nothing there)
                 RunLock(output_dir)
-        except OutputDirError as e:
+                outputs = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, STEP_CHECKPOINT_NAME, LOG_NAME)
+                check_fixed_names(output_dir, (LOG_NAME,))  # appended in place: never a link or a pipe
+                refuse_overwriting_inputs([output_dir / n for n in outputs], [args.finetune])
+        except (OutputDirError, UnsafeInputError) as e:
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
