@@ -40,6 +40,7 @@ from utils.misc import OutputDirError, check_writable_dir, default_workers, posi
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs
+from utils.safe_io import refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, device_name, float_in, int_at_least
 
@@ -47,6 +48,9 @@ _logger = logging.getLogger('dynamic_inference')
 
 MODES = {'0': 0, 'anytime': 0, '1': 1, 'budgeted': 1, '2': 2, 'throughput': 2, '3': 3, 'report': 3}
 MODE_NAMES = {0: 'anytime', 1: 'budgeted', 2: 'throughput', 3: 'report'}
+#: Files a run may write into --output-dir (besides CHECKPOINT_with_results.pth).
+OUTPUT_NAMES = ('anytime.json', 'budgeted.json', 'throughput.json', 'checkpoint_results.json', 'export_manifest.json',
+                'budgeted_batch_classification.png')
 #: Mode 2's threshold when --threshold is not given (the release required the flag).
 DEFAULT_MODE2_THRESHOLD = 0.5
 
@@ -294,6 +298,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if not isinstance(checkpoint, dict):
             raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
     _logger.info('output folder: %s', out)
+    written = [out / n for n in OUTPUT_NAMES] + [out / f'{Path(args.checkpoint_path).stem}_with_results.pth']
+    refuse_overwriting_inputs(written, [args.checkpoint_path], UsageError)  # the input is never replaced
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)
 

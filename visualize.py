@@ -43,6 +43,7 @@ from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT
 )
 from utils.misc import OutputDirError
 from utils.run_folder import RunLock, check_outside_inputs, same_file
+from utils.safe_io import refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
@@ -56,6 +57,9 @@ log = logging.getLogger('visualize')
 DEFAULT_THRESHOLD = 0.7
 #: Largest --panel-size: a 16-image grid of 2048 px panels is already about 200 megapixels.
 MAX_PANEL_SIZE = 2048
+#: Every file a run writes into --output-dir.
+OUTPUT_NAMES = ('coarse_correct.png', 'fine_only_correct.png', 'coarse_exit.png', 'fine_stage.png',
+                'confidence_histogram.png', 'summary.json')
 CHECK, CROSS = '\u2713', '\u2717'
 GREEN, RED, GREY, BLACK = '#1b7f3b', '#c1121f', '#6c757d', '#111111'
 
@@ -275,6 +279,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         num_classes = args.num_classes or (len(folders) if folders else 1000)
     index_file = _class_index_file(args, folder)
+    refuse_overwriting_inputs([out_dir / n for n in OUTPUT_NAMES], [f for f, _ in files] + [args.resume, index_file],
+                              InputError)  # e.g. --img-path OUT/confidence_histogram.png
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
     names, folder_to_target = resolve_classes(num_classes, folders, class_index)
     samples = [(f, -1 if c is None else folder_to_target[c]) for f, c in files]

@@ -1,0 +1,168 @@
+"""Hostile inputs, round 3: links, named pipes, special file systems, crafted structured files,
+impossible environments, and outputs that would land on inputs.
+
+Every input is created for real (symbolic links, FIFOs, a folder linked to /proc, a pickle of a list
+nested 200,000 deep, a bound on memory) and every test checks that the inputs' digests are unchanged
+afterwards, as the other safety tests do. Scripts run in this process on tiny models; a SIGALRM
+guard turns a hang into a failure instead of a stuck suite.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+
+import dynamic_inference
+import main_deit
+import visualize
+from helpers import make_image_folder, script_env, tree_digest
+from utils.misc import EXIT_BAD_INPUT
+
+pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES, G = 3, 2
+ARCH = dict(embed_dim=48, depth=2, num_heads=3)
+EVAL_ARCH = ['--model', 'cf_deit_tiny', '--coarse-stage-size', str(G), '--model-kwargs',
+             *[f'{k}={v}' for k, v in ARCH.items()]]
+TRAIN = ['--model', 'cf_deit_tiny', '--embed-dim', '48', '--depth', '2', '--num-heads', '3', '--coarse-stage-size',
+         str(G), '--device', 'cpu', '--no-amp', '--num_workers', '0', '--batch-size', '2', '--epochs', '1',
+         '--warmup-epochs', '0', '--lr', '1e-3', '--print-freq', '1000', '--seed', '0', '--no-repeated-aug',
+         '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--no-model-ema']
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory) -> Dict[str, Path]:
+    """Read-only inputs: a tiny dataset, a released-layout checkpoint and a file that must never change."""
+    root = tmp_path_factory.mktemp('inputs')
+    data = make_image_folder(root / 'data', {'train': 2, 'val': 2}, NUM_CLASSES)
+    torch.manual_seed(0)
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=G, num_classes=NUM_CLASSES, **ARCH)
+    torch.save({'model': model.state_dict()}, root / 'released.pth')
+    (root / 'victim.txt').write_text('a file of the user that no run may touch\n')
+    return {'root': root, 'data': data, 'ckpt': root / 'released.pth', 'victim': root / 'victim.txt'}
+
+
+@pytest.fixture(autouse=True)
+def untouched_inputs(inputs):
+    """No test may modify, create or delete a file among the inputs; no test may hang (SIGALRM)."""
+    before = tree_digest(inputs['root'])
+
+    def hang(signum, frame):
+        raise TimeoutError('the run hung')
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert tree_digest(inputs['root']) == before
+
+
+def run(script, argv: List, capsys, caplog):
+    """``(exit status, everything printed or logged)``; argparse's SystemExit gives its code."""
+    with caplog.at_level(logging.INFO):
+        try:
+            code = script.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    return code, '\n'.join([out, err, caplog.text])
+
+
+def one_line_error(code: int, text: str, message: str) -> None:
+    """Exit status 2, no traceback, and ``message`` on one line of the output."""
+    assert code == EXIT_BAD_INPUT == 2, text[-3000:]
+    assert 'Traceback' not in text, text[-3000:]
+    assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'
+
+
+def evaluate(inputs, out: Path, *extra) -> List:
+    return ['--eval-mode', '0', '--data_url', inputs['data'], '--checkpoint_path', inputs['ckpt'], *EVAL_ARCH,
+            '--num-workers', '0', '--output-dir', out, *extra]
+
+
+# --------------------------------------------------------------------- fixed names in output folders
+def test_a_linked_run_lock_is_refused_and_its_target_untouched(inputs, tmp_path, capsys, caplog):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / '.cfvit-run.lock').symlink_to(inputs['victim'])
+    code, text = run(dynamic_inference, evaluate(inputs, out), capsys, caplog)
+    one_line_error(code, text, 'is a symbolic link: refused')
+    assert (out / '.cfvit-run.lock').is_symlink()
+
+
+def test_a_planted_write_probe_link_is_never_written_through(inputs, tmp_path, capsys, caplog):
+    out = tmp_path / 'out'
+    out.mkdir()
+    for name in ('.write_test', '.write-test'):  # the names the probes had
+        (out / name).symlink_to(inputs['victim'])
+    code, text = run(dynamic_inference, evaluate(inputs, out), capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert json.loads((out / 'anytime.json').read_text())['images'] == NUM_CLASSES * 2
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'link'])
+def test_a_log_that_is_a_pipe_or_a_link_is_refused_before_training(inputs, tmp_path, capsys, caplog, kind):
+    out = tmp_path / 'out'
+    out.mkdir()
+    if kind == 'fifo':
+        os.mkfifo(out / 'log.txt')
+    else:
+        (out / 'log.txt').symlink_to(inputs['victim'])
+    code, text = run(main_deit, [*TRAIN, '--data-path', inputs['data'], '--output', out], capsys, caplog)
+    one_line_error(code, text, 'log.txt in the output folder is a ' + ('named pipe' if kind == 'fifo' else
+                                                                       'symbolic link'))
+    assert not (out / 'checkpoint.pth').exists()
+
+
+def test_finetuning_from_a_file_the_run_writes_is_refused(inputs, tmp_path, capsys, caplog):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'checkpoint.pth').write_bytes(inputs['ckpt'].read_bytes())
+    before = tree_digest(out)
+    code, text = run(main_deit, [*TRAIN, '--data-path', inputs['data'], '--output', out, '--finetune',
+                                 out / 'checkpoint.pth'], capsys, caplog)
+    one_line_error(code, text, 'the run would replace its own input')
+    assert {k: v for k, v in tree_digest(out).items() if 'checkpoint.pth' in k} == before
+
+
+def test_visualize_never_replaces_its_input_image(inputs, tmp_path, capsys, caplog):
+    out = tmp_path / 'out'
+    out.mkdir()
+    image = out / 'confidence_histogram.png'
+    image.write_bytes((inputs['data'] / 'val' / 'class0' / '0.png').read_bytes())
+    before = tree_digest(out)
+    code, text = run(visualize, ['--img-path', image, '--resume', inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0',
+                                 '--no-progress', '--output-dir', out], capsys, caplog)
+    one_line_error(code, text, 'the run would replace its own input')
+    assert tree_digest(out) == before
+
+
+def test_dynamic_inference_never_writes_its_results_over_its_checkpoint(inputs, tmp_path, capsys, caplog):
+    out = tmp_path / 'out'
+    out.mkdir()
+    ckpt = out / 'anytime.json'  # a checkpoint under the name of mode 0's result
+    ckpt.write_bytes(inputs['ckpt'].read_bytes())
+    before = tree_digest(ckpt)
+    code, text = run(dynamic_inference, ['--eval-mode', '0', '--data_url', inputs['data'],
+                                         '--checkpoint_path', ckpt, *EVAL_ARCH, '--num-workers', '0', '--output-dir',
+                                         out], capsys, caplog)
+    one_line_error(code, text, 'the run would replace its own input')
+    assert tree_digest(ckpt) == before
