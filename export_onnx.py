@@ -26,10 +26,14 @@ import torch
 
 import models
 from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
+from utils.misc import OutputDirError, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
-from utils.onnx_runtime import OnnxEarlyExit
+from utils.onnx_export import (DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, ExportExistsError,
+                               export_early_exit)
+from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+from utils.safe_io import refuse_overwriting_inputs
+from utils.signals import run_entry_point
+from utils.validation import BadInputError
 
 _logger = logging.getLogger('export_onnx')
 
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> dict:
     model.eval()
     suffix = '_int8' if args.quantize == 'dynamic' else ''
     out = Path(args.output_dir or Path('output') / 'onnx' / f'{name}_g{g}{suffix}')
+    refuse_overwriting_inputs([out / n for n in (MANIFEST_NAME, *GRAPH_FILES.values())], [args.checkpoint_path],
+                              UsageError)
     _logger.info('exporting %s (%dx%d coarse grid, %d classes) with %s, opset %d, into %s',
                  name, g, g, model.num_classes, args.exporter, args.opset, out)
     try:
@@ -104,15 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
-    try:
-        run(args)
-    except (UsageError, CheckpointError) as e:
-        print(f'export_onnx.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the graphs failed (full disk, ...); earlier files are intact
-        print(f'export_onnx.py: error: {describe_os_error(e, "cannot write the export")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    # SIGINT / SIGTERM: one line, exit 130 / 143; a folder this run created and left empty is removed
+    return run_entry_point('export_onnx.py', lambda: run(args), (UsageError, CheckpointError, BadInputError,
+                                                                 ExportFolderError), 'cannot write the export',
+                           one_line=True)
 
 
 if __name__ == '__main__':
