@@ -166,3 +166,109 @@ def test_dynamic_inference_never_writes_its_results_over_its_checkpoint(inputs, 
                                          out], capsys, caplog)
     one_line_error(code, text, 'the run would replace its own input')
     assert tree_digest(ckpt) == before
+
+
+# --------------------------------------------------------------------------------------- ONNX exports
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory) -> Dict[str, Path]:
+    """Two exports of tiny models of different widths (torchscript exporter: fast)."""
+    import models  # noqa: F401
+    from utils.onnx_export import export_early_exit
+    root = tmp_path_factory.mktemp('exports')
+    out = {}
+    for name, width in (('a', 48), ('b', 24)):
+        torch.manual_seed(0)
+        model = timm.create_model('cf_deit_tiny', coarse_stage_size=G, num_classes=NUM_CLASSES, embed_dim=width,
+                                  depth=2, num_heads=3)
+        export_early_exit(model, root / name, exporter='torchscript')
+        out[name] = root / name
+    return out
+
+
+def _copy_export(src: Path, dst: Path, change=None) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if change is not None:
+        manifest = json.loads((dst / 'manifest.json').read_text())
+        change(manifest)
+        (dst / 'manifest.json').write_text(json.dumps(manifest))
+    return dst
+
+
+def test_hostile_export_manifests_are_refused_in_one_line(exports, inputs, tmp_path, capsys, caplog):
+    from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+    a = exports['a']
+    fifo = _copy_export(a, tmp_path / 'fifo')
+    (fifo / 'manifest.json').unlink()
+    os.mkfifo(fifo / 'manifest.json')  # read without a writer: would block forever
+    zero = _copy_export(a, tmp_path / 'zero')
+    (zero / 'manifest.json').unlink()
+    (zero / 'manifest.json').symlink_to('/dev/zero')  # would read until memory runs out
+    deep = _copy_export(a, tmp_path / 'deep')
+    (deep / 'manifest.json').write_text('[' * 100_000 + ']' * 100_000)
+    cases = {
+        fifo: 'is a named pipe', zero: 'is a character device', deep: 'nested deeper',
+        _copy_export(a, tmp_path / 'missing', lambda m: m.pop('num_classes')): 'lacks num_classes',
+        _copy_export(a, tmp_path / 'mistyped', lambda m: m.update(num_classes='3')): 'num_classes is',
+        _copy_export(a, tmp_path / 'gflops', lambda m: m.update(gflops=[0.1])): 'gflops must be two',
+        _copy_export(a, tmp_path / 'std', lambda m: m['data_config'].update(std=[0.2, 0.0, 0.2])): 'std must be positive',
+    }
+    b_fine = json.loads((exports['b'] / 'manifest.json').read_text())['graphs']['fine']
+    mixed = _copy_export(a, tmp_path / 'mixed', lambda m: m['graphs'].update(fine=b_fine))
+    (mixed / 'fine.onnx').write_bytes((exports['b'] / 'fine.onnx').read_bytes())
+    cases[mixed] = 'graphs of two different models'
+    for folder, message in cases.items():
+        with pytest.raises(ExportFolderError, match=message) as info:
+            OnnxEarlyExit(folder)
+        assert '\n' not in str(info.value)
+    # through the script: one line, exit 2
+    code, text = run(dynamic_inference, ['--backend', 'onnxruntime', fifo, '--eval-mode', '0', '--data_url',
+                                         inputs['data'], '--num-workers', '0', '--output-dir', tmp_path / 'o'],
+                     capsys, caplog)
+    one_line_error(code, text, 'is a named pipe')
+
+
+def test_onnx_early_exit_takes_an_empty_batch_and_refuses_bytes(exports):
+    from utils.onnx_runtime import OnnxEarlyExit
+    runtime = OnnxEarlyExit(exports['a'])
+    side = runtime.img_size_list[1]
+    assert runtime.forward_early_exit(torch.zeros(0, 3, side, side), 0.5).shape == (0, NUM_CLASSES)
+    details = runtime.forward_details(torch.zeros(0, 3, side, side), 0.5)
+    assert details.fine_logits.shape == (0, NUM_CLASSES) and details.exited.shape == (0,)
+    with pytest.raises(ValueError, match='expected normalized floating-point images, got torch.uint8'):
+        runtime.forward_early_exit(torch.zeros(2, 3, side, side, dtype=torch.uint8), 0.5)
+
+
+def test_two_exports_into_one_folder_cannot_both_succeed(inputs, tmp_path, capsys, caplog):
+    import fcntl
+
+    import export_onnx
+    out = tmp_path / 'export'
+    out.mkdir()
+    fd = os.open(out / '.cfvit-run.lock', os.O_RDWR | os.O_CREAT)  # another export holds the folder
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, text = run(export_onnx, ['--checkpoint_path', inputs['ckpt'], *EVAL_ARCH, '--exporter', 'torchscript',
+                                       '--output-dir', out], capsys, caplog)
+    finally:
+        os.close(fd)
+    one_line_error(code, text, 'is in use by another run')
+    assert sorted(p.name for p in out.iterdir()) == ['.cfvit-run.lock']
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_export_interrupted_says_so_and_leaves_no_empty_folder(inputs, tmp_path, capsys, caplog, monkeypatch, signum):
+    import export_onnx
+    import utils.onnx_export as onnx_export
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # as Ctrl-C / a scheduler would, while the graphs are being exported
+        raise AssertionError('the signal did not stop the export')
+    monkeypatch.setattr(onnx_export, 'export_graph', interrupted)
+    out = tmp_path / 'new' / 'export'
+    code, text = run(export_onnx, ['--checkpoint_path', inputs['ckpt'], *EVAL_ARCH, '--output-dir', out],
+                     capsys, caplog)
+    assert code == 128 + signum, text[-3000:]
+    assert 'Traceback' not in text and 'export_onnx.py: interrupted' in text
+    assert not (tmp_path / 'new').exists()
