@@ -33,7 +33,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .validation import BadInputError
 
-__all__ = ['UnsafeInputError', 'open_regular_nofollow', 'read_structured', 'bounded_depth', 'check_like',
+__all__ = ['UnsafeInputError', 'open_regular_nofollow', 'read_structured', 'read_capped', 'bounded_depth',
+           'check_step_checkpoint',
+           'check_like', 'check_scheduler_state', 'check_schema', 'check_fixed_names',
            'refuse_overwriting_inputs', 'special_filesystem', 'link_above_root', 'check_dist_env',
            'MAX_JSON_BYTES', 'MAX_DEPTH']
 
@@ -105,7 +107,7 @@ def open_regular_nofollow(path: PathLike, flags: int = os.O_RDONLY, mode: int = 
     return fd
 
 
-def _read_capped(path: PathLike, max_bytes: int, what: str, follow: bool = True) -> bytes:
+def read_capped(path: PathLike, max_bytes: int, what: str, follow: bool = True) -> bytes:
     """At most ``max_bytes`` of a regular file (links to one are followed unless ``follow`` is False)."""
     if follow:
         try:
@@ -154,7 +156,7 @@ def read_structured(path: PathLike, max_bytes: int = MAX_JSON_BYTES, max_depth: 
         FileNotFoundError: no such file (the caller says what it means).
         UnsafeInputError: everything else, in one line.
     """
-    data = _read_capped(path, max_bytes, what, follow)
+    data = read_capped(path, max_bytes, what, follow)
     try:
         text = data.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -226,7 +228,7 @@ def bounded_depth(obj: Any, max_depth: int = MAX_DEPTH, where: str = 'the data',
     """
     deepest = 0
     stack: List[Tuple[Any, int]] = [(obj, 0)]
-    seen: Set[int] = set()
+    seen: Dict[int, int] = {}  # container id -> deepest level it was entered at (shared parts: once per level)
     while stack:
         value, depth = stack.pop()
         if leaves and isinstance(value, leaves):
@@ -239,12 +241,12 @@ def bounded_depth(obj: Any, max_depth: int = MAX_DEPTH, where: str = 'the data',
             children = vars(value).values()
         else:
             continue
-        if id(value) in seen:  # a structure that contains itself (possible in pickles)
-            raise error(f'{where} contains itself (a cyclic structure): refused')
-        seen.add(id(value))
         depth += 1
-        if depth > max_depth:
+        if depth > max_depth:  # also ends a structure that contains itself (possible in a pickle)
             raise error(f'{where} is nested deeper than {max_depth} levels: refused')
+        if seen.get(id(value), 0) >= depth:
+            continue
+        seen[id(value)] = depth
         deepest = max(deepest, depth)
         stack.extend((child, depth) for child in children)
     return deepest
@@ -261,8 +263,9 @@ def check_like(value: Any, reference: Any, where: str, error: Type[Exception] = 
         ok = isinstance(value, bool)
     elif isinstance(reference, numbers.Real):
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    elif reference is None:
-        ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+    elif reference is None:  # an optional number (timm: metric, noise_range_t), or a list of numbers
+        ok = value is None or _number(value) or (isinstance(value, (list, tuple)) and len(value) <= 16
+                                                 and all(_number(v) for v in value))
     elif isinstance(reference, str):
         ok = isinstance(value, str)
     elif isinstance(reference, Mapping):
@@ -280,11 +283,28 @@ def check_like(value: Any, reference: Any, where: str, error: Type[Exception] = 
         for i, (v, r) in enumerate(zip(value, reference)):
             check_like(v, r, where, error, f'{_path}[{i}]')
         return
+    elif type(reference).__name__ == 'Tensor' and hasattr(reference, 'dtype'):
+        ok = (type(value) is type(reference) and value.dtype == reference.dtype
+              and tuple(value.shape) == tuple(reference.shape))
     else:
         ok = isinstance(value, type(reference))
     if not ok:
         raise error(f'{where}: {name} is {_short(value)}, expected {_short(reference)}-like '
                     f'({type(reference).__name__})')
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_scheduler_state(saved: Any, own: Mapping[str, Any], where: str,
+                          error: Type[Exception] = UnsafeInputError) -> None:
+    """A saved timm scheduler state fits the run's own (:func:`check_like`; timm's ``load_state_dict``
+    copies every entry onto the scheduler, so the names of the fields it writes must also be the run's)."""
+    check_like(saved, own, where, error)
+    for key in ('param_group_field', '_initial_param_group_field'):
+        if key in saved and saved[key] != own.get(key):
+            raise error(f'{where}: {key} is {_short(saved[key])}, this run schedules {_short(own.get(key))}')
 
 
 def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[PathLike]],
@@ -410,3 +430,45 @@ def check_fixed_names(folder: PathLike, names: Iterable[str], what: str = 'outpu
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeInputError(f'{path} in the {what} is {_kind(st.st_mode)}: refused (the run writes a '
                                    f'regular file of that name; remove it or choose another folder)')
+
+
+def check_step_checkpoint(checkpoint: Mapping[str, Any], world_size: int, steps_per_epoch: int, rank: int,
+                          capture: Callable[[], Any], restore: Callable[[Any], None], where: str,
+                          error: Type[Exception] = UnsafeInputError) -> None:
+    """What a mid-epoch checkpoint says about its position and its per-process states fits this run: the step
+    lies inside its epoch, there is one state per process, the running means are numbers, and this
+    process's RNG states have the run's own layout and are accepted by the generators (tried, then the
+    run's states are put back). ``capture`` / ``restore``: :func:`utils.preemption.capture_rng_state` and
+    :func:`utils.preemption.restore_rng_state`."""
+    step = checkpoint.get('step_in_epoch')
+    if not (_number(step) and float(step).is_integer() and 0 <= step <= steps_per_epoch):
+        raise error(f'{where}: step_in_epoch is {_short(step)}, but its epoch has {steps_per_epoch} steps (a step '
+                    f'beyond its epoch would skip the epoch and save it as trained)')
+    states = checkpoint.get('process_states')
+    if not isinstance(states, (list, tuple)) or len(states) != world_size:
+        raise error(f'{where}: process_states is {_short(states)}, expected one state per process ({world_size})')
+    state = states[rank]
+    if not (isinstance(state, Mapping) and isinstance(state.get('rng'), Mapping)
+            and isinstance(state.get('meter'), Mapping)):
+        raise error(f'{where}: the state of process {rank} is {_short(state)}, expected its rng and meter')
+    meter = state['meter']
+    for part in ('sums', 'counts'):
+        values = meter.get(part)
+        if not (isinstance(values, Mapping) and all(isinstance(k, str) and _number(v) and math.isfinite(v)
+                                                     for k, v in values.items())):
+            raise error(f'{where}: meter.{part} of process {rank} is {_short(values)}, expected named finite numbers')
+    if any(v < 0 for v in meter['counts'].values()):
+        raise error(f'{where}: meter.counts of process {rank} holds a negative count')
+    rng, own = state['rng'], capture()
+    check_like({k: v for k, v in rng.items() if k != 'cuda'}, {k: v for k, v in own.items() if k != 'cuda'},
+               f'{where}: rng of process {rank}', error)
+    cuda = rng.get('cuda', [])
+    if not (isinstance(cuda, (list, tuple)) and all(type(t).__name__ == 'Tensor' for t in cuda)):
+        raise error(f'{where}: rng.cuda of process {rank} is {_short(cuda)}, expected generator states')
+    try:
+        restore(rng)
+    except Exception as e:  # noqa: BLE001 (the generators reject garbage with many types)
+        raise error(f'{where}: the RNG states of process {rank} are not valid generator states '
+                    f'({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
+    finally:
+        restore(own)

@@ -205,6 +205,8 @@ def check_checkpoint(checkpoint: Any, where: str) -> Any:
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{where} holds a {type(checkpoint).__name__}, expected a dict checkpoint')
+    from .safe_io import MAX_DEPTH, bounded_depth  # e.g. a flop list nested 200,000 deep: refused, no RecursionError
+    bounded_depth(checkpoint, MAX_DEPTH, where, CheckpointError, leaves=(torch.Tensor,))
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         problem = _state_dict_problem(checkpoint)
         if problem:
