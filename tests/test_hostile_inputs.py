@@ -272,3 +272,107 @@ def test_export_interrupted_says_so_and_leaves_no_empty_folder(inputs, tmp_path,
     assert code == 128 + signum, text[-3000:]
     assert 'Traceback' not in text and 'export_onnx.py: interrupted' in text
     assert not (tmp_path / 'new').exists()
+
+
+# ------------------------------------------------------------------------- checkpoints' extra fields
+def deep_checkpoint(obj: dict, path: Path, key: str, depth: int = 200_000) -> Path:
+    """``obj`` saved with ``obj[key]`` a list nested ``depth`` deep (written into the pickle directly:
+    torch.save itself cannot save it)."""
+    obj = dict(obj, **{key: 'ZZDEEPZZ'})
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    placeholder = b'X\x08\x00\x00\x00ZZDEEPZZ'  # BINUNICODE of the placeholder
+    nested = b']' * depth + b'G' + struct.pack('>d', 1.0) + b'a' * depth  # EMPTY_LIST x depth, a float, APPEND x depth
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith('data.pkl'):
+                assert placeholder in data
+                data = data.replace(placeholder, nested)
+            zout.writestr(info, data)
+    return path
+
+
+@pytest.fixture(scope='module')
+def trained(inputs, tmp_path_factory) -> Path:
+    """A run folder after one epoch of 3 steps with a mid-epoch checkpoint every step (the last one: step 3)."""
+    out = tmp_path_factory.mktemp('trained') / 'run'
+    code = main_deit.main([str(a) for a in [*TRAIN, '--data-path', inputs['data'], '--output', out,
+                                            '--save-interval-steps', '1']])
+    assert code == 0
+    return out
+
+
+def _changed(src: Path, dst_dir: Path, change) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = torch.load(src, map_location='cpu', weights_only=False)
+    change(checkpoint)
+    torch.save(checkpoint, dst_dir / src.name)
+    return dst_dir / src.name
+
+
+def test_a_flop_list_nested_200000_deep_is_one_line(inputs, tmp_path, capsys, caplog):
+    deep = deep_checkpoint(torch.load(inputs['ckpt'], weights_only=True), tmp_path / 'deep.pth', 'flop')
+    code, text = run(dynamic_inference, ['--eval-mode', '3', '--checkpoint_path', deep, *EVAL_ARCH,
+                                         '--output-dir', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, 'nested deeper than')
+
+
+@pytest.mark.parametrize('case', ['string', 'foreign-field', 'deep'])
+def test_a_resumed_scheduler_state_of_the_wrong_shape_is_one_line(inputs, trained, tmp_path, capsys, caplog, case):
+    if case == 'deep':
+        ckpt = torch.load(trained / 'checkpoint.pth', map_location='cpu', weights_only=False)
+        path = deep_checkpoint(ckpt, tmp_path / 'checkpoint.pth', 'lr_scheduler', 5_000)
+        message = 'nested deeper than'
+    else:
+        def change(c):
+            if case == 'string':
+                c['lr_scheduler']['t_initial'] = 'ten'
+            else:
+                c['lr_scheduler']['param_group_field'] = 'params'  # timm would write lr values into the params
+        path = _changed(trained / 'checkpoint.pth', tmp_path, change)
+        message = 't_initial is' if case == 'string' else 'param_group_field is'
+    code, text = run(main_deit, [*TRAIN, '--epochs', '2', '--data-path', inputs['data'], '--output', tmp_path / 'o',
+                                 '--resume', path], capsys, caplog)
+    one_line_error(code, text, message)
+
+
+@pytest.mark.parametrize('case,message', [
+    ('beyond', 'step_in_epoch is 999, but its epoch has 3 steps'),
+    ('no-states', 'process_states is [], expected one state per process'),
+    ('garbage-torch', 'rng of process 0: torch is'),
+    ('garbage-python', 'not valid generator states'),
+    ('meter', 'meter.sums of process 0'),
+])
+def test_a_step_checkpoint_is_checked_against_the_run(inputs, trained, tmp_path, capsys, caplog, case, message):
+    def change(c):
+        state = c['process_states'][0]
+        if case == 'beyond':
+            c['step_in_epoch'] = 999
+        elif case == 'no-states':
+            c['process_states'] = []
+        elif case == 'garbage-torch':
+            state['rng']['torch'] = torch.zeros(7, dtype=torch.uint8)
+        elif case == 'garbage-python':
+            version, internal, gauss = state['rng']['python']
+            state['rng']['python'] = (version, (2 ** 40,) * len(internal), gauss)  # words beyond 32 bits
+        else:
+            state['meter']['sums'] = {'loss': 'high'}
+    path = _changed(trained / 'checkpoint_step.pth', tmp_path, change)
+    code, text = run(main_deit, [*TRAIN, '--epochs', '2', '--data-path', inputs['data'], '--output', tmp_path / 'o',
+                                 '--resume', path], capsys, caplog)
+    one_line_error(code, text, message)
+    assert not (tmp_path / 'o' / 'log.txt').exists()  # nothing trained, nothing logged as trained
+
+
+def test_resume_auto_skips_a_step_checkpoint_of_another_batch_size(inputs, trained, tmp_path, capsys, caplog):
+    out = tmp_path / 'run'
+    out.mkdir()
+    for name in ('checkpoint.pth', 'checkpoint_step.pth'):
+        (out / name).write_bytes((trained / name).read_bytes())
+    argv = [a if prev != '--batch-size' else '3' for prev, a in zip([''] + TRAIN, TRAIN)]
+    code, text = run(main_deit, [*argv, '--epochs', '2', '--data-path', inputs['data'], '--output', out,
+                                 '--resume', 'auto'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert 'skipping' in text and 'mid-epoch checkpoint of --batch-size 2, this run has 3' in text
+    assert [r['epoch'] for r in map(json.loads, (out / 'log.txt').read_text().splitlines())] == [1]
