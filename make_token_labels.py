@@ -52,7 +52,9 @@ from tqdm import tqdm  # noqa: E402
 import models  # noqa: E402  (registers the CF models with timm)
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
-from datasets.token_label import METADATA_NAME, check_distinct_label_maps, label_map_path  # noqa: E402
+from datasets.token_label import (  # noqa: E402
+    LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
+)
 from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
@@ -276,6 +278,54 @@ class _PendingImages(Dataset):
         return None if img is None else (self.transform(img), index)
 
 
+LABELS_LOCK = '.cfvit-labels.lock'
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+#: Entries of token_labels.json that must agree for two runs to write into one folder.
+IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_size', 'topk', 'map_size',
+            'pretrained')
+
+
+def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
+    """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
+    folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
+    maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
+    from utils.safe_io import UnsafeInputError, read_structured
+    path = out / METADATA_NAME
+    with RunLock(out, LABELS_LOCK):  # the shards of one job check and write it one at a time
+        if os.path.lexists(path):
+            try:
+                meta = read_structured(path, what='the label-map metadata', follow=False)
+            except (OSError, UnsafeInputError) as e:
+                raise TeacherError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
+            if not isinstance(meta, dict):
+                raise TeacherError(f'{path} is not label-map metadata: choose another --output')
+            differ = [k for k in IDENTITY if k in meta and meta[k] != identity[k]
+                      and not (k == 'checkpoint_sha256' and meta[k] is None)]
+            if meta.get('classes') not in (None, classes):
+                differ.append('classes')
+            if differ:
+                theirs = ', '.join(f'{k}={meta.get(k)!r}' for k in differ)
+                raise TeacherError(f'{out} holds label maps of another teacher or layout ({theirs}); this run has '
+                                   f'{", ".join(f"{k}={identity.get(k, classes)!r}" for k in differ)}: choose '
+                                   f'another --output (maps of two teachers must not mix)')
+            return {**meta, **identity, 'map_shape': meta.get('map_shape'), 'classes': classes}
+        if any(out.glob('*/*' + LABEL_MAP_SUFFIX)):
+            raise TeacherError(f'{out} holds label maps but no {METADATA_NAME} naming their teacher: choose another '
+                               f'--output (maps of two teachers must not mix)')
+        meta = {**identity, 'map_shape': None,
+                'scores': 'teacher logits; a class outside the top K counts as logit 0', 'classes': classes}
+        write_json_atomic(meta, path)
+        return meta
+
+
 def resolve_image_folder(data: str) -> Path:
     """``DATA/train`` if it exists, else ``DATA`` itself."""
     root = Path(data).expanduser()
@@ -314,6 +364,13 @@ def run(args: argparse.Namespace) -> int:
         transforms.ToTensor(),
         transforms.Normalize(cfg['mean'], cfg['std']),
     ])
+    identity = {  # what makes two runs' maps interchangeable; token_labels.json names it from the start
+        'teacher': name, 'checkpoint': str(args.checkpoint) if args.checkpoint else None,
+        'checkpoint_sha256': sha256_file(args.checkpoint) if args.checkpoint else None,
+        'use_ema': args.use_ema, 'full_fine_grid': args.full_fine_grid, 'input_size': size, 'topk': args.topk,
+        'map_size': args.map_size, 'pretrained': bool(args.pretrained and not args.checkpoint),
+    }
+    meta = claim_label_folder(out, identity, list(classes))
     shard = [i for i in range(len(samples)) if i % args.num_shards == args.shard_index]
     pending = [i for i in shard if not targets[i].is_file()]
     _logger.info('teacher %s at %dx%d on %s: %d images in %s (%d classes), shard %d/%d: %d to write, %d already done',
@@ -351,12 +408,9 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         for f in futures:
             f.result()
-    if map_shape is not None or not (out / METADATA_NAME).is_file():
-        write_json_atomic({
-            'teacher': name, 'checkpoint': str(args.checkpoint) if args.checkpoint else None,
-            'use_ema': args.use_ema, 'full_fine_grid': args.full_fine_grid, 'input_size': size, 'topk': args.topk, 'map_shape': map_shape,
-            'scores': 'teacher logits; a class outside the top K counts as logit 0', 'classes': list(classes),
-        }, out / METADATA_NAME)
+    if map_shape is not None:
+        with RunLock(out, LABELS_LOCK):
+            write_json_atomic({**meta, 'map_shape': list(map_shape)}, out / METADATA_NAME)
     if written:
         _logger.info('wrote %d label maps of shape %s to %s in %.1f s', written, map_shape, out, time.time() - started)
     else:

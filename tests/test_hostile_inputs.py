@@ -376,3 +376,50 @@ def test_resume_auto_skips_a_step_checkpoint_of_another_batch_size(inputs, train
     assert code == 0, text[-3000:]
     assert 'skipping' in text and 'mid-epoch checkpoint of --batch-size 2, this run has 3' in text
     assert [r['epoch'] for r in map(json.loads, (out / 'log.txt').read_text().splitlines())] == [1]
+
+
+# ------------------------------------------------------------------------------------ label maps
+def test_label_maps_of_two_teachers_never_mix(inputs, tmp_path, capsys, caplog):
+    import make_token_labels
+    out = tmp_path / 'maps'
+    teacher = ['--teacher', 'cf_deit_tiny', *EVAL_ARCH[2:], '--output', out, '-j', '0', '-b', '4']
+    code, text = run(make_token_labels, [inputs['data'], '--checkpoint', inputs['ckpt'], *teacher], capsys, caplog)
+    assert code == 0, text[-3000:]
+    meta = json.loads((out / 'token_labels.json').read_text())
+    assert meta['teacher'] == 'cf_deit_tiny' and len(meta['checkpoint_sha256']) == 64
+    assert meta['map_shape'] == [2, NUM_CLASSES, 2 * G, 2 * G]
+    before = tree_digest(out)
+    torch.manual_seed(1)  # another teacher of the same architecture
+    other = timm.create_model('cf_deit_tiny', coarse_stage_size=G, num_classes=NUM_CLASSES, **ARCH)
+    torch.save({'model': other.state_dict()}, tmp_path / 'other.pth')
+    code, text = run(make_token_labels, [inputs['data'], '--checkpoint', tmp_path / 'other.pth', *teacher],
+                     capsys, caplog)
+    one_line_error(code, text, 'holds label maps of another teacher or layout (checkpoint_sha256=')
+    code, text = run(make_token_labels, [inputs['data'], '--checkpoint', inputs['ckpt'], *teacher, '--topk', '2'],
+                     capsys, caplog)
+    one_line_error(code, text, "holds label maps of another teacher or layout (topk=3")
+    assert tree_digest(out) == before
+    # the same teacher again: nothing to write, the folder unchanged
+    code, text = run(make_token_labels, [inputs['data'], '--checkpoint', inputs['ckpt'], *teacher], capsys, caplog)
+    assert code == 0 and 'nothing to write' in text, text[-3000:]
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize('content,message', [
+    ('["class0", "class1", "class2"]', 'expected an object with classes'),
+    ('{"classes": "class0"}', 'classes is'),
+    ('{"classes": [[' + '[' * 50 + ']' * 50 + ']]}', 'nested deeper'),
+    ('fifo', 'is a named pipe'),
+])
+def test_label_metadata_of_the_wrong_shape_is_one_line(inputs, tmp_path, content, message):
+    from datasets.token_label import TokenLabelError, check_label_maps
+    maps = tmp_path / 'maps'
+    maps.mkdir()
+    if content == 'fifo':
+        os.mkfifo(maps / 'token_labels.json')
+    else:
+        (maps / 'token_labels.json').write_text(content)
+    samples = [(str(inputs['data'] / 'train' / 'class0' / '0.png'), 0)]
+    with pytest.raises(TokenLabelError, match=message) as info:
+        check_label_maps(samples, maps, NUM_CLASSES, ['class0', 'class1', 'class2'])
+    assert '\n' not in str(info.value)
