@@ -40,7 +40,7 @@ from utils.misc import OutputDirError, check_writable_dir, default_workers, posi
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs
-from utils.safe_io import refuse_overwriting_inputs
+from utils.safe_io import grid_side, refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, device_name, float_in, int_at_least
 
@@ -84,7 +84,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--checkpoint-key', default=None,
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); "
                         "e.g. model_ema")
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
     p.add_argument('--threshold', type=float_in(0, 1), default=None,

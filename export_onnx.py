@@ -31,7 +31,7 @@ from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.onnx_export import (DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, ExportExistsError,
                                export_early_exit)
 from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
-from utils.safe_io import refuse_overwriting_inputs
+from utils.safe_io import grid_side, refuse_overwriting_inputs
 from utils.signals import run_entry_point
 from utils.validation import BadInputError
 
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); e.g. model_ema")
     p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
                    help='the model (default: the one a training checkpoint records, else cf_deit_small)')
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid side g (default: what a training checkpoint records, else 7)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments (KEY=VALUE ... or one JSON object)')

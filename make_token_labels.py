@@ -60,6 +60,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.dist import default_device  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
+from utils.safe_io import grid_side  # noqa: E402
 from utils.signals import (  # noqa: E402
     check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
 )  # noqa: E402
@@ -95,7 +96,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--checkpoint', default=None, help='teacher weights (a project or timm checkpoint)')
     g.add_argument('--use-ema', action='store_true', help="use the checkpoint's model_ema weights")
     g.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (local cache when offline)")
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid of a CF teacher (default: from the checkpoint, else 7)')
     g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='width override of the teacher')
     g.add_argument('--depth', type=int_at_least(1), default=None, help='block count override of the teacher')

@@ -423,3 +423,47 @@ def test_label_metadata_of_the_wrong_shape_is_one_line(inputs, tmp_path, content
     with pytest.raises(TokenLabelError, match=message) as info:
         check_label_maps(samples, maps, NUM_CLASSES, ['class0', 'class1', 'class2'])
     assert '\n' not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------ visualize
+def test_a_classes_txt_at_the_dataset_root_names_classes_but_never_relabels_folders(inputs, tmp_path, capsys, caplog):
+    data = tmp_path / 'data'
+    (data / 'val').mkdir(parents=True)
+    for c in range(NUM_CLASSES):
+        (data / 'val' / f'class{c}').symlink_to(inputs['data'] / 'val' / f'class{c}')
+    # listed in the reverse order, with indices: mapping folders by it would permute the labels
+    (data / 'classes.txt').write_text(''.join(f'class{c}\t{NUM_CLASSES - 1 - c}\tname of {c}\n'
+                                              for c in range(NUM_CLASSES)))
+    code, text = run(dynamic_inference, evaluate(inputs, tmp_path / 'di'), capsys, caplog)
+    assert code == 0, text[-3000:]
+    coarse = json.loads((tmp_path / 'di' / 'anytime.json').read_text())['anytime_classification'][0]
+    code, text = run(visualize, ['--data-path', data, '--resume', inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0',
+                                 '--no-progress', '--output-dir', tmp_path / 'vis'], capsys, caplog)
+    assert code == 0, text[-3000:]
+    summary = json.loads((tmp_path / 'vis' / 'summary.json').read_text())
+    assert summary['accuracy_percent']['coarse'] == pytest.approx(coarse, abs=1e-3)
+
+
+def test_visualize_refuses_what_it_sets_itself_and_huge_grids(inputs, tmp_path, capsys, caplog):
+    base = ['--data-path', inputs['data'], '--resume', inputs['ckpt'], '--num-workers', '0', '--no-progress',
+            '--output-dir', tmp_path / 'vis']
+    code, text = run(visualize, [*base, *EVAL_ARCH, 'num_classes=3'], capsys, caplog)
+    one_line_error(code, text, '--model-kwargs num_classes: set by the checkpoint head')
+    code, text = run(visualize, [*base, '--model', 'cf_deit_tiny', '--coarse-stage-size', '1000'], capsys, caplog)
+    assert code == 2 and 'Traceback' not in text and 'coarse-stage-size' in text, text[-3000:]
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'zero', 'deep'])
+def test_hostile_class_index_files_are_one_line(inputs, tmp_path, capsys, caplog, kind):
+    index = tmp_path / 'classes.json'
+    if kind == 'fifo':
+        os.mkfifo(index)
+    elif kind == 'zero':
+        index.symlink_to('/dev/zero')
+    else:
+        index.write_text('{"0": ' + '[' * 10_000 + ']' * 10_000 + '}')
+    code, text = run(visualize, ['--data-path', inputs['data'], '--resume', inputs['ckpt'], *EVAL_ARCH,
+                                 '--class-index-file', index, '--num-workers', '0', '--no-progress', '--output-dir',
+                                 tmp_path / 'vis'], capsys, caplog)
+    one_line_error(code, text, {'fifo': 'is a named pipe', 'zero': 'is a character device',
+                                'deep': 'nested deeper'}[kind])

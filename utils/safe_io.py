@@ -472,3 +472,15 @@ def check_step_checkpoint(checkpoint: Mapping[str, Any], world_size: int, steps_
                     f'({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
     finally:
         restore(own)
+
+
+#: Largest coarse grid side a script builds: (2 * 32)^2 = 4096 fine tokens. The released models use 7 and 9;
+#: --coarse-stage-size 1000 would allocate position embeddings and attention maps of many gigabytes.
+MAX_COARSE_STAGE_SIZE = 32
+
+
+def grid_side(text: str) -> int:
+    """argparse type of ``--coarse-stage-size``: an integer in ``[1, MAX_COARSE_STAGE_SIZE]`` (refused
+    before any model is built)."""
+    from .validation import int_at_least
+    return int_at_least(1, MAX_COARSE_STAGE_SIZE)(text)

@@ -51,7 +51,7 @@ from .misc import (
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
 from .run_folder import RunLock, check_outside_inputs, release_locks
-from .safe_io import UnsafeInputError, check_fixed_names, refuse_overwriting_inputs
+from .safe_io import UnsafeInputError, check_fixed_names, grid_side, refuse_overwriting_inputs
 from .signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
 from .validation import BadInputError, create_model_checked, device_name, finite_float, float_in, int_at_least
 
@@ -116,7 +116,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=7,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=7,
                    help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
     g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='override the width (small CPU experiments)')
     g.add_argument('--depth', type=int_at_least(1), default=None, help='override the number of blocks')

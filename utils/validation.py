@@ -182,7 +182,7 @@ def _check_args(args: Any, where: str) -> None:
     if model is not None and not (isinstance(model, str) and re.fullmatch(r'[A-Za-z0-9_.\-]+', model)):
         raise CheckpointError(f'{where}: args.model is {model!r}, not a model name')
     g = get('coarse_stage_size')
-    if g is not None and not (_is_int(g) and 1 <= g <= 1024):
+    if g is not None and not (_is_int(g) and 1 <= g <= 32):  # utils.safe_io.MAX_COARSE_STAGE_SIZE
         raise CheckpointError(f'{where}: args.coarse_stage_size is {g!r}, not a grid side')
     for key in ('embed_dim', 'depth', 'num_heads'):
         v = get(key)
