@@ -467,3 +467,34 @@ def test_hostile_class_index_files_are_one_line(inputs, tmp_path, capsys, caplog
                                  tmp_path / 'vis'], capsys, caplog)
     one_line_error(code, text, {'fifo': 'is a named pipe', 'zero': 'is a character device',
                                 'deep': 'nested deeper'}[kind])
+
+
+# ------------------------------------------------------------------------------------ distributed
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize('env,message', [
+    ({'RANK': '2', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '29500'}, 'rank 2 is not below'),
+    ({'RANK': '1', 'WORLD_SIZE': '1'}, 'rank 1 is not below the world size 1'),
+    ({'RANK': '0', 'WORLD_SIZE': '2', 'MASTER_PORT': '29500'}, 'MASTER_ADDR is not set'),
+    ({'RANK': '0', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': 'http'}, 'is not a port number'),
+    ({'RANK': '0', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '70000'}, 'outside 1..65535'),
+    ({'RANK': '0', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': 'BUSY'}, 'already in use'),
+    ({'SLURM_PROCID': '3', 'SLURM_NTASKS': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '29500'},
+     'SLURM_PROCID/SLURM_NTASKS: rank 3 is not below the world size 2'),
+])
+def test_impossible_distributed_environments_are_one_line_before_connecting(inputs, tmp_path, capsys, caplog,
+                                                                           monkeypatch, busy_port, env, message):
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',
+                'SLURM_LOCALID', 'TORCHELASTIC_USE_AGENT_STORE', 'TORCHELASTIC_RESTART_COUNT'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(busy_port) if value == 'BUSY' else value)
+    code, text = run(main_deit, [*TRAIN, '--dist-timeout', '0.1', '--data-path', inputs['data'],
+                                 '--output', tmp_path / 'o'], capsys, caplog)
+    one_line_error(code, text, message)

@@ -386,7 +386,7 @@ def check_dist_env(rank: int, world: int, local: int, dist_url: str, source: str
         return f'{source}: rank {rank} is not below the world size {world} (ranks are 0..{world - 1})'
     if local < 0:
         return f'the local rank is {local}, expected at least 0'
-    if dist_url != 'env://':
+    if world == 1 or dist_url != 'env://':
         return None
     addr, port_text = env.get('MASTER_ADDR', ''), env.get('MASTER_PORT', '')
     if not addr:
