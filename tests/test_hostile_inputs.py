@@ -498,3 +498,26 @@ def test_impossible_distributed_environments_are_one_line_before_connecting(inpu
     code, text = run(main_deit, [*TRAIN, '--dist-timeout', '0.1', '--data-path', inputs['data'],
                                  '--output', tmp_path / 'o'], capsys, caplog)
     one_line_error(code, text, message)
+
+
+# ------------------------------------------------------------------------------------ folder walks
+def test_walks_never_enter_proc_or_links_above_their_root(inputs, tmp_path, capsys, caplog):
+    from datasets.walk import walk_files
+    data = tmp_path / 'data'
+    for c in range(NUM_CLASSES):  # the images themselves, plus links that would multiply the tree
+        (data / 'val' / f'class{c}').mkdir(parents=True)
+        for f in (inputs['data'] / 'val' / f'class{c}').iterdir():
+            (data / 'val' / f'class{c}' / f.name).write_bytes(f.read_bytes())
+    (data / 'val' / 'class0' / 'proc').symlink_to('/proc')  # /proc/<pid>/root: the whole file system
+    (data / 'val' / 'class1' / 'up').symlink_to('/')
+    (data / 'val' / 'class2' / 'data').symlink_to(data)
+    found = walk_files(str(data / 'val' / 'class0'))
+    assert [Path(p).name for p in found.files] == ['0.png', '1.png']
+    assert found.refused_dirs == [str(data / 'val' / 'class0' / 'proc')]
+    proc_root = walk_files('/proc/self')  # a root on /proc itself is not entered either
+    assert proc_root.files == [] and proc_root.refused_dirs == ['/proc/self']
+    code, text = run(dynamic_inference, ['--eval-mode', '0', '--data_url', data, '--checkpoint_path', inputs['ckpt'],
+                                         *EVAL_ARCH, '--num-workers', '0', '--output-dir', tmp_path / 'o'],
+                     capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert json.loads((tmp_path / 'o' / 'anytime.json').read_text())['images'] == NUM_CLASSES * 2
