@@ -43,7 +43,7 @@ from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT
 )
 from utils.misc import OutputDirError
 from utils.run_folder import RunLock, check_outside_inputs, same_file
-from utils.safe_io import grid_side, refuse_overwriting_inputs
+from utils.safe_io import MAX_SEED, grid_side, refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
@@ -126,7 +126,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
     p.add_argument('--fade', type=float_in(0, 1), default=FADE,
                    help='how far patches kept coarse fade to white, 0..1 (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
 

@@ -521,3 +521,28 @@ def test_walks_never_enter_proc_or_links_above_their_root(inputs, tmp_path, caps
                      capsys, caplog)
     assert code == 0, text[-3000:]
     assert json.loads((tmp_path / 'o' / 'anytime.json').read_text())['images'] == NUM_CLASSES * 2
+
+
+# ------------------------------------------------------------------------------------ flags
+@pytest.mark.parametrize('script,argv,message', [
+    ('main_deit', ['--batch-size', '1e400'], 'argument --batch-size/--batch_size: expected a positive integer'),
+    ('main_deit', ['--lr', '1e300'], 'argument --lr: must be in (0, 1000]'),
+    ('main_deit', ['--model-kwargs', 'num_classes=5'], '--model-kwargs num_classes=5 contradicts the run'),
+    ('dynamic_inference', ['--batch_size', str(2 ** 63)], 'must be at most 2147483647'),
+    ('visualize', ['--batch-size', str(2 ** 63)], 'must be at most 2147483647'),
+    ('visualize', ['--seed', str(2 ** 70)], 'argument --seed: must be at most'),
+])
+def test_flags_that_overflow_are_one_line(inputs, tmp_path, capsys, caplog, script, argv, message):
+    out = tmp_path / 'o'
+    if script == 'main_deit':
+        full = [*TRAIN, '--data-path', inputs['data'], '--output', out, *argv]
+        module = main_deit
+    elif script == 'dynamic_inference':
+        full, module = evaluate(inputs, out, *argv), dynamic_inference
+    else:
+        full = ['--data-path', inputs['data'], '--resume', inputs['ckpt'], *EVAL_ARCH, '--num-workers', '0',
+                '--no-progress', '--output-dir', out, *argv]
+        module = visualize
+    code, text = run(module, full, capsys, caplog)
+    one_line_error(code, text, message)
+    assert not out.exists()

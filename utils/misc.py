@@ -241,6 +241,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    if value > 2 ** 31 - 1:  # utils.safe_io.MAX_COUNT: e.g. --batch-size 2**63 overflowed the loaders
+        raise argparse.ArgumentTypeError(f'must be at most {2 ** 31 - 1}, got {value}')
     return value
 
 

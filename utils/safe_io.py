@@ -484,3 +484,12 @@ def grid_side(text: str) -> int:
     before any model is built)."""
     from .validation import int_at_least
     return int_at_least(1, MAX_COARSE_STAGE_SIZE)(text)
+
+
+#: Largest learning rate a flag takes: larger ones overflow float32 in the optimizer (--lr 1e300 was a
+#: RuntimeError traceback) and no recipe comes near it.
+MAX_LR = 1e3
+#: Largest count a size flag takes (batch sizes, sides): larger ones overflow the loaders' index arithmetic.
+MAX_COUNT = 2 ** 31 - 1
+#: Largest seed (torch.manual_seed takes 64-bit values).
+MAX_SEED = 2 ** 63 - 1
