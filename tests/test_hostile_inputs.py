@@ -546,3 +546,38 @@ def test_flags_that_overflow_are_one_line(inputs, tmp_path, capsys, caplog, scri
     code, text = run(module, full, capsys, caplog)
     one_line_error(code, text, message)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ quick start
+def test_quickstart_output_that_is_a_file_and_a_real_dataset(inputs, tmp_path, capsys, caplog):
+    import quickstart
+    code, text = run(quickstart, ['--output-dir', inputs['victim']], capsys, caplog)
+    one_line_error(code, text, f'cannot write to the output folder {inputs["victim"]}')
+    # a dataset of its own (no object boxes): every step runs, the box statistics are skipped
+    out = tmp_path / 'qs'
+    code, text = run(quickstart, ['--data-path', inputs['data'], '--epochs', '1', '--batch-size', '2',
+                                  '--num-workers', '0', '--output-dir', out], capsys, caplog)
+    assert code == 0, text[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['selection_on_objects'] == {} and 'not measured' in text
+    assert len(summary['anytime_classification']) == 2
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='a private read-only bind mount (unshare -m)')
+def test_quickstart_on_a_read_only_mount_is_one_line(tmp_path):
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    script = (f'mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} || exit 99; '
+              f'exec {sys.executable} {ROOT / "quickstart.py"} --output-dir {ro / "out"}')
+    try:
+        res = subprocess.run(['unshare', '-m', 'sh', '-c', script], cwd=ROOT, env=script_env(), capture_output=True,
+                             text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip('no unshare on this machine')
+    if res.returncode == 99 or 'unshare:' in res.stderr:  # not root, or mounts not allowed here
+        pytest.skip(f'cannot make a private read-only mount here: {res.stderr.strip()[:200]}')
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr
+    assert res.stderr.strip().splitlines() == [f'quickstart.py: error: cannot write to the output folder {ro / "out"}: '
+                                                'Read-only file system']
+    assert list(ro.iterdir()) == []
