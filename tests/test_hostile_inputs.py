@@ -581,3 +581,12 @@ def test_quickstart_on_a_read_only_mount_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == [f'quickstart.py: error: cannot write to the output folder {ro / "out"}: '
                                                 'Read-only file system']
     assert list(ro.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_width_is_blamed_on_the_width(inputs, tmp_path, capsys, caplog):
+    arch = [a if a != 'embed_dim=48' else 'embed_dim=24' for a in EVAL_ARCH]
+    code, text = run(dynamic_inference, ['--eval-mode', '0', '--data_url', inputs['data'], '--checkpoint_path',
+                                         inputs['ckpt'], *arch, '--num-workers', '0', '--output-dir', tmp_path / 'o'],
+                     capsys, caplog)
+    one_line_error(code, text, 'The model width differs (checkpoint 48, model 24)')
+    assert 'class count' not in text

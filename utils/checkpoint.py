@@ -142,10 +142,18 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
             [f'{k} (checkpoint {list(a)} vs model {list(b)})' for k, a, b in shapes]))
     hint = ''
     heads = [(a, b) for k, a, b in shapes if k in ('head.weight', 'aux_head.weight')]
+    widths = [(a[-1], b[-1]) for k, a, b in shapes if k in ('head.weight', 'aux_head.weight', 'cls_token', 'norm.weight')
+              and a and b and a[-1] != b[-1]]
+    if widths:  # another embedding width: the class count may well be the same
+        hint = (f' The model width differs (checkpoint {widths[0][0]}, model {widths[0][1]}): build the model the '
+                'checkpoint was trained as (--model, or --model-kwargs embed_dim=... depth=... num_heads=...).')
+        heads = []
     if heads:
         hint = (f' The classifier differs in class count (checkpoint {heads[0][0][0]}, model {heads[0][1][0]}): '
                 'evaluating needs a checkpoint trained on these classes (a new head would be random); to train '
                 'from these weights on these classes, --finetune loads all but the head.')
+    elif widths:
+        pass
     elif any(k.startswith(('head.', 'aux_head.')) for k, _, _ in shapes):
         hint = ' The classifier differs in class count: --finetune (training) loads all but the head.'
     elif any(k.startswith('pos_embed_list') for k, _, _ in shapes):
