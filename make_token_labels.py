@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -294,13 +295,34 @@ IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_
             'pretrained')
 
 
+@contextlib.contextmanager
+def _metadata_lock(out: Path):
+    """A blocking lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
+    file stays, as removing it would let two shards lock two files)."""
+    import fcntl
+
+    from utils.safe_io import UnsafeInputError, open_regular_nofollow
+    try:
+        fd = open_regular_nofollow(out / LABELS_LOCK, os.O_RDWR | os.O_CREAT, what='the label-folder lock')
+    except UnsafeInputError as e:
+        raise TeacherError(str(e)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # file systems without locks: unguarded, as RunLock
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
     """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
     folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
     maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
     from utils.safe_io import UnsafeInputError, read_structured
     path = out / METADATA_NAME
-    with RunLock(out, LABELS_LOCK):  # the shards of one job check and write it one at a time
+    with _metadata_lock(out):  # the shards of one job check and write it one at a time
         if os.path.lexists(path):
             try:
                 meta = read_structured(path, what='the label-map metadata', follow=False)
@@ -410,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
         for f in futures:
             f.result()
     if map_shape is not None:
-        with RunLock(out, LABELS_LOCK):
+        with _metadata_lock(out):
             write_json_atomic({**meta, 'map_shape': list(map_shape)}, out / METADATA_NAME)
     if written:
         _logger.info('wrote %d label maps of shape %s to %s in %.1f s', written, map_shape, out, time.time() - started)

@@ -492,7 +492,8 @@ def test_impossible_distributed_environments_are_one_line_before_connecting(inpu
                                                                            monkeypatch, busy_port, env, message):
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',
                 'SLURM_LOCALID', 'TORCHELASTIC_USE_AGENT_STORE', 'TORCHELASTIC_RESTART_COUNT'):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, '')  # recorded, so that what the set-up adds (RANK for SLURM) is removed after
+        monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, str(busy_port) if value == 'BUSY' else value)
     code, text = run(main_deit, [*TRAIN, '--dist-timeout', '0.1', '--data-path', inputs['data'],
