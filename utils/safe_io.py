@@ -494,8 +494,14 @@ MAX_COARSE_STAGE_SIZE = 32
 def grid_side(text: str) -> int:
     """argparse type of ``--coarse-stage-size``: an integer in ``[1, MAX_COARSE_STAGE_SIZE]`` (refused
     before any model is built)."""
-    from .validation import int_at_least
-    return int_at_least(1, MAX_COARSE_STAGE_SIZE)(text)
+    import argparse
+
+    from .misc import positive_int
+    value = positive_int(text)
+    if value > MAX_COARSE_STAGE_SIZE:
+        raise argparse.ArgumentTypeError(f'must be at most {MAX_COARSE_STAGE_SIZE} (a {2 * value}x{2 * value} fine '
+                                         f'grid), got {value}')
+    return value
 
 
 #: Largest learning rate a flag takes: larger ones overflow float32 in the optimizer (--lr 1e300 was a
