@@ -207,8 +207,10 @@ def test_hostile_export_manifests_are_refused_in_one_line(exports, inputs, tmp_p
     (zero / 'manifest.json').symlink_to('/dev/zero')  # would read until memory runs out
     deep = _copy_export(a, tmp_path / 'deep')
     (deep / 'manifest.json').write_text('[' * 100_000 + ']' * 100_000)
+    huge = _copy_export(a, tmp_path / 'huge')
+    os.truncate(huge / 'manifest.json', 64 << 20)  # sparse: refused by its size, never read
     cases = {
-        fifo: 'is a named pipe', zero: 'is a character device', deep: 'nested deeper',
+        fifo: 'is a named pipe', zero: 'is a character device', deep: 'nested deeper', huge: 'larger than 1048576 bytes',
         _copy_export(a, tmp_path / 'missing', lambda m: m.pop('num_classes')): 'lacks num_classes',
         _copy_export(a, tmp_path / 'mistyped', lambda m: m.update(num_classes='3')): 'num_classes is',
         _copy_export(a, tmp_path / 'gflops', lambda m: m.update(gflops=[0.1])): 'gflops must be two',
