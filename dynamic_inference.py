@@ -37,10 +37,11 @@ from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic,
 from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.flops import stage_gflops
 from utils.inference import predict_stages, timed_early_exit
-from utils.misc import OutputDirError, architecture_from_checkpoint, default_workers, make_dirs, positive_int
+from utils.misc import OutputDirError, architecture_from_checkpoint, check_writable_dir, default_workers, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
 from utils.plots import plot_budgeted_curve
 from utils.run_folder import RunLock, check_outside_inputs
+from utils.safe_io import grid_side, refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, device_name, float_in, int_at_least
 
@@ -48,6 +49,9 @@ _logger = logging.getLogger('dynamic_inference')
 
 MODES = {'0': 0, 'anytime': 0, '1': 1, 'budgeted': 1, '2': 2, 'throughput': 2, '3': 3, 'report': 3}
 MODE_NAMES = {0: 'anytime', 1: 'budgeted', 2: 'throughput', 3: 'report'}
+#: Files a run may write into --output-dir (besides CHECKPOINT_with_results.pth).
+OUTPUT_NAMES = ('anytime.json', 'budgeted.json', 'throughput.json', 'checkpoint_results.json', 'export_manifest.json',
+                'budgeted_batch_classification.png')
 #: Mode 2's threshold when --threshold is not given (the release required the flag).
 DEFAULT_MODE2_THRESHOLD = 0.5
 
@@ -81,7 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--checkpoint-key', default=None,
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); "
                         "e.g. model_ema")
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid side g: inputs of 16g and 32g pixels at patch 16 (7 or 9 for the released '
                         'models; default: what a training checkpoint records, else 7)')
     p.add_argument('--threshold', type=float_in(0, 1), default=None,
@@ -150,10 +154,7 @@ def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = 
         out = Path('output') / 'dynamic_inference' / f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}_{stamp}'
     try:
         check_outside_inputs(out, [args.data_url], '--output-dir')
-        make_dirs(out)
-        probe = out / '.write_test'
-        probe.write_bytes(b'')
-        probe.unlink()
+        check_writable_dir(out)  # a probe of a random name (a fixed one could be a planted link)
         RunLock(out)
     except OutputDirError as e:
         raise UsageError(str(e)) from e
@@ -330,6 +331,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
         out = output_dir(args, checkpoint)
     _logger.info('output folder: %s', out)
+    written = [out / n for n in OUTPUT_NAMES] + [out / f'{Path(args.checkpoint_path).stem}_with_results.pth']
+    refuse_overwriting_inputs(written, [args.checkpoint_path], UsageError)  # the input is never replaced
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)
 

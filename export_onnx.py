@@ -27,10 +27,14 @@ import torch
 
 import models
 from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
+from utils.misc import OutputDirError, positive_int
 from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
-from utils.onnx_runtime import OnnxEarlyExit
+from utils.onnx_export import (DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, ExportExistsError,
+                               export_early_exit)
+from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+from utils.safe_io import grid_side, refuse_overwriting_inputs
+from utils.signals import run_entry_point
+from utils.validation import BadInputError
 
 _logger = logging.getLogger('export_onnx')
 
@@ -47,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint entry holding the weights (default: 'model', else the whole file); e.g. model_ema")
     p.add_argument('--model', default=None, choices=models.MODEL_NAMES,
                    help='the model (default: the one a training checkpoint records, else cf_deit_small)')
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid side g (default: what a training checkpoint records, else 7)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments (KEY=VALUE ... or one JSON object)')
@@ -76,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     model.eval()
     suffix = '_int8' if args.quantize == 'dynamic' else ''
     out = Path(args.output_dir or Path('output') / 'onnx' / f'{name}_g{g}{suffix}')
+    refuse_overwriting_inputs([out / n for n in (MANIFEST_NAME, *GRAPH_FILES.values())], [args.checkpoint_path],
+                              UsageError)
     _logger.info('exporting %s (%dx%d coarse grid, %d classes) with %s, opset %d, into %s',
                  name, g, g, model.num_classes, args.exporter, args.opset, out)
     try:
@@ -124,15 +130,10 @@ def quiet_exporter_logs() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     quiet_exporter_logs()
-    try:
-        run(args)
-    except (UsageError, CheckpointError) as e:
-        print(f'export_onnx.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the graphs failed (full disk, ...); earlier files are intact
-        print(f'export_onnx.py: error: {describe_os_error(e, "cannot write the export")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    # SIGINT / SIGTERM: one line, exit 130 / 143; a folder this run created and left empty is removed
+    return run_entry_point('export_onnx.py', lambda: run(args), (UsageError, CheckpointError, BadInputError,
+                                                                 ExportFolderError), 'cannot write the export',
+                           one_line=True)
 
 
 if __name__ == '__main__':

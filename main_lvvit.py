@@ -55,6 +55,7 @@ from utils.train_setup import (  # noqa: E402
 from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
 
 from utils.validation import float_in, int_at_least  # noqa: E402
+from utils.safe_io import MAX_LR  # noqa: E402
 
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
            'EXIT_TRAINING_FAILED', 'USER_ERRORS']
@@ -83,7 +84,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
                    default=default_workers(8),
                    help='data loading processes per training process')
-    g.add_argument('--lr', type=float_in(0, low_open=True), default=LVVIT_LR,
+    g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=LVVIT_LR,
                    help=f'learning rate, used as given (LV-ViT: {LVVIT_LR:g} at {LVVIT_BATCH} images per step)')
     g.add_argument('--apex-amp', '--apex_amp', '--native-amp', '--native_amp', dest='amp', action='store_true',
                    help='mixed precision through torch.autocast (there is no apex; all three flags and --amp '

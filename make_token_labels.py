@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -52,12 +53,15 @@ from tqdm import tqdm  # noqa: E402
 import models  # noqa: E402  (registers the CF models with timm)
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
-from datasets.token_label import METADATA_NAME, check_distinct_label_maps, label_map_path  # noqa: E402
+from datasets.token_label import (  # noqa: E402
+    LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
+)
 from utils.checkpoint import (  # noqa: E402
     CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
 )
 from utils.dist import default_device  # noqa: E402
 from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
+from utils.safe_io import grid_side  # noqa: E402
 from utils.signals import (  # noqa: E402
     check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
 )  # noqa: E402
@@ -93,7 +97,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--checkpoint', default=None, help='teacher weights (a project or timm checkpoint)')
     g.add_argument('--use-ema', action='store_true', help="use the checkpoint's model_ema weights")
     g.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (local cache when offline)")
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None,
                    help='coarse grid of a CF teacher (default: from the checkpoint, else 7)')
     g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='width override of the teacher')
     g.add_argument('--depth', type=int_at_least(1), default=None, help='block count override of the teacher')
@@ -276,6 +280,75 @@ class _PendingImages(Dataset):
         return None if img is None else (self.transform(img), index)
 
 
+LABELS_LOCK = '.cfvit-labels.lock'
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+#: Entries of token_labels.json that must agree for two runs to write into one folder.
+IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_size', 'topk', 'map_size',
+            'pretrained')
+
+
+@contextlib.contextmanager
+def _metadata_lock(out: Path):
+    """A blocking lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
+    file stays, as removing it would let two shards lock two files)."""
+    import fcntl
+
+    from utils.safe_io import UnsafeInputError, open_regular_nofollow
+    try:
+        fd = open_regular_nofollow(out / LABELS_LOCK, os.O_RDWR | os.O_CREAT, what='the label-folder lock')
+    except UnsafeInputError as e:
+        raise TeacherError(str(e)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # file systems without locks: unguarded, as RunLock
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
+    """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
+    folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
+    maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
+    from utils.safe_io import UnsafeInputError, read_structured
+    path = out / METADATA_NAME
+    with _metadata_lock(out):  # the shards of one job check and write it one at a time
+        if os.path.lexists(path):
+            try:
+                meta = read_structured(path, what='the label-map metadata', follow=False)
+            except (OSError, UnsafeInputError) as e:
+                raise TeacherError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
+            if not isinstance(meta, dict):
+                raise TeacherError(f'{path} is not label-map metadata: choose another --output')
+            differ = [k for k in IDENTITY if k in meta and meta[k] != identity[k]
+                      and not (k == 'checkpoint_sha256' and meta[k] is None)]
+            if meta.get('classes') not in (None, classes):
+                differ.append('classes')
+            if differ:
+                theirs = ', '.join(f'{k}={meta.get(k)!r}' for k in differ)
+                raise TeacherError(f'{out} holds label maps of another teacher or layout ({theirs}); this run has '
+                                   f'{", ".join(f"{k}={identity.get(k, classes)!r}" for k in differ)}: choose '
+                                   f'another --output (maps of two teachers must not mix)')
+            return {**meta, **identity, 'map_shape': meta.get('map_shape'), 'classes': classes}
+        if any(out.glob('*/*' + LABEL_MAP_SUFFIX)):
+            raise TeacherError(f'{out} holds label maps but no {METADATA_NAME} naming their teacher: choose another '
+                               f'--output (maps of two teachers must not mix)')
+        meta = {**identity, 'map_shape': None,
+                'scores': 'teacher logits; a class outside the top K counts as logit 0', 'classes': classes}
+        write_json_atomic(meta, path)
+        return meta
+
+
 def resolve_image_folder(data: str) -> Path:
     """``DATA/train`` if it exists, else ``DATA`` itself."""
     root = Path(data).expanduser()
@@ -314,6 +387,13 @@ def run(args: argparse.Namespace) -> int:
         transforms.ToTensor(),
         transforms.Normalize(cfg['mean'], cfg['std']),
     ])
+    identity = {  # what makes two runs' maps interchangeable; token_labels.json names it from the start
+        'teacher': name, 'checkpoint': str(args.checkpoint) if args.checkpoint else None,
+        'checkpoint_sha256': sha256_file(args.checkpoint) if args.checkpoint else None,
+        'use_ema': args.use_ema, 'full_fine_grid': args.full_fine_grid, 'input_size': size, 'topk': args.topk,
+        'map_size': args.map_size, 'pretrained': bool(args.pretrained and not args.checkpoint),
+    }
+    meta = claim_label_folder(out, identity, list(classes))
     shard = [i for i in range(len(samples)) if i % args.num_shards == args.shard_index]
     pending = [i for i in shard if not targets[i].is_file()]
     _logger.info('teacher %s at %dx%d on %s: %d images in %s (%d classes), shard %d/%d: %d to write, %d already done',
@@ -352,12 +432,9 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         for f in futures:
             f.result()
-    if map_shape is not None or not (out / METADATA_NAME).is_file():
-        write_json_atomic({
-            'teacher': name, 'checkpoint': str(args.checkpoint) if args.checkpoint else None,
-            'use_ema': args.use_ema, 'full_fine_grid': args.full_fine_grid, 'input_size': size, 'topk': args.topk, 'map_shape': map_shape,
-            'scores': 'teacher logits; a class outside the top K counts as logit 0', 'classes': list(classes),
-        }, out / METADATA_NAME)
+    if map_shape is not None:
+        with _metadata_lock(out):
+            write_json_atomic({**meta, 'map_shape': list(map_shape)}, out / METADATA_NAME)
     if written:
         _logger.info('wrote %d label maps of shape %s to %s in %.1f s', written, map_shape, out, time.time() - started)
     else:

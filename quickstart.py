@@ -33,8 +33,13 @@ import torch  # noqa: E402
 
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
-from utils.checkpoint import load_checkpoint_file, write_json_atomic  # noqa: E402
-from utils.misc import architecture_from_checkpoint, default_workers, run_script  # noqa: E402
+from datasets.folder import DatasetError  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint_file, write_json_atomic  # noqa: E402
+from utils.misc import (  # noqa: E402
+    OutputDirError, architecture_from_checkpoint, check_writable_dir, default_workers, positive_int, run_script,
+)
+from utils.signals import run_entry_point  # noqa: E402
+from utils.validation import BadInputError, device_name  # noqa: E402
 
 _logger = logging.getLogger('quickstart')
 
@@ -53,7 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--output-dir', default='output/quickstart')
     p.add_argument('--data-path', default=None, help='default: the built-in synthetic set (written once)')
     p.add_argument('--epochs', type=int, default=12)
-    p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    p.add_argument('--batch-size', type=positive_int, default=64,
+                   help='training images per step (default 64; lower it for a --data-path of fewer images)')
+    p.add_argument('--device', type=device_name, default='cpu', help='cpu (default) or cuda')
     p.add_argument('--num-workers', type=int, default=default_workers(2))
     p.add_argument('--threshold', type=float, default=0.8, help='early-exit threshold of the throughput run')
     return p
@@ -118,9 +125,18 @@ def selection_on_objects(checkpoint_path: Path, data: Path, device: torch.device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: bad input (an output folder that cannot be written, a dataset that cannot be read) is one
+    line and exit 2; SIGINT / SIGTERM one line and 130 / 143; a failing step's own exit status otherwise."""
     args = get_args_parser().parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    status = []
+    code = run_entry_point('quickstart.py', lambda: status.append(_run(args)),
+                           (OutputDirError, BadInputError, DatasetError, CheckpointError),
+                           'cannot write the quick start outputs', one_line=True)
+    return code or (status[0] if status else 0)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = check_writable_dir(args.output_dir)  # a read-only mount or a file: one line
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter('%(message)s'))
     _logger.addHandler(handler)
@@ -139,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_argv = MODEL_ARGS + RECIPE_ARGS + [
         '--data-path', str(data), '--epochs', str(args.epochs),
         '--selection-start-epoch', str(args.epochs // 2 - 1), '--num_workers', str(args.num_workers),
-        '--device', args.device, '--output', str(train_dir)]
+        '--device', args.device, '--output', str(train_dir), '--batch-size', str(args.batch_size)]
     rc = run_script('main_deit', train_argv)
     if rc != 0:
         _logger.error('training failed (exit %d); see above', rc)
@@ -173,7 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return rc
 
     _step('5/5 where the re-split patches fall')
-    on_box = selection_on_objects(ckpt, data, device)
+    if (data / 'boxes.json').is_file():
+        on_box = selection_on_objects(ckpt, data, device)
+    else:  # --data-path of another dataset: no object boxes to compare with
+        on_box = {}
+        _logger.info('%s records no object boxes (boxes.json, written for the synthetic set): step skipped', data)
 
     budget = json.loads((eval_dir / 'budgeted' / 'budgeted.json').read_text())
     through = json.loads((eval_dir / 'throughput' / 'throughput.json').read_text())
@@ -199,7 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'  early exit at {through["threshold"]}: top-1 {through["top1"]:.2f}%, {100 * through["exit_share"]:.1f}% '
         f'exited at the coarse stage, {through["average_gflops"] * 1000:.2f} MFLOPs, '
         f'{through["throughput"]:.0f} images/s on {args.device}',
-        '  re-split patches on the object (vs. chance):',
+        '  re-split patches on the object (vs. chance):' if on_box else
+        '  re-split patches on the object: not measured (the dataset records no object boxes)',
         *[f'    {k} objects: {100 * on_box[f"{k}_objects_selected_on_box"]:.1f}% '
           f'(chance {100 * on_box[f"{k}_objects_chance"]:.1f}%, {on_box[f"{k}_objects_images"]} images)'
           for k in ('small', 'large') if f'{k}_objects_images' in on_box],

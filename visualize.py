@@ -44,6 +44,7 @@ from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT
 )
 from utils.misc import OutputDirError
 from utils.run_folder import RunLock, check_outside_inputs, same_file
+from utils.safe_io import MAX_SEED, grid_side, refuse_overwriting_inputs
 from utils.signals import quiet_worker_signals, run_entry_point
 from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
 from utils.visualization import (
@@ -57,6 +58,9 @@ log = logging.getLogger('visualize')
 DEFAULT_THRESHOLD = 0.7
 #: Largest --panel-size: a 16-image grid of 2048 px panels is already about 200 megapixels.
 MAX_PANEL_SIZE = 2048
+#: Every file a run writes into --output-dir.
+OUTPUT_NAMES = ('coarse_correct.png', 'fine_only_correct.png', 'coarse_exit.png', 'fine_stage.png',
+                'confidence_histogram.png', 'summary.json')
 CHECK, CROSS = '\u2713', '\u2717'
 GREEN, RED, GREY, BLACK = '#1b7f3b', '#c1121f', '#6c757d', '#111111'
 
@@ -90,7 +94,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'weights and a warning says so')
     p.add_argument('--unsafe-load', '--unsafe_load', action='store_true',
                    help='allow full unpickling of a checkpoint you trust (default: weights_only)')
-    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=None, metavar='G',
+    p.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=None, metavar='G',
                    help='coarse grid side g (7 or 9 for the released models; default: what a training '
                         'checkpoint records, else 7); the fine input is 32*g px at patch 16')
     p.add_argument('--num-classes', '--num_classes', type=int_at_least(1), default=None,
@@ -106,8 +110,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help='one image or a folder of images (no ground truth)')
     p.add_argument('--class-index-file', '--class_index_file', default=None, metavar='FILE',
                    help='class names (and folder -> class index): text, one class a line, or '
-                        'tab-separated like imagenette\'s classes.txt, or JSON; a classes.txt at the '
-                        'dataset root is used automatically')
+                        'tab-separated like imagenette\'s classes.txt, or JSON; a classes.txt at the dataset root '
+                        'is used for the names only (folders keep their sorted order as labels, as in training)')
     p.add_argument('--output-dir', '--output_dir', default='output/visualize', metavar='DIR')
     p.add_argument('--threshold', type=float_in(0, 1), default=DEFAULT_THRESHOLD,
                    help='early-exit threshold on the coarse max-softmax probability (default: %(default)s, '
@@ -123,7 +127,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
     p.add_argument('--fade', type=float_in(0, 1), default=FADE,
                    help='how far patches kept coarse fade to white, 0..1 (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
 
@@ -217,9 +221,27 @@ def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optio
     return None
 
 
+def _display_names_only(index: ClassIndex, folders: Optional[List[str]], num_classes: int,
+                        path: Path) -> Optional[ClassIndex]:
+    """A class-index file found by itself (``classes.txt`` at the dataset root) names the classes but never
+    maps folders to labels: the model was trained with the folders in their sorted order (ImageFolder), so
+    folder ``i`` is class ``i``, whatever order the file lists them in. Only --class-index-file maps folders."""
+    if folders is None or len(folders) != num_classes:
+        log.info('%s is not used: its classes cannot be matched to the folders (pass --class-index-file to '
+                 'map folders to classes)', path)
+        return None
+    names = {i: index.names[index.folder_index[f]] for i, f in enumerate(folders)
+             if f in index.folder_index and index.folder_index[f] in index.names}
+    return ClassIndex(names=names) if names else None
+
+
 def _build_model(args: argparse.Namespace, num_classes: int,
                  state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.nn.Module:
     torch.manual_seed(args.seed)
+    given = sorted({'num_classes', 'coarse_stage_size'} & set(args.model_kwargs))
+    if given:  # one line instead of create_model's "multiple values for keyword argument" TypeError
+        raise InputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
+                         f'--coarse-stage-size; drop it from --model-kwargs')
     model = create_model_checked(args.model, InputError, coarse_stage_size=args.coarse_stage_size,
                                  num_classes=num_classes, **args.model_kwargs)
     if state_dict is not None:
@@ -336,7 +358,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         num_classes = args.num_classes or (len(folders) if folders else 1000)
     index_file = _class_index_file(args, folder)
+    refuse_overwriting_inputs([out_dir / n for n in OUTPUT_NAMES], [f for f, _ in files] + [args.resume, index_file],
+                              InputError)  # e.g. --img-path OUT/confidence_histogram.png
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
+    if class_index is not None and not args.class_index_file:  # found at the dataset root: names only
+        class_index = _display_names_only(class_index, folders, num_classes, index_file)
     names, folder_to_target = resolve_classes(num_classes, folders, class_index)
     if folders is None and class_index is None and names[0] == '#0':  # --img-path: no folders to name the classes
         if trained_classes is not None and len(trained_classes[1]) == num_classes:

@@ -13,7 +13,6 @@ the model exists (:func:`attach_transform`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -114,28 +113,32 @@ class INatDataset(Dataset):
         for path in files.values():
             if not path.is_file():
                 raise DatasetError(f'iNaturalist {year}: {path} is missing (it is never downloaded at run time)')
-        categories = self._load(files['categories.json'])
-        by_id = {int(c['id']): c for c in categories}
-        if not categories or category not in categories[0]:
-            raise DatasetError(f'iNaturalist categories have no {category!r} level')
-        classes: Dict[str, int] = {}
-        for ann in self._load(files[f'train{year}.json'])['annotations']:
-            classes.setdefault(by_id[int(ann['category_id'])][category], len(classes))
-        split_data = self._load(files[f'{split}{year}.json'])
-        label_of = {int(a['image_id']): int(a['category_id']) for a in split_data['annotations']}
-        self.samples: List[Tuple[str, int]] = [
-            (str(self.root / img['file_name']), classes[by_id[label_of[int(img['id'])]][category]])
-            for img in split_data['images']]
+        try:  # files of another layout: one line naming what is missing, not a KeyError
+            categories = self._load(files['categories.json'])
+            by_id = {int(c['id']): c for c in categories}
+            if not categories or category not in categories[0]:
+                raise DatasetError(f'iNaturalist categories have no {category!r} level')
+            classes: Dict[str, int] = {}
+            for ann in self._load(files[f'train{year}.json'])['annotations']:
+                classes.setdefault(by_id[int(ann['category_id'])][category], len(classes))
+            split_data = self._load(files[f'{split}{year}.json'])
+            label_of = {int(a['image_id']): int(a['category_id']) for a in split_data['annotations']}
+            self.samples: List[Tuple[str, int]] = [
+                (str(self.root / img['file_name']), classes[by_id[label_of[int(img['id'])]][category]])
+                for img in split_data['images']]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise DatasetError(f'the iNaturalist {year} annotations in {self.root} are not in the released layout '
+                               f'({type(e).__name__}: {e})') from None
         self.classes = list(classes)
         self.nb_classes = len(classes)
 
     @staticmethod
     def _load(path: Path) -> Any:
-        try:
-            with open(path, encoding='utf-8') as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetError(f'cannot read {path}: {e}') from e
+        from utils.safe_io import UnsafeInputError, read_structured
+        try:  # a regular file (iNaturalist's largest is about 300 MB), bounded nesting
+            return read_structured(path, max_bytes=2 << 30, max_depth=16, what='iNaturalist annotations')
+        except (OSError, UnsafeInputError) as e:
+            raise DatasetError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read {path}: {e}') from None
 
     def __len__(self) -> int:
         return len(self.samples)

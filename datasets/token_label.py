@@ -31,7 +31,6 @@ CF-LV-ViT trained with); :data:`CROP_MODES` and :data:`utils.token_labeling.SMOO
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -206,11 +205,12 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
         raise TokenLabelError(f'--token-label-data {root} is not a folder (expected <class folder>/<image '
                               f'stem>.pt label maps; make them with make_token_labels.py)')
     meta_path = root / METADATA_NAME
-    if classes and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TokenLabelError(f'cannot read {meta_path}: {e}') from e
+    if classes and (meta_path.exists() or meta_path.is_symlink()):  # a pipe or link is refused below, not skipped
+        from utils.safe_io import UnsafeInputError, read_structured
+        try:  # a regular file of bounded size and nesting, with a list of class names
+            meta = read_structured(meta_path, what='the label-map metadata', schema={'classes': ([str], None)})
+        except (OSError, UnsafeInputError) as e:
+            raise TokenLabelError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read {meta_path}: {e}') from None
         if meta.get('classes') and list(meta['classes']) != list(classes):
             raise TokenLabelError(f'the label maps in {root} were made for {len(meta["classes"])} other classes '
                                   f'({", ".join(meta["classes"][:3])}, ...) than the training set\'s '

@@ -2,7 +2,9 @@
 
 - :func:`walk_files` lists the files under a folder, following symbolic links to folders but
   entering each folder at most once (by device and inode), so a link loop
-  (``ln -s . val/cls/again``) neither repeats images nor hangs. Anything that is not a regular
+  (``ln -s . val/cls/again``) neither repeats images nor hangs; folders on kernel file systems
+  (``/proc``, ``/sys``) and links to a folder that contains the walk's root (``ln -s / cls/up``) are
+  not entered. Anything that is not a regular
   file (a named pipe, a socket, a device, a dangling link) is skipped with a warning and counted.
 - :func:`decode_image` opens a file without blocking (a FIFO that slipped in is refused, not
   waited on), refuses headers that declare more than :data:`MAX_PIXELS` pixels or an aspect
@@ -25,6 +27,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 import numpy as np
 from PIL import Image
 
+from utils.safe_io import link_above_root, special_filesystem
+
 __all__ = ['MAX_PIXELS', 'MAX_ASPECT_RATIO', 'UnreadableImageError', 'WalkResult', 'walk_files', 'image_files',
            'class_folder_samples', 'decode_image']
 
@@ -46,6 +50,7 @@ class WalkResult:
     files: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # not regular files: FIFOs, sockets, devices, dangling links
     repeated_dirs: List[str] = field(default_factory=list)  # folders reached a second time (link loops)
+    refused_dirs: List[str] = field(default_factory=list)  # special file systems, links to above the root
 
 
 def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, warn: bool = True,
@@ -73,6 +78,9 @@ def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, war
         if (st.st_dev, st.st_ino) in seen:
             out.repeated_dirs.append(folder)
             continue
+        if special_filesystem(st):  # /proc, /sys...: /proc/<pid>/root alone leads to the whole file system
+            out.refused_dirs.append(folder)
+            continue
         seen.add((st.st_dev, st.st_ino))
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -89,6 +97,8 @@ def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, war
             if is_dir:
                 if entry.is_symlink() and _inside(os.path.realpath(path), listed):
                     out.repeated_dirs.append(path)  # an alias of a folder listed anyway
+                elif entry.is_symlink() and link_above_root(path, listed):
+                    out.refused_dirs.append(path)  # leads above the root: the tree would contain itself
                 else:
                     subdirs.append(path)
                 continue
@@ -106,6 +116,9 @@ def walk_files(root: str, accept: Callable[[str], bool] = lambda name: True, war
             _logger.warning('%s is not a regular file (a pipe, socket, device or dangling link): skipped', path)
         for path in out.repeated_dirs:
             _logger.warning('%s leads to a folder already listed (a link loop?): not listed again', path)
+        for path in out.refused_dirs:
+            _logger.warning('%s is on a kernel file system (/proc, /sys, ...) or links to a folder above the data: '
+                            'not listed', path)
     return out
 
 

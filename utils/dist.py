@@ -110,11 +110,12 @@ def init_distributed(
     rank = _env_int('RANK')
     env_world = _env_int('WORLD_SIZE')
     env_local = _env_int('LOCAL_RANK')
+    source = 'RANK/WORLD_SIZE'
     if rank is not None and env_world is not None:
         world = env_world
         local = env_local if env_local is not None else (local_rank if local_rank is not None else 0)
     elif _env_int('SLURM_PROCID') is not None and (_env_int('SLURM_NTASKS') or world_size or 1) > 1:
-        rank = _env_int('SLURM_PROCID')
+        rank, source = _env_int('SLURM_PROCID'), 'SLURM_PROCID/SLURM_NTASKS'
         world = _env_int('SLURM_NTASKS') or int(world_size)
         local = _env_int('SLURM_LOCALID')
         if local is None:
@@ -129,6 +130,10 @@ def init_distributed(
     else:
         return DistInfo(False, 0, 1, 0, torch.device(device), None)
 
+    from .safe_io import check_dist_env  # before connecting: a bad rank or address would wait for the timeout
+    problem = check_dist_env(rank, world, local, dist_url, source) if world > 1 or rank != 0 else None
+    if problem is not None:
+        raise DistributedSetupError(problem)
     if world <= 1:
         return DistInfo(False, 0, 1, 0, torch.device(device), None)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import importlib
 import json
 import logging
@@ -133,7 +134,12 @@ class MetricMeter:
 
 def append_json_line(path: PathLike, record: Mapping[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``path`` (the DeiT ``log.txt`` format)."""
-    with open(path, 'a', encoding='utf-8') as f:
+    from .safe_io import UnsafeInputError, open_regular_nofollow
+    try:  # a link or a named pipe called log.txt is refused, never written through or waited on
+        fd = open_regular_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, what='the log')
+    except UnsafeInputError as e:
+        raise OSError(errno.EINVAL, str(e)) from None
+    with os.fdopen(fd, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record, sort_keys=False) + '\n')
         f.flush()
 
@@ -235,6 +241,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    if value > 2 ** 31 - 1:  # utils.safe_io.MAX_COUNT: e.g. --batch-size 2**63 overflowed the loaders
+        raise argparse.ArgumentTypeError(f'must be at most {2 ** 31 - 1}, got {value}')
     return value
 
 

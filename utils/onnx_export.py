@@ -26,6 +26,7 @@ from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPU
 from .checkpoint import atomic_file, write_json_atomic
 from .flops import stage_gflops
 from .misc import check_writable_dir
+from .run_folder import RunLock
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
            'DEFAULT_OPSET', 'ExportExistsError', 'export_graph', 'quantize_dynamic_bytes', 'export_early_exit',
@@ -132,7 +133,13 @@ def export_early_exit(model: nn.Module, out_dir: PathLike, exporter: str = 'dyna
     if exporter not in EXPORTERS:
         raise ValueError(f'unknown exporter {exporter!r}: use one of {", ".join(EXPORTERS)}')
     out = check_writable_dir(out_dir)
-    present = [n for n in (MANIFEST_NAME, *GRAPH_FILES.values()) if (out / n).exists()]
+    with RunLock(out):  # one export at a time per folder: a second run is refused, not silently mixed in
+        return _export_locked(model, out, exporter, opset, quantize, overwrite, extra)
+
+
+def _export_locked(model: nn.Module, out: Path, exporter: str, opset: int, quantize: str, overwrite: bool,
+                   extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    present = [n for n in (MANIFEST_NAME, *GRAPH_FILES.values()) if os.path.lexists(out / n)]
     if present and not overwrite:
         raise ExportExistsError(f'{out} already holds {", ".join(present)}: choose another folder or pass --overwrite')
     model.eval()

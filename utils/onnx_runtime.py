@@ -13,7 +13,6 @@ the manifest's sizes and class count. The CUDA execution provider is used when o
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +25,11 @@ from models.cf_vit import CFOutput
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
 from .onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
+from .safe_io import UnsafeInputError, check_schema, read_structured
+
+#: What the runtime reads from a manifest, with its type (``utils.safe_io.check_schema``).
+MANIFEST_SCHEMA = {'model': str, 'img_size_list': [int], 'num_classes': int, 'coarse_stage_size': int,
+                   'gflops': [float], 'data_config': dict, 'graphs': dict}
 
 __all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_providers', 'make_session']
 
@@ -42,12 +46,12 @@ def read_manifest(folder: PathLike) -> Dict[str, Any]:
     if not folder.is_dir():
         raise ExportFolderError(f'export folder not found: {folder}')
     path = folder / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
+    try:  # a regular file of at most 1 MiB, bounded nesting (a pipe or /dev/zero is refused, never read)
+        manifest = read_structured(path, 1 << 20, 8, 'the export manifest')
     except FileNotFoundError:
         raise ExportFolderError(f'{folder} has no {MANIFEST_NAME}: it is not a folder written by export_onnx.py') from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportFolderError(f'cannot read {path}: {e}') from None
+    except UnsafeInputError as e:
+        raise ExportFolderError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get('format') != EXPORT_FORMAT:
         raise ExportFolderError(f'{path} is not a CF-ViT early-exit export manifest (format {EXPORT_FORMAT!r})')
     if manifest.get('format_version') != FORMAT_VERSION:
@@ -57,7 +61,34 @@ def read_manifest(folder: PathLike) -> Dict[str, Any]:
                if k not in manifest]
     if missing:
         raise ExportFolderError(f'{path} lacks {", ".join(missing)}')
+    _check_manifest_values(manifest, path)
     return manifest
+
+
+def _check_manifest_values(manifest: Dict[str, Any], path: Path) -> None:
+    """Types and ranges of every manifest field the runtime uses (one line naming the first bad one)."""
+    try:
+        check_schema(manifest, MANIFEST_SCHEMA, f'the export manifest {path}')
+    except UnsafeInputError as e:
+        raise ExportFolderError(str(e)) from None
+    cfg = manifest['data_config']
+    problems = [
+        (len(manifest['img_size_list']) == 2 and all(1 <= v <= 8192 for v in manifest['img_size_list']),
+         'img_size_list must be two image sides [coarse, fine]'),
+        (1 <= manifest['num_classes'] <= 1_000_000, 'num_classes must be a positive class count'),
+        (1 <= manifest['coarse_stage_size'] <= 1024, 'coarse_stage_size must be a positive grid side'),
+        (len(manifest['gflops']) == 2 and all(v >= 0 for v in manifest['gflops']),
+         'gflops must be two non-negative numbers [coarse, coarse + fine]'),
+        (all(isinstance(cfg.get(k), list) and len(cfg[k]) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in cfg[k])
+            for k in ('mean', 'std')), 'data_config mean and std must be three finite numbers each'),
+        (all(v > 0 for v in cfg.get('std', [1]) if isinstance(v, (int, float))), 'data_config std must be positive'),
+        (isinstance(manifest.get('num_informative', 1), int) and manifest.get('num_informative', 1) >= 1,
+         'num_informative must be a positive integer'),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ExportFolderError(f'the export manifest {path}: {message}')
 
 
 def default_providers() -> List[str]:
@@ -91,6 +122,25 @@ def _check_io(session, names_in: Sequence[str], names_out: Sequence[str], what: 
     if got_in != list(names_in) or got_out != list(names_out):
         raise ExportFolderError(f'{what} has inputs {got_in} and outputs {got_out}, expected {list(names_in)} '
                                 f'and {list(names_out)}')
+
+
+def _check_fine_fits_coarse(coarse, fine, num_classes: int, folder: Path) -> None:
+    """The fine graph takes what the coarse graph gives (a fine graph of another model is refused at load,
+    not at the first batch that goes on)."""
+    given = {o.name: o.shape for o in coarse.get_outputs()}
+    given[COARSE_INPUTS[0]] = coarse.get_inputs()[0].shape
+    for item in fine.get_inputs():
+        theirs = given.get(item.name)
+        if theirs is None:
+            continue
+        for a, b in zip(item.shape[1:], theirs[1:]):
+            if isinstance(a, int) and isinstance(b, int) and a != b or len(item.shape) != len(theirs):
+                raise ExportFolderError(f'the fine graph in {folder} takes {item.name} of shape {item.shape}, the coarse '
+                                        f'graph gives {theirs}: graphs of two different models')
+    classes = fine.get_outputs()[0].shape[-1]
+    if isinstance(classes, int) and classes != num_classes:
+        raise ExportFolderError(f'the fine graph in {folder} gives {classes} classes, the coarse graph {num_classes}: '
+                                'graphs of two different models')
 
 
 class OnnxEarlyExit:
@@ -144,6 +194,7 @@ class OnnxEarlyExit:
             raise ExportFolderError(
                 f'the graphs take (B, {", ".join(map(str, shape[1:]))}) images and give {classes} classes, but '
                 f'{MANIFEST_NAME} says (B, 3, {side}, {side}) and {self.num_classes} classes: a manifest of another model')
+        _check_fine_fits_coarse(self._coarse, self._fine, self.num_classes, self.folder)
         self.providers = self._coarse.get_providers()
 
     # the evaluation loops call these on models
@@ -160,12 +211,20 @@ class OnnxEarlyExit:
         if not isinstance(x_f, torch.Tensor) or x_f.dim() != 4 or tuple(x_f.shape[1:]) != (3, side, side):
             shape = tuple(x_f.shape) if isinstance(x_f, torch.Tensor) else type(x_f).__name__
             raise ValueError(f'expected the fine images as (B, 3, {side}, {side}), got {shape}')
+        if not x_f.is_floating_point():  # as the model: normalized float images, not raw bytes
+            raise ValueError(f'expected normalized floating-point images, got {x_f.dtype} (convert and normalize '
+                             'them as datasets.eval_transform does)')
         return x_f
 
     def _run(self, x: Any, threshold: Optional[float]) -> Tuple[torch.Tensor, ...]:
         """(coarse_logits, fine_logits, exited, confidence, cls_attn) on the input's device."""
         x_f = self._fine_images(x)
         device = x_f.device
+        if x_f.shape[0] == 0:  # no image: empty results, as the model gives (onnxruntime refuses a 0 batch)
+            n = int(self.manifest['coarse_stage_size']) ** 2
+            empty = torch.empty(0, self.num_classes, device=device)
+            return (empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=device),
+                    torch.empty(0, device=device), torch.empty(0, n, device=device))
         images = x_f.detach().to('cpu', torch.float32).contiguous().numpy()
         logits, confidence, tokens, embeddings, cls_attn = self._coarse.run(None, {COARSE_INPUTS[0]: images})
         coarse_logits, confidence = torch.from_numpy(logits), torch.from_numpy(confidence)

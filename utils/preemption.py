@@ -110,13 +110,14 @@ def progress_of(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
 
 
 def find_auto_resume(output_dir: Path, names: Sequence[str], world_size: int,
-                     unsafe: bool = False) -> Optional[Path]:
+                     unsafe: bool = False, batch_size: Optional[int] = None) -> Optional[Path]:
     """The checkpoint ``--resume auto`` continues from: among ``names`` in ``output_dir``, the readable
     training checkpoint that got furthest (:func:`progress_of`).
 
     An unreadable file (truncated by a disk error, foreign) is skipped with a warning naming it and the
     next one is used; a mid-epoch checkpoint written by another number of processes is skipped too (its
-    per-process states do not fit). Returns None when there is no checkpoint at all (a new run).
+    per-process states do not fit), and one written with another ``batch_size`` (its steps are other
+    samples): the run continues from the last end-of-epoch checkpoint, with a warning line. Returns None when there is no checkpoint at all (a new run).
 
     Raises:
         CheckpointError: checkpoint files exist but none can be continued from (never start over silently).
@@ -140,6 +141,14 @@ def find_auto_resume(output_dir: Path, names: Sequence[str], world_size: int,
             _logger.warning('--resume auto: skipping %s (mid-epoch checkpoint of %s processes, this run has %d)',
                             path, written_by, world_size)
             rejected.append(f'{name}: written by {written_by} processes')
+            continue
+        args = checkpoint.get('args')
+        written_batch = args.get('batch_size') if isinstance(args, dict) else getattr(args, 'batch_size', None)
+        if checkpoint.get('step_in_epoch') is not None and None not in (batch_size, written_batch) \
+                and written_batch != batch_size:  # its step count means other samples: continue from the epoch
+            _logger.warning('--resume auto: skipping %s (mid-epoch checkpoint of --batch-size %s, this run has %d)',
+                            path, written_batch, batch_size)
+            rejected.append(f'{name}: written with --batch-size {written_batch}')
             continue
         found.append((progress_of(checkpoint), path))
     if found:

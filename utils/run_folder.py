@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 from .misc import OutputDirError, remove_created_empty_dirs
+from .safe_io import UnsafeInputError, open_regular_nofollow
 
 __all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file']
 
@@ -67,7 +68,10 @@ class RunLock:
         self.path = Path(folder) / name
         self.fd: Optional[int] = None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link, never a pipe or device (utils.safe_io)
+                fd = open_regular_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644, what='the run lock')
+            except UnsafeInputError as e:
+                raise OutputDirError(str(e)) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -81,7 +85,7 @@ class RunLock:
                                 self.path, e.strerror or e)
                 return
             try:  # the previous holder may have removed the file between our open and our lock: retry
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
                     break
             except FileNotFoundError:
                 pass

@@ -33,6 +33,7 @@ from .dist import DistInfo, all_agree, broadcast_object, epoch_seed, gather_obje
 from .engine import AmpConfig, evaluate, format_eval, train_one_epoch
 from .misc import MetricMeter, OutputDirError, append_json_line, copy_atomic
 from .preemption import FaultInjection, StopRequested, capture_rng_state, find_auto_resume, restore_rng_state
+from .safe_io import check_scheduler_state, check_step_checkpoint
 from .validation import check_optimizer_state
 from .train_setup import (
     BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME, TENSORBOARD_DIR, ConfigError, build_amp,
@@ -304,7 +305,7 @@ def resolve_resume(args: argparse.Namespace, info: DistInfo, output_dir: Optiona
     if info.rank == 0:
         try:
             found = find_auto_resume(output_dir, (STEP_CHECKPOINT_NAME, CHECKPOINT_NAME, BEST_CHECKPOINT_NAME),
-                                     info.world_size, unsafe=args.unsafe_load)
+                                     info.world_size, unsafe=args.unsafe_load, batch_size=args.batch_size)
             chosen = str(found) if found is not None else ''
         except CheckpointError as e:
             problem = str(e)
@@ -334,6 +335,9 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
                      path, args.start_epoch)
         return args.start_epoch, -1.0, None
     check_optimizer_state(checkpoint['optimizer'], optimizer, path, _recorded(checkpoint, 'opt'), args.opt)
+    if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:  # e.g. a string for a number
+        check_scheduler_state(checkpoint['lr_scheduler'], lr_scheduler.state_dict(), f'{path}: lr_scheduler',
+                              CheckpointError)
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
@@ -360,6 +364,8 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
             f'{path} is a mid-epoch checkpoint of {checkpoint.get("world_size")} processes with '
             f'{checkpoint.get("steps_per_epoch")} steps per epoch; this run has {info.world_size} processes and '
             f'{len(run.train_loader)} steps: resume from {CHECKPOINT_NAME} instead (the epoch restarts)')
+    check_step_checkpoint(checkpoint, info.world_size, len(run.train_loader), info.rank, capture_rng_state,
+                          restore_rng_state, str(path), CheckpointError)  # position and states, before any use
     state = checkpoint['process_states'][info.rank]
     meter = MetricMeter()
     meter.sums.update(state['meter']['sums'])

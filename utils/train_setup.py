@@ -55,6 +55,7 @@ from .misc import (
 )
 from .misc import parse_model_kwargs as _parse_model_kwargs
 from .run_folder import RunLock, check_outside_inputs, release_locks
+from .safe_io import MAX_LR, UnsafeInputError, check_fixed_names, grid_side, refuse_overwriting_inputs
 from .signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
 from .validation import BadInputError, create_model_checked, device_name, finite_float, float_in, int_at_least
 
@@ -119,7 +120,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=7,
+    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=7,
                    help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
     g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='override the width (small CPU experiments)')
     g.add_argument('--depth', type=int_at_least(1), default=None, help='override the number of blocks')
@@ -156,14 +157,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
                         "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
                         "'next-epoch' = step(E + 1), timm's train.py and the released main_lvvit.py")
-    g.add_argument('--lr', type=float_in(0, low_open=True), default=5e-4,
+    g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=5e-4,
                    help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
     g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
     g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
     g.add_argument('--lr-noise-std', type=float_in(0), default=1.0)
-    g.add_argument('--warmup-lr', type=float_in(0), default=1e-6)
-    g.add_argument('--min-lr', type=float_in(0), default=1e-5)
+    g.add_argument('--warmup-lr', type=float_in(0, MAX_LR), default=1e-6)
+    g.add_argument('--min-lr', type=float_in(0, MAX_LR), default=1e-5)
     g.add_argument('--decay-epochs', type=float_in(0, low_open=True), default=30)
     g.add_argument('--warmup-epochs', type=int_at_least(0), default=5)
     g.add_argument('--cooldown-epochs', type=int_at_least(0), default=10)
@@ -300,7 +301,12 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
     for name in ('embed_dim', 'depth', 'num_heads'):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    kwargs.update(parse_model_kwargs(args.model_kwargs))
+    extra = parse_model_kwargs(args.model_kwargs)
+    clash = [f'{k}={extra[k]!r}' for k in ('num_classes', 'coarse_stage_size') if k in extra and extra[k] != kwargs[k]]
+    if clash:  # the data set decides the classes, --coarse-stage-size the grid: never a silent other head
+        raise ConfigError(f'--model-kwargs {", ".join(clash)} contradicts the run (num_classes={num_classes} from the '
+                          f'data set, --coarse-stage-size {args.coarse_stage_size}): drop it from --model-kwargs')
+    kwargs.update(extra)
     pretrained = getattr(args, 'pretrained', None)
     if args.model.split('.', 1)[0] not in timm.list_models('cf_*'):  # a CF model name may carry a pretrained tag
         if pretrained:
@@ -513,7 +519,10 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
             check_writable_dir(output_dir)
             if not getattr(args, 'eval', False):  # one training run per folder (--eval writes nothing there)
                 RunLock(output_dir)
-        except OutputDirError as e:
+                outputs = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, STEP_CHECKPOINT_NAME, LOG_NAME)
+                check_fixed_names(output_dir, (LOG_NAME,))  # appended in place: never a link or a pipe
+                refuse_overwriting_inputs([output_dir / n for n in outputs], [args.finetune])
+        except (OutputDirError, UnsafeInputError) as e:
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)

@@ -16,7 +16,6 @@ module only
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -119,18 +118,19 @@ def read_class_index(path: PathLike, num_classes: int) -> ClassIndex:
         InputError: unreadable file, unknown layout, or indices outside ``[0, num_classes)``.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():  # a pipe or device is refused below
         raise InputError(f'--class-index-file {path} does not exist')
-    try:
-        text = path.read_text(encoding='utf-8')
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f'cannot read --class-index-file {path}: {e}') from e
+    from .safe_io import UnsafeInputError, read_capped, read_structured
     out = ClassIndex()
+    try:  # a regular file of bounded size (and nesting): a pipe or /dev/zero is refused, never read
+        if path.suffix.lower() == '.json':
+            data = read_structured(path, what='--class-index-file')
+        else:
+            text = read_capped(path, 16 << 20, '--class-index-file').decode('utf-8')
+    except (OSError, UnicodeDecodeError, UnsafeInputError) as e:
+        raise InputError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read --class-index-file {path}: {e}'
+                         ) from None
     if path.suffix.lower() == '.json':
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f'--class-index-file {path} is not valid JSON: {e}') from e
         _read_json_index(data, out, path)
     else:
         _read_text_index(text, out, num_classes, path)
