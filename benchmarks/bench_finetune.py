@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument('--work-dir', default='output/ft', help='checkpoints (not in git)')
     p.add_argument('--name', default='finetune_p16_g7', help='result name under benchmarks/results/')
     p.add_argument('--load-note', default='', help='what else ran on the machine (reported)')
+    p.add_argument('--cf-run', default='cf_deit_finetuned',
+                   help='folder (under --work-dir) of the fine-tuning run: one per recipe, the baseline is shared')
     args = p.parse_args()
     if 3 * args.finetune_epochs > args.baseline_epochs:
         p.error('--finetune-epochs must be at most a third of --baseline-epochs')
@@ -97,11 +99,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = [*MODEL, '--coarse-stage-size', str(g), '--data-path', args.data_path,
               '--num_workers', str(args.num_workers)]
-    base_dir, cf_dir = work / 'deit_baseline', work / 'cf_deit_finetuned'
+    base_dir, cf_dir = work / 'deit_baseline', work / args.cf_run
     stages = (
         ('deit_baseline', base_dir, args.baseline_epochs,
          ['--model', 'deit_tiny_patch16_224', '--model-kwargs', f'patch_size={patch}', *BASE_RECIPE]),
-        ('cf_deit_finetuned', cf_dir, args.finetune_epochs,
+        (args.cf_run, cf_dir, args.finetune_epochs,
          ['--model', 'cf_deit_tiny', '--model-kwargs', f'patch_size={patch}', 'fine_pos_embed_without_selection=True',
           *finetune_recipe(args.lr), '--selection-start-epoch', str(args.selection_start_epoch),
           '--finetune', str(base_dir / 'checkpoint.pth')]),
@@ -112,12 +114,13 @@ def main() -> None:
         resume = ['--resume', 'auto'] if (run_dir / 'checkpoint.pth').exists() else []
         launch(['main_deit.py', *common, *extra, '--epochs', str(epochs), *resume, '--output', str(run_dir)],
                work / f'{name}_train.out', args.threads)
-    times = {name: epoch_seconds(work / f'{name}_train.out') for name, *_ in stages}
+    times = {('cf_deit_finetuned' if name == args.cf_run else name): epoch_seconds(work / f'{name}_train.out')
+             for name, *_ in stages}
     for name, run_dir, *_ in stages:
-        shutil.copyfile(run_dir / 'log.txt', out / f'{name}_log.txt')
+        shutil.copyfile(run_dir / 'log.txt', out / f"{'cf_deit_finetuned' if name == args.cf_run else name}_log.txt")
 
     # the fine-tuned CF-DeiT: the four-mode evaluation's sweep on the 1,500 validation images
-    eval_dir = work / 'cf_eval'
+    eval_dir = work / f'{args.cf_run}_eval'
     launch(['dynamic_inference.py', '--eval-mode', '1', '--data_url', args.data_path, '--checkpoint_path',
             str(cf_dir / 'checkpoint.pth'), '--batch_size', '128', '--num-workers', str(args.num_workers),
             '--output-dir', str(eval_dir)], out / 'cf_eval.out', args.threads)
@@ -163,7 +166,8 @@ def main() -> None:
         'command': 'python benchmarks/bench_finetune.py --data-path DATA/imagenette224 '
                    f'--baseline-epochs {args.baseline_epochs} --finetune-epochs {args.finetune_epochs} '
                    f'--selection-start-epoch {args.selection_start_epoch} --lr {args.lr} '
-                   f'--threads {args.threads} --num-workers {args.num_workers}',
+                   f'--threads {args.threads} --num-workers {args.num_workers}'
+                   + (f' --cf-run {args.cf_run} --name {args.name}' if args.cf_run != 'cf_deit_finetuned' else ''),
         'date_finished': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
     }
     save(args.name, result)
