@@ -30,18 +30,20 @@ import torch
 
 import models
 from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
-from utils.cpu import (AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory,
-                       resolve_amp_dtype)
-from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
-from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
-from utils.flops import stage_gflops
-from utils.inference import predict_stages, timed_early_exit
-from utils.misc import OutputDirError, default_workers, make_dirs, positive_int
-from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.plots import plot_budgeted_curve
-from utils.run_folder import RunLock, check_outside_inputs
-from utils.signals import quiet_worker_signals, run_entry_point
-from utils.validation import BadInputError, device_name, float_in, int_at_least
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point
+from utils.core.errors import BadInputError, CheckpointError, ModelBuildError, OutputDirError
+from utils.core.files import save_atomic, write_json_atomic
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.run_folder import RunLock, check_outside_inputs, make_dirs
+from utils.core.signals import quiet_worker_signals
+from utils.inference.cpu import (
+    AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,
+)
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
+from utils.inference.flops import stage_gflops
+from utils.inference.predict import predict_stages, timed_early_exit
+from utils.vis.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
 
@@ -247,8 +249,8 @@ def check_stored_flops(checkpoint: Dict[str, Any], flops: List[float]) -> None:
 
 def onnx_predictor(args: argparse.Namespace, out: Path):
     """--backend onnxruntime: the export folder as a predictor with the model's early-exit contract
-    (``utils.onnx_runtime.OnnxEarlyExit``); mode 3 prints its manifest."""
-    from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+    (``utils.inference.onnx_runtime.OnnxEarlyExit``); mode 3 prints its manifest."""
+    from utils.inference.onnx_runtime import ExportFolderError, OnnxEarlyExit
     if not args.export_dir:
         raise UsageError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
     unsupported = [flag for flag, given in (('--checkpoint_path', args.checkpoint_path), ('--compile', args.compile),

@@ -7,7 +7,7 @@ Writes DIR/coarse.onnx (fine images in; coarse logits, confidence and the coarse
 DIR/fine.onnx (the rows that go on: fine images and coarse state in, fine logits out) and
 DIR/manifest.json (model, grid, classes, sizes, normalization, GFLOPs per stage, exporter and
 opset). Both graphs take any batch size. The exported pair is then checked against the PyTorch
-model on a random batch. Run it with ``utils.onnx_runtime.OnnxEarlyExit`` or
+model on a random batch. Run it with ``utils.inference.onnx_runtime.OnnxEarlyExit`` or
 ``dynamic_inference.py --backend onnxruntime DIR``.
 
 Any checkpoint the other scripts accept works: the released layout, a training checkpoint (which
@@ -25,11 +25,12 @@ from typing import Optional, Sequence
 import torch
 
 import models
-from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.misc import EXIT_BAD_INPUT, OutputDirError, describe_os_error, positive_int
-from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
-from utils.onnx_runtime import OnnxEarlyExit
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.cli import describe_os_error, positive_int
+from utils.core.errors import EXIT_BAD_INPUT, CheckpointError, ModelBuildError, OutputDirError
+from utils.core.model_builder import build_from_checkpoint
+from utils.inference.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
+from utils.inference.onnx_runtime import OnnxEarlyExit
 
 _logger = logging.getLogger('export_onnx')
 

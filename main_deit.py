@@ -19,7 +19,7 @@ Each epoch the main process writes, under ``--output_dir``: ``checkpoint.pth`` (
 scalars under ``tensorboard/``.
 
 This file holds the recipe only (its criterion and ``run``); the flags, the builders and the epoch
-loop that ``main_lvvit.py`` shares are in :mod:`utils.train_setup` and :mod:`utils.train_loop`.
+loop that ``main_lvvit.py`` shares are in :mod:`utils.train.setup` and :mod:`utils.train.loop`.
 """
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
-from utils.losses import CFViTLoss  # noqa: E402
-from utils.train_loop import train_or_evaluate  # noqa: E402
-from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, get_args_parser,
-    load_datasets, load_finetune_weights, run_main, setup_process,
+from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
+from utils.train.args import get_args_parser  # noqa: E402
+from utils.train.loop import train_or_evaluate  # noqa: E402
+from utils.train.losses import CFViTLoss  # noqa: E402
+from utils.train.setup import (  # noqa: E402
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
 )
 
 __all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_TRAINING_FAILED',

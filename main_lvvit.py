@@ -22,9 +22,9 @@ token alone is trained with soft-target cross-entropy. Informative selection swi
 
 This file holds the recipe only (its flags, data, criterion and ``run``). Everything around it is
 shared with ``main_deit.py`` through the library: flags, data sets, model building, loaders, optimizer,
-AMP, EMA (:mod:`utils.train_setup`), and the epoch loop with resume and checkpoints
+AMP, EMA (:mod:`utils.train.setup`), and the epoch loop with resume and checkpoints
 (``checkpoint.pth`` atomically, ``best_checkpoint.pth`` by ``--eval-metric``), one JSON line per
-epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.train_loop`).
+epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.train.loop`).
 """
 from __future__ import annotations
 
@@ -45,20 +45,20 @@ from datasets.token_label import (  # noqa: E402
     CROP_MODES, TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
-from utils.misc import default_workers, positive_int  # noqa: E402
-from utils.token_labeling import SMOOTHING_MODES, CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
-from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
-from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, build_model, load_datasets,
-    load_finetune_weights, run_main, setup_process,
+from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
+from utils.core.cli import default_workers, float_in, int_at_least, positive_int  # noqa: E402
+from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
+from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
+from utils.train.checkpointing import TrainingRun  # noqa: E402
+from utils.train.loop import train_or_evaluate  # noqa: E402
+from utils.train.setup import (  # noqa: E402
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
 )
-from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
-
-from utils.validation import float_in, int_at_least  # noqa: E402
+from utils.train.token_labeling import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
 
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
            'EXIT_TRAINING_FAILED', 'USER_ERRORS']
-#: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
+#: ``--eval-metric`` -> the key of :func:`utils.train.engine.evaluate`'s result.
 EVAL_METRICS = {'top1_f': 'fine_acc1', 'top1_c': 'coarse_acc1'}
 #: LV-ViT's learning rate and the global batch it was tuned for (8 GPUs x 128, or 4 x 256).
 LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
@@ -66,7 +66,7 @@ LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
 
 # ---------------------------------------------------------------------------------------------- flags
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    """The training flags (:func:`utils.train_setup.get_args_parser`) with TokenLabeling's spellings and
+    """The training flags (:func:`utils.train.args.get_args_parser`) with TokenLabeling's spellings and
     LV-ViT defaults, plus token labeling.
 
     Reusable with ``parents=[get_args_parser()]``.
@@ -181,7 +181,7 @@ def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, 
 
 def build_objective(args: argparse.Namespace, num_classes: int, label_size: int) -> tuple:
     """``(criterion, batch transform)``: the CF token-labeling loss, and what turns a loader batch
-    into images and :class:`utils.token_labeling.TokenLabelTargets` (with mixup/cutmix if on)."""
+    into images and :class:`datasets.token_targets.TokenLabelTargets` (with mixup/cutmix if on)."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,

@@ -50,21 +50,21 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402  (registers the CF models with timm)
-from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
 from datasets.token_label import METADATA_NAME, check_distinct_label_maps, label_map_path  # noqa: E402
-from utils.checkpoint import (  # noqa: E402
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
+from models.token_ops import scatter_to_fine_grid  # noqa: E402
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights  # noqa: E402
+from utils.core.checkpoint_schema import architecture_from_checkpoint  # noqa: E402
+from utils.core.cli import (  # noqa: E402
+    default_workers, describe_os_error, device_name, int_at_least, parse_model_kwargs, positive_int, setup_logging,
 )
-from utils.dist import default_device  # noqa: E402
-from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.signals import (  # noqa: E402
+from utils.core.dist import default_device  # noqa: E402
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, OutputDirError  # noqa: E402
+from utils.core.files import save_atomic, write_json_atomic  # noqa: E402
+from utils.core.model_builder import create_model_checked  # noqa: E402
+from utils.core.run_folder import RunLock, check_outside_inputs, check_writable_dir, release_locks  # noqa: E402
+from utils.core.signals import (  # noqa: E402
     check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
-)  # noqa: E402
-from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
-from utils.misc import (  # noqa: E402
-    EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
-    default_workers, describe_os_error, positive_int, setup_logging,
 )
 
 _logger = logging.getLogger('make_token_labels')
@@ -371,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Token-labeling label maps from a teacher', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     setup_logging(True)
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
+    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.core.signals)
         try:
             return run(args)
         except USER_ERRORS as e:

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,17 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import torch  # noqa: E402
 
+import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
-from utils.checkpoint import load_checkpoint_file, write_json_atomic  # noqa: E402
-from utils.misc import architecture_from_checkpoint, default_workers, run_script  # noqa: E402
+from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
+from utils.core.cli import default_workers  # noqa: E402
+from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.model_builder import build_from_checkpoint  # noqa: E402
 
 _logger = logging.getLogger('quickstart')
+
+ROOT = Path(__file__).resolve().parent
 
 #: The tiny model and recipe of the quick start (patch 8: a 4x4 coarse grid on 32 px images).
 MODEL_ARGS = ['--model', 'cf_deit_tiny', '--embed-dim', '96', '--depth', '6', '--num-heads', '3',
@@ -55,6 +61,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_script(name: str, argv: Sequence[str]) -> int:
+    """Run ``python name.py *argv`` (a script beside this one) as its own program, with this interpreter,
+    and return its exit status: the script's own flag handling, messages and exit codes apply."""
+    return subprocess.run([sys.executable, str(ROOT / f'{name}.py'), *map(str, argv)]).returncode
+
+
 def _step(title: str) -> None:
     _logger.info('')
     _logger.info('=== %s', title)
@@ -67,13 +79,8 @@ def selection_on_objects(checkpoint_path: Path, data: Path, device: torch.device
     Chance is the share of all coarse patches that overlap the box (what a random selection of
     the same size would hit on average). Reported separately for small and large objects.
     """
-    import timm
     from datasets.folder import open_image_folder
-    checkpoint = load_checkpoint_file(checkpoint_path)
-    arch = architecture_from_checkpoint(checkpoint)
-    model = timm.create_model(arch['model'], coarse_stage_size=arch['coarse_stage_size'],
-                              num_classes=checkpoint['model']['head.weight'].shape[0], **arch['kwargs'])
-    model.load_state_dict(checkpoint['model'])
+    model, _, _ = build_from_checkpoint(load_checkpoint_file(checkpoint_path))  # strict, allow-listed kwargs
     model.to(device).eval()
     boxes = load_boxes(data)
     dataset = open_image_folder(data / 'val', eval_transform(model))

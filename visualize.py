@@ -35,17 +35,15 @@ import torch
 import models
 from datasets.folder import DatasetError, ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
 from datasets.transforms import data_config, eval_transform
-from utils.checkpoint import (
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
-)
-from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT, named in main)
-    EXIT_BAD_INPUT, architecture_from_checkpoint, default_workers, make_dirs, positive_int,
-)
-from utils.misc import OutputDirError
-from utils.run_folder import RunLock, check_outside_inputs, same_file
-from utils.signals import quiet_worker_signals, run_entry_point
-from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
-from utils.visualization import (
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
+from utils.core.checkpoint_schema import architecture_from_checkpoint
+from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, OutputDirError
+from utils.core.files import write_json_atomic
+from utils.core.model_builder import create_model_checked
+from utils.core.run_folder import RunLock, check_outside_inputs, make_dirs, same_file
+from utils.core.signals import quiet_worker_signals
+from utils.vis.figures import (
     FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )

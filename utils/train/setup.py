@@ -1,15 +1,13 @@
 """What both training scripts (``main_deit.py``, ``main_lvvit.py``) set up and build before the epoch loop.
 
-- the flags every training run reads, with the released DeiT recipe's defaults
-  (:func:`get_args_parser`, reused by the scripts with ``parents=[...]``);
 - the process set-up (distributed, logging, determinism, the output folder) and the data sets
   (:func:`setup_process`, :func:`load_datasets`);
 - the builders: model (:func:`build_model`, :func:`load_finetune_weights`), loaders, optimizer,
   scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, AMP;
 - the entry-point error handling: bad input becomes one line and exit status 2 (:func:`run_main`).
 
-The epoch loop around these (resume, checkpoints, ``log.txt``) is :mod:`utils.train_loop`; one
-epoch and one evaluation pass are :mod:`utils.engine`.
+The flags are :mod:`utils.train.args`; the epoch loop around these (resume, checkpoints, ``log.txt``)
+is :mod:`utils.train.loop`; one epoch and one evaluation pass are :mod:`utils.train.engine`.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ import logging
 import signal
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -33,195 +31,37 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 import models  # noqa: F401  (registers the CF models with timm)
-from datasets.build import DATA_SETS, build_dataset, check_same_classes
+from datasets.build import build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
-
-from .checkpoint import (
-    CheckpointError, check_state_dict, extract_state_dict, load_checkpoint_file, remove_stale_temp_files,
+from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
+from utils.core.cli import (
+    describe_os_error, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, setup_logging, user_message,
 )
-from .dist import (
-    DistInfo, DistributedSetupError, PeerFailedError, all_agree, cleanup, default_device, init_distributed,
-    seed_everything,
+from utils.core.dist import DistInfo, PeerFailedError, all_agree, cleanup, init_distributed, seed_everything
+from utils.core.errors import (
+    EXIT_BAD_INPUT, EXIT_FAILED, BadInputError, CheckpointError, ConfigError, DistributedSetupError, OutputDirError,
 )
-from .engine import AmpConfig, NonFiniteLossError
-from .preemption import EXIT_STOPPED, ResumableSampler, StopRequested
-from .misc import (
-    EXIT_BAD_INPUT, EXIT_FAILED, OutputDirError, check_writable_dir, default_workers, describe_os_error,
-    log_thread_os_errors, positive_int, setup_logging, user_message,
-)
-from .misc import parse_model_kwargs as _parse_model_kwargs
-from .run_folder import RunLock, check_outside_inputs, release_locks
-from .signals import exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
-from .validation import BadInputError, create_model_checked, device_name, finite_float, float_in, int_at_least
+from utils.core.files import remove_stale_temp_files
+from utils.core.model_builder import create_model_checked
+from utils.core.run_folder import RunLock, check_outside_inputs, check_writable_dir, release_locks
+from utils.core.signals import EXIT_STOPPED, StopRequested, exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
+from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
+from utils.train.engine import AmpConfig, NonFiniteLossError
+from utils.train.samplers import ResumableSampler, ShardSampler
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = 'checkpoint.pth'
-#: The mid-epoch checkpoint of --save-interval-steps and of a stop request (SIGTERM).
-STEP_CHECKPOINT_NAME = 'checkpoint_step.pth'
-BEST_CHECKPOINT_NAME = 'best_checkpoint.pth'
-LOG_NAME = 'log.txt'
-TENSORBOARD_DIR = 'tensorboard'
-#: The DeiT rule: the base ``--lr`` is for this many images per step over all processes.
-LR_REFERENCE_BATCH = 512.0
-#: --sched-step choices: what is added to the finished epoch's index when the scheduler is stepped after it.
-SCHED_STEPS = {'epoch': 0, 'next-epoch': 1}
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
 #: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
 EXIT_TRAINING_FAILED = EXIT_FAILED
 
 
-class ConfigError(RuntimeError):
-    """Flags that cannot work together (message meant for a person)."""
-
-
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, OutputDirError, DistributedSetupError, BadInputError)
 
 
-# ---------------------------------------------------------------------------------------------- flags
-def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    """The flags of every training run: the DeiT recipe's, with the released main_deit.py's defaults, plus
-    CF-ViT's. ``main_deit.py`` takes them as they are; ``main_lvvit.py`` adds TokenLabeling's spellings and
-    LV-ViT defaults. Reusable with ``parents=[get_args_parser()]``."""
-    parser = argparse.ArgumentParser('CF-DeiT training and evaluation', add_help=add_help)
-    bool_flag = argparse.BooleanOptionalAction
-
-    g = parser.add_argument_group('run')
-    g.add_argument('--batch-size', '--batch_size', type=positive_int, default=64, help='images per process and step')
-    g.add_argument('--epochs', type=int_at_least(1), default=300)
-    g.add_argument('--start_epoch', '--start-epoch', type=int_at_least(0), default=0,
-                   help='first epoch (set by --resume)')
-    g.add_argument('--stop-at-epoch', type=int_at_least(0), default=None,
-                   help='end this run before this 0-based epoch, as if interrupted (the schedule still spans '
-                        '--epochs); continue later with --resume')
-    g.add_argument('--eval', action='store_true', help='only evaluate (both stages) and exit')
-    g.add_argument('--dist-eval', '--dist_eval', action='store_true',
-                   help='split evaluation over the processes (else every process evaluates everything)')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--deterministic', action='store_true',
-                   help='deterministic algorithms (slower on GPU); CPU runs are deterministic anyway')
-    g.add_argument('--output_dir', '--output-dir', '--output', dest='output_dir', default='',
-                   help='folder for checkpoints, log.txt and TensorBoard events; empty: write nothing')
-    g.add_argument('--device', type=device_name, default=default_device(), help='cuda (default when available) or cpu')
-    g.add_argument('--print-freq', type=int_at_least(1), default=50, help='log a line every this many steps')
-    g.add_argument('--amp', action=bool_flag, default=None,
-                   help='mixed precision through torch.autocast; default on for CUDA (as the release trained), '
-                        'off for CPU (bfloat16 is emulated, hence slow, on CPUs without native support)')
-    g.add_argument('--apex-amp', '--apex_amp', dest='amp', action='store_true', default=None,
-                   help='the released scripts\' flag; means native --amp')
-    g.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=None,
-                   help='autocast dtype; default float16 (with a gradient scaler) on CUDA, bfloat16 on CPU')
-
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
-    g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=positive_int, default=7,
-                   help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
-    g.add_argument('--embed-dim', type=int_at_least(1), default=None, help='override the width (small CPU experiments)')
-    g.add_argument('--depth', type=int_at_least(1), default=None, help='override the number of blocks')
-    g.add_argument('--num-heads', type=int_at_least(1), default=None, help='override the number of heads')
-    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='more timm.create_model overrides, values as Python literals '
-                        '(e.g. fine_pos_embed_without_selection=True)')
-    g.add_argument('--grad-checkpointing', action='store_true',
-                   help='recompute the blocks of both stages in the backward pass: less memory, same gradients')
-    g.add_argument('--drop', type=float_in(0, 1, high_open=True), default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', '--drop_path', type=float_in(0, 1, high_open=True), default=0.1,
-                   help='stochastic depth rate')
-    g.add_argument('--selection-start-epoch', type=int_at_least(-1), default=200,
-                   help='informative selection is off while the 0-based epoch is <= this, on afterwards '
-                        '(the paper: 200)')
-    g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float_in(0, 1), default=0.99996)
-    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
-
-    g = parser.add_argument_group('optimizer and schedule')
-    g.add_argument('--opt', default='adamw', help='timm optimizer name')
-    g.add_argument('--opt-eps', type=float_in(0, low_open=True), default=1e-8)
-    g.add_argument('--opt-betas', type=float_in(0, 1, high_open=True), nargs='+', default=None)
-    g.add_argument('--momentum', type=float_in(0, 1), default=0.9)
-    g.add_argument('--weight-decay', type=float_in(0), default=0.05)
-    g.add_argument('--exempt-pos-embed-from-wd', action='store_true',
-                   help='exempt pos_embed_list.0/.1 from weight decay (the release decayed them; see '
-                        'CFVisionTransformer.no_weight_decay)')
-    g.add_argument('--clip-grad', type=float_in(0, low_open=True), default=None,
-                   help='clip gradients to this norm (default: off)')
-    g.add_argument('--clip-mode', choices=('norm', 'value'), default='norm')
-    g.add_argument('--sched', default='cosine', help='timm scheduler name')
-    g.add_argument('--sched-step', choices=SCHED_STEPS, default='epoch',
-                   help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
-                        "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
-                        "'next-epoch' = step(E + 1), timm's train.py and the released main_lvvit.py")
-    g.add_argument('--lr', type=float_in(0, low_open=True), default=5e-4,
-                   help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
-    g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
-    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
-    g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
-    g.add_argument('--lr-noise-std', type=float_in(0), default=1.0)
-    g.add_argument('--warmup-lr', type=float_in(0), default=1e-6)
-    g.add_argument('--min-lr', type=float_in(0), default=1e-5)
-    g.add_argument('--decay-epochs', type=float_in(0, low_open=True), default=30)
-    g.add_argument('--warmup-epochs', type=int_at_least(0), default=5)
-    g.add_argument('--cooldown-epochs', type=int_at_least(0), default=10)
-    g.add_argument('--patience-epochs', type=int_at_least(0), default=10)
-    g.add_argument('--decay-rate', '--dr', type=float_in(0), default=0.1)
-
-    g = parser.add_argument_group('augmentation')
-    g.add_argument('--color-jitter', type=float_in(0), default=0.4, help='(unused while --aa is on)')
-    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
-    g.add_argument('--smoothing', type=float_in(0, 1, high_open=True), default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', default='bicubic')
-    g.add_argument('--crop-scale', type=float_in(0, 1, low_open=True), nargs=2, default=(0.08, 1.0),
-                   metavar=('MIN', 'MAX'),
-                   help='area range of the random-resized crop (timm default 0.08 1.0)')
-    g.add_argument('--repeated-aug', action=bool_flag, default=True,
-                   help='repeated augmentation (timm RepeatAugSampler, 3 repeats)')
-    g.add_argument('--reprob', type=float_in(0, 1), default=0.25, help='random erasing probability')
-    g.add_argument('--remode', default='pixel', help='random erasing mode')
-    g.add_argument('--recount', type=int_at_least(1), default=1, help='random erasing count')
-    g.add_argument('--mixup', type=float_in(0), default=0.8, help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float_in(0), default=1.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix-minmax', type=float_in(0, 1), nargs=2, default=None)
-    g.add_argument('--mixup-prob', type=float_in(0, 1), default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float_in(0, 1), default=0.5)
-    g.add_argument('--mixup-mode', choices=('batch', 'pair', 'elem'), default='batch')
-
-    g = parser.add_argument_group('weights')
-    g.add_argument('--finetune', default='', help='start from these weights (head and grids adapted)')
-    g.add_argument('--resume', default='',
-                   help="continue from this checkpoint (or evaluate it with --eval); 'auto': from the output "
-                        "folder's furthest readable checkpoint (checkpoint_step.pth, checkpoint.pth, "
-                        "best_checkpoint.pth), or a new run when it has none: one command to resubmit")
-    g.add_argument('--save-interval-steps', type=int, default=0, metavar='N',
-                   help='also write checkpoint_step.pth every N optimizer steps (atomically), for an exact '
-                        'mid-epoch resume after preemption; 0: only at the end of each epoch')
-    g.add_argument('--unsafe-load', action='store_true',
-                   help='allow full unpickling of a checkpoint you trust (never needed for ours)')
-
-    g = parser.add_argument_group('data')
-    g.add_argument('--data-path', '--data_path', default=None, help='dataset root')
-    g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS)
-    g.add_argument('--inat-category', default='name',
-                   choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
-    g.add_argument('--subset', type=int_at_least(1), default=None,
-                   help='debug: use at most this many images of each split, evenly spaced')
-    g.add_argument('--num_workers', '--num-workers', type=int_at_least(0), default=default_workers(10),
-                   help='loader processes per training process (default: 10 as released, capped by the cores)')
-    g.add_argument('--pin-mem', action=bool_flag, default=True, help='pin loader memory (CUDA only)')
-
-    g = parser.add_argument_group('distributed')
-    g.add_argument('--world_size', '--world-size', type=int_at_least(1), default=1,
-                   help='number of processes (read from the launcher when it sets WORLD_SIZE)')
-    g.add_argument('--dist_url', '--dist-url', default='env://')
-    g.add_argument('--dist-timeout', type=float, default=30.0, metavar='MINUTES',
-                   help='process-group timeout of a collective (a process that hangs without failing)')
-    g.add_argument('--local_rank', '--local-rank', type=int, default=None,
-                   help='set by torch.distributed.launch (LOCAL_RANK in the environment wins)')
-    # Tests only: every process writes a digest of its final weights to PATH.rank<r>.json.
-    g.add_argument('--debug-weights-digest', default=None, help=argparse.SUPPRESS)
-    # Tests only: RANK:EPOCH:STEP:kill|data, a fault on the first attempt (utils.preemption.FaultInjection).
-    g.add_argument('--debug-fault', default=None, help=argparse.SUPPRESS)
-    return parser
+# ---------------------------------------------------------------------------------------------- model
 
 
 def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -291,19 +131,6 @@ def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False) -> 
         _logger.info('fine-tuning from %s; new (randomly initialized): %s', path, ', '.join(fresh))
     else:
         _logger.info('fine-tuning from %s; every weight loaded', path)
-
-
-class ShardSampler(Sampler):
-    """Every ``world_size``-th index from ``rank``: disjoint shards, no padding (exact evaluation)."""
-
-    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, len(dataset), world_size))  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -475,7 +302,7 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
     log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
     code = 0
     # SIGTERM (a scheduler's preemption notice) is deferred to the next step boundary, where training writes
-    # its mid-epoch checkpoint and exits 143 (utils.preemption); SIGINT ends the run at the next step, 130.
+    # its mid-epoch checkpoint and exits 143 (utils.train.checkpointing); SIGINT ends the run at the next step, 130.
     with handle_stop_signals(deferred=(signal.SIGTERM,)):
         try:
             run_fn(args)
@@ -483,7 +310,7 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
             _logger.error('stopped on request (SIGTERM) at a step boundary%s', f'; {STEP_CHECKPOINT_NAME} in '
                           f'{args.output_dir} continues it with --resume auto' if args.output_dir else '')
             code = EXIT_STOPPED
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the step loop (utils.signals)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the step loop (utils.core.signals)
             _logger.error('interrupted; the last checkpoint (if any) is intact')
             code = exit_status(e)
         except Exception as e:
@@ -509,3 +336,5 @@ def run_main(run_fn: Any, args: argparse.Namespace) -> int:
             cleanup()
             gc.collect()  # loaders (and their workers) referenced by a caught traceback end now, not at exit
     return code
+
+

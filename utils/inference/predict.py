@@ -17,7 +17,7 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
-from .signals import check_stop, stop_at_steps
+from utils.core.signals import check_stop, stop_at_steps
 
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
-from .checkpoint import extract_state_dict, load_model_weights
-from .misc import architecture_from_checkpoint, parse_model_kwargs
-from .validation import create_model_checked
+from utils.core.checkpoint import extract_state_dict, load_model_weights
+from utils.core.checkpoint_schema import architecture_from_checkpoint
+from utils.core.cli import parse_model_kwargs
+from utils.core.errors import BadInputError, ModelBuildError
 
-__all__ = ['ModelBuildError', 'build_from_checkpoint']
-
-
-class ModelBuildError(ValueError):
-    """The checkpoint or the flags do not make a CF model (message meant for a person)."""
+__all__ = ['ModelBuildError', 'build_from_checkpoint', 'create_model_checked']
 
 
 def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[str] = None,
@@ -39,7 +37,7 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
 
     Raises:
         ModelBuildError: no classification head, or a model that cannot be built with these arguments.
-        utils.checkpoint.CheckpointError: weights that do not fit the model.
+        utils.core.errors.CheckpointError: weights that do not fit the model.
     """
     recorded = architecture_from_checkpoint(checkpoint)
     name = model_name or recorded.get('model', 'cf_deit_small')
@@ -62,3 +60,15 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     load_model_weights(model, state_dict)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g
+
+
+def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)``; an impossible configuration (width not divisible by the heads,
+    an unknown argument, ...) raises ``error`` with one line instead of timm's traceback."""
+    import timm
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+        shown = {k: v for k, v in kwargs.items() if k != 'pretrained'}
+        raise error(f'cannot build {name} with {shown}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+                    .rstrip(': ')) from e

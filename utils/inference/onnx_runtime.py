@@ -1,4 +1,4 @@
-"""Early exit on onnxruntime: :class:`OnnxEarlyExit` runs an export folder (``utils.onnx_export``).
+"""Early exit on onnxruntime: :class:`OnnxEarlyExit` runs an export folder (``utils.inference.onnx_export``).
 
 It keeps the contract of the PyTorch model's ``forward_early_exit(x, threshold)`` and
 ``forward_details(x, threshold)``: the coarse graph runs on the whole batch, a row exits when its
@@ -25,7 +25,7 @@ import torch
 from models.cf_vit import CFOutput
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
-from .onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
+from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
 
 __all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_providers', 'make_session']
 

@@ -11,7 +11,7 @@ module only
   re-split ones (:func:`fade_unselected`, pure tensor functions);
 - draws grids and a histogram with matplotlib's object API at exact pixel sizes
   (:func:`draw_grid`, :func:`grid_png_size`, :func:`draw_confidence_histogram`);
-- writes every file atomically (``utils.checkpoint.atomic_file``).
+- writes every file atomically (``utils.core.files.atomic_file``).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from models.token_ops import FINE_SCALE, fine_children
 
-from . import checkpoint as checkpoint_io
-from .signals import check_stop, stop_at_steps
+from utils.core import files
+from utils.core.signals import check_stop, stop_at_steps
 
 __all__ = [
     'InputError', 'FADE', 'FADE_COLOR', 'ClassIndex',
@@ -569,5 +569,5 @@ def save_figure(fig: Any, path: PathLike, dpi: int) -> None:
     """Save a matplotlib figure as PNG atomically, at its own size (no tight bounding box)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=dpi, facecolor='white')
-    with checkpoint_io.atomic_file(path) as f:
+    with files.atomic_file(path) as f:
         f.write(buffer.getvalue())
