@@ -26,17 +26,13 @@ import torch
 
 import models
 from utils.core.checkpoint import load_checkpoint_file
-from utils.core.cli import describe_os_error, positive_int
-from utils.core.errors import EXIT_BAD_INPUT, CheckpointError, ModelBuildError, OutputDirError
+from utils.core.cli import positive_int, run_entry_point, setup_logging
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
 from utils.core.model_builder import build_from_checkpoint
-from utils.inference.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, ExportExistsError, export_early_exit
+from utils.inference.onnx_export import DEFAULT_OPSET, EXPORTERS, QUANTIZE_MODES, export_early_exit
 from utils.inference.onnx_runtime import OnnxEarlyExit
 
 _logger = logging.getLogger('export_onnx')
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,23 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
     if not isinstance(checkpoint, dict):
-        raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
-    try:
-        model, name, g = build_from_checkpoint(checkpoint, args.model, args.coarse_stage_size, args.model_kwargs,
-                                               args.checkpoint_key)
-    except ModelBuildError as e:
-        raise UsageError(str(e))
+        raise BadInputError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    model, name, g = build_from_checkpoint(checkpoint, args.model, args.coarse_stage_size, args.model_kwargs,
+                                           args.checkpoint_key)
     model.eval()
     suffix = '_int8' if args.quantize == 'dynamic' else ''
     out = Path(args.output_dir or Path('output') / 'onnx' / f'{name}_g{g}{suffix}')
     _logger.info('exporting %s (%dx%d coarse grid, %d classes) with %s, opset %d, into %s',
                  name, g, g, model.num_classes, args.exporter, args.opset, out)
-    try:
-        manifest = export_early_exit(model, out, exporter=args.exporter, opset=args.opset, quantize=args.quantize,
-                                     overwrite=args.overwrite,
-                                     extra={'checkpoint': os.path.abspath(args.checkpoint_path)})
-    except (OutputDirError, ExportExistsError) as e:
-        raise UsageError(str(e))
+    manifest = export_early_exit(model, out, exporter=args.exporter, opset=args.opset, quantize=args.quantize,
+                                 overwrite=args.overwrite, extra={'checkpoint': os.path.abspath(args.checkpoint_path)})
     # check the pair against the model on a random batch (every row through both stages)
     runtime = OnnxEarlyExit(out)
     side = model.img_size_list[1]
@@ -103,18 +92,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
-    try:
-        run(args)
-    except (UsageError, CheckpointError) as e:
-        print(f'export_onnx.py: error: {" ".join(str(e).split())}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # writing the graphs failed (full disk, ...); earlier files are intact
-        print(f'export_onnx.py: error: {describe_os_error(e, "cannot write the export")}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
-
+    setup_logging(stream=sys.stdout, style='plain', if_unconfigured=True)
+    return run_entry_point(lambda: run(args), 'export_onnx.py', writing='cannot write the export', one_line=True)
 
 if __name__ == '__main__':
     os.environ.setdefault('HF_HUB_OFFLINE', '1')

@@ -76,10 +76,11 @@ def run(args: argparse.Namespace) -> None:
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
         load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+    criterion, mixup_fn = build_criterion(args, num_classes) if not args.eval else (None, None)
     # find_unused_parameters: while selection is off, the released CF-DeiT's fine stage leaves
     # pos_embed_list.1 out of the graph (SPEC 4.4), so some parameters get no gradient.
-    train_or_evaluate(args, info, output_dir, model, num_classes, train_set, val_set,
-                      lambda: build_criterion(args, num_classes), find_unused_parameters=True)
+    train_or_evaluate(args, info, output_dir, model, num_classes, train_set, val_set, criterion, mixup_fn,
+                      find_unused_parameters=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,7 +38,6 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.utils import distribute_bn  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
 from datasets.token_label import (  # noqa: E402
@@ -49,7 +48,6 @@ from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E40
 from utils.core.cli import default_workers, float_in, int_at_least, positive_int  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
 from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
-from utils.train.checkpointing import TrainingRun  # noqa: E402
 from utils.train.loop import train_or_evaluate  # noqa: E402
 from utils.train.setup import (  # noqa: E402
     EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
@@ -216,22 +214,17 @@ def run(args: argparse.Namespace) -> None:
     if args.finetune:
         load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
 
-    def sync_batchnorm_stats(run: TrainingRun) -> None:  # the conv stem's BatchNorm statistics differ across processes
-        if info.distributed and args.dist_bn:
-            distribute_bn(run.model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
-            if run.model_ema is not None and not args.model_ema_force_cpu:
-                distribute_bn(run.model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
-
     # aux_head gets no gradient without dense targets; with them every parameter is used
     dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
+    criterion, batch_transform = build_objective(args, num_classes, label_size) if not args.eval else (None, None)
     train_or_evaluate(
-        args, info, output_dir, model, num_classes, train_set, val_set,
-        lambda: build_objective(args, num_classes, label_size), find_unused_parameters=not dense_loss,
+        args, info, output_dir, model, num_classes, train_set, val_set, criterion, batch_transform,
+        find_unused_parameters=not dense_loss,
         summary=f'token labels {label_size}x{label_size} from {args.token_label_data}' if args.token_label
         else 'class labels only',
         ema_eval=args.model_ema and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA
         metric_key=EVAL_METRICS[args.eval_metric], eval_metric=args.eval_metric,
-        after_train_epoch=sync_batchnorm_stats)
+        dist_bn=args.dist_bn)  # the conv stem's BatchNorm statistics differ across processes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

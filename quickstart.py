@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,11 +33,11 @@ import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import default_workers  # noqa: E402
+from utils.core.cli import default_workers, run_entry_point  # noqa: E402
 from utils.core.files import write_json_atomic  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
+from utils.core.run_folder import prepare_output_dir  # noqa: E402
 
-_logger = logging.getLogger('quickstart')
 
 ROOT = Path(__file__).resolve().parent
 
@@ -61,6 +60,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say(line: str) -> None:
+    """One line of the quick start's narration on stdout, in order with the output of the scripts it runs."""
+    print(line, flush=True)
+
+
 def run_script(name: str, argv: Sequence[str]) -> int:
     """Run ``python name.py *argv`` (a script beside this one) as its own program, with this interpreter,
     and return its exit status: the script's own flag handling, messages and exit codes apply."""
@@ -68,8 +72,8 @@ def run_script(name: str, argv: Sequence[str]) -> int:
 
 
 def _step(title: str) -> None:
-    _logger.info('')
-    _logger.info('=== %s', title)
+    say('')
+    say(f'=== {title}')
 
 
 @torch.no_grad()
@@ -122,19 +126,18 @@ def selection_on_objects(checkpoint_path: Path, data: Path, device: torch.device
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    _logger.addHandler(handler)
-    _logger.setLevel(logging.INFO)
-    _logger.propagate = False
+    return run_entry_point(lambda: run(args), 'quickstart.py', writing='cannot write the summary')
+
+
+def run(args: argparse.Namespace) -> int:
+    """The five steps; returns 0, or the exit status of the script that failed."""
+    out = prepare_output_dir(args.output_dir, [args.data_path], '--output-dir')
     t_start = time.time()
     device = torch.device(args.device)
 
     _step('1/5 data')
     data = Path(args.data_path) if args.data_path else make_synthetic_dataset()
-    _logger.info('dataset: %s', data)
+    say(f'dataset: {data}')
 
     _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1})')
     train_dir = out / 'train'
@@ -144,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--device', args.device, '--output', str(train_dir)]
     rc = run_script('main_deit', train_argv)
     if rc != 0:
-        _logger.error('training failed (exit %d); see above', rc)
+        say(f'training failed (exit {rc}); see above')
         return rc
     ckpt = train_dir / 'checkpoint.pth'
 
@@ -162,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
         '--output-dir', str(eval_dir / 'report')])
     if rc != 0:
-        _logger.error('evaluation failed (exit %d)', rc)
+        say(f'evaluation failed (exit {rc})')
         return rc
 
     _step('4/5 visualization (visualize.py)')
@@ -171,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
                                   '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
     if rc != 0:
-        _logger.error('visualization failed (exit %d)', rc)
+        say(f'visualization failed (exit {rc})')
         return rc
 
     _step('5/5 where the re-split patches fall')
@@ -209,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'  pictures: {vis_dir}/',
     ]
     for line in lines:
-        _logger.info('%s', line)
+        say(line)
     return 0
 
 

@@ -26,25 +26,25 @@ import logging
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import models
-from datasets.folder import DatasetError, ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
+from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
 from datasets.transforms import data_config, eval_transform
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
-from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, OutputDirError
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.cli import (
+    default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point, setup_logging,
+)
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.files import write_json_atomic
-from utils.core.model_builder import create_model_checked
-from utils.core.run_folder import RunLock, check_outside_inputs, make_dirs, same_file
+from utils.core.model_builder import build_model, resolve_architecture
+from utils.core.run_folder import prepare_output_dir, same_file
 from utils.core.signals import quiet_worker_signals
 from utils.vis.figures import (
-    FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
+    FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )
 
@@ -129,49 +129,24 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f'--device {name!r} is not a device: {e}') from e
+        raise BadInputError(f'--device {name!r} is not a device: {e}') from e
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
+        raise BadInputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
     return device
-
-
-def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
-    out = Path(path)
-    try:
-        check_outside_inputs(out, inputs, '--output-dir')
-        make_dirs(out)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-        RunLock(out)
-    except OutputDirError as e:
-        raise InputError(str(e)) from e
-    except OSError as e:
-        raise InputError(f'cannot write to --output-dir {out}: {e.strerror or e}') from e
-    return out
 
 
 def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int]]:
     """The checkpoint's state_dict and its class count (from ``head.weight``), or (None, None)."""
-    if not args.resume:
-        _resolve_architecture(args, {})
+    checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load) if args.resume else None
+    args.model, args.coarse_stage_size, args.model_kwargs = resolve_architecture(
+        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs)
+    if checkpoint is None:
         return None, None
-    checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load)
-    _resolve_architecture(args, architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else {})
     state_dict = extract_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     if head is None or head.dim() != 2:
         raise CheckpointError(f'{args.resume} has no classifier (head.weight): not a CF-ViT checkpoint')
     return state_dict, int(head.shape[0])
-
-
-def _resolve_architecture(args: argparse.Namespace, recorded: Dict[str, Any]) -> None:
-    """Fill --model, --coarse-stage-size and size overrides from a training checkpoint's args."""
-    if args.model is None:
-        args.model = recorded.get('model', 'cf_deit_small')
-    if args.coarse_stage_size is None:
-        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
-    if recorded.get('model', args.model) == args.model:
-        args.model_kwargs = {**recorded.get('kwargs', {}), **args.model_kwargs}
 
 
 def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optional[Path]:
@@ -192,13 +167,12 @@ def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optio
 def _build_model(args: argparse.Namespace, num_classes: int,
                  state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    model = create_model_checked(args.model, InputError, coarse_stage_size=args.coarse_stage_size,
-                                 num_classes=num_classes, **args.model_kwargs)
+    try:
+        model = build_model(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
+                            num_classes=num_classes, **args.model_kwargs)
+    except CheckpointError as e:
+        raise CheckpointError(f'{args.resume}: {e}') from e
     if state_dict is not None:
-        try:
-            load_model_weights(model, state_dict)
-        except CheckpointError as e:
-            raise CheckpointError(f'{args.resume}: {e}') from e
         log.info('weights from %s', args.resume)
     else:
         bar = '*' * 78
@@ -246,7 +220,8 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
     device = _device(args.device)
-    out_dir = _prepare_output_dir(args.output_dir, [args.data_path, args.img_path])
+    out_dir = prepare_output_dir(args.output_dir, [args.data_path, args.img_path], '--output-dir',
+                                 unwritable='cannot write to --output-dir {path}')
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
@@ -293,7 +268,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if bad:
         log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
     if len(details) == 0:
-        raise InputError(f'none of the {len(samples)} image files under {source} could be read')
+        raise BadInputError(f'none of the {len(samples)} image files under {source} could be read')
 
     known = bool((details.targets >= 0).all())
     coarse_right = details.coarse_pred == details.targets
@@ -368,11 +343,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point: 0 on success, :data:`EXIT_BAD_INPUT` (2) with a one-line message on bad input."""
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    return run_entry_point('visualize.py', lambda: run(args), (InputError, DatasetError, CheckpointError, BadInputError),
-                           'cannot write the pictures', one_line=True)
-
+    setup_logging(style='named', if_unconfigured=True)
+    return run_entry_point(lambda: run(args), 'visualize.py', writing='cannot write the pictures', one_line=True)
 
 if __name__ == '__main__':
     os.environ.setdefault('HF_HUB_OFFLINE', '1')

@@ -45,7 +45,7 @@ from .token_ops import (
 
 __all__ = [
     'CFVisionTransformer', 'CoarseState', 'FineState', 'CFOutput', 'TokenLayout',
-    'checkpoint_filter_fn', 'resolve_img_size_list',
+    'checkpoint_filter_fn', 'resolve_img_size_list', 'exit_mask',
 ]
 
 #: Share of the coarse patches re-split into fine ones (the paper's alpha).
@@ -191,6 +191,21 @@ class TokenLayout(NamedTuple):
     important_coarse_index: Optional[torch.Tensor] = None
     unimportant_coarse_index: Optional[torch.Tensor] = None
     mix_box: Optional[Box] = None
+
+
+def exit_mask(confidence: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """The early-exit rule, for the model and every runtime of its stages: (B,) bool, True where the coarse
+    max-softmax ``confidence`` (B,) is ``>= threshold``; all False for None (the fine stage for every row).
+
+    Raises:
+        ValueError: a NaN threshold (no comparison would hold: silently no exit at all).
+    """
+    if threshold is None:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError('the early-exit threshold is NaN')
+    return confidence >= threshold
 
 
 def resolve_img_size_list(
@@ -722,15 +737,8 @@ class CFVisionTransformer(nn.Module):
         confidence = coarse_logits.float().softmax(dim=-1).max(dim=-1).values  # (B,)
         important, _ = self.select_patches(state.cls_attn)
         important_fine = fine_children(important, state.grid)
-        if threshold is None:
-            exited = torch.zeros_like(confidence, dtype=torch.bool)
-            selection = None
-        else:
-            threshold = float(threshold)
-            if math.isnan(threshold):
-                raise ValueError('the early-exit threshold is NaN')
-            exited = confidence >= threshold
-            selection = True
+        exited = exit_mask(confidence, threshold)
+        selection = None if threshold is None else True
         go_on = torch.nonzero(~exited).squeeze(1)  # (B',)
         if go_on.numel() == 0:
             fine_logits = coarse_logits

@@ -18,43 +18,68 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, Union
+from typing import IO, Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
-from utils.core.errors import EXIT_BAD_INPUT
+from datasets.folder import DatasetError
+from utils.core.dist import PeerFailedError
+from utils.core.errors import EXIT_BAD_INPUT, UserError
 from utils.core.run_folder import release_locks
-from utils.core.signals import exit_status, handle_stop_signals, stop_requested
+from utils.core.signals import StopRequested, exit_status, handle_stop_signals, stop_requested
 
 __all__ = [
     'available_cores', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
     'finite_float', 'device_name', 'setup_logging', 'remove_log_handler', 'user_message', 'parse_model_kwargs',
-    'log_thread_os_errors', 'run_entry_point',
+    'log_thread_os_errors', 'run_entry_point', 'LOG_FORMATS',
 ]
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 
-def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
-    """Log to stderr on the main process; other processes report warnings and errors only.
+#: The log line formats of the scripts: ``timed`` (training, label maps: a long run's progress),
+#: ``plain`` (dynamic_inference.py, export_onnx.py: the log is the printed result), ``named`` (visualize.py).
+LOG_FORMATS = {
+    'timed': ('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'),
+    'plain': ('%(message)s', None),
+    'named': ('%(levelname)s %(name)s: %(message)s', None),
+}
 
-    Calling it again replaces the handler, so scripts run in-process (tests) do not stack them.
+
+def setup_logging(is_main: bool = True, level: int = logging.INFO, stream: Optional[IO[str]] = None,
+                  style: str = 'timed', if_unconfigured: bool = False) -> None:
+    """The log handler of a script: on the main process ``level`` and up, on the others warnings and errors.
+
+    Args:
+        stream: where the lines go (default: the current ``sys.stderr``).
+        style: a key of :data:`LOG_FORMATS`.
+        if_unconfigured: install nothing when the root logger already has handlers (an application or a
+            test harness that configured logging itself).
+
+    Calling it again replaces the handler, so scripts run in-process (tests) do not stack them;
+    :func:`run_entry_point` removes it when the script's run ends (:func:`remove_log_handler`).
     """
     remove_log_handler()
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler._cfvit = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+    if if_unconfigured and root.handlers:
+        return
+    fmt, datefmt = LOG_FORMATS[style]
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler._cfvit_level = root.level  # type: ignore[attr-defined]  (restored on removal)
+    handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
     root.addHandler(handler)
     root.setLevel(level if is_main else logging.WARNING)
 
 
 def remove_log_handler() -> None:
-    """Remove the handler :func:`setup_logging` installed (if any)."""
+    """Remove the handler :func:`setup_logging` installed (if any) and restore the root level it found."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, '_cfvit', False):
+        if hasattr(handler, '_cfvit_level'):
             root.removeHandler(handler)
+            root.setLevel(handler._cfvit_level)  # type: ignore[attr-defined]
 
 
 def user_message(error: BaseException) -> str:
@@ -198,30 +223,65 @@ def device_name(text: str) -> str:
     return text
 
 
-def run_entry_point(script: str, work: Callable[[], Any], user_errors: Tuple[Type[BaseException], ...],
-                    writing: str, one_line: bool = False) -> int:
-    """An evaluation script's ``main``: run ``work()`` under :func:`handle_stop_signals` and turn what ends it
-    into an exit status with one line on stderr: 0; 130 / 143 on SIGINT / SIGTERM (also when a loader
-    worker's error reaches the main process while it stops); 2 (:data:`utils.core.errors.EXIT_BAD_INPUT`) for
-    ``user_errors`` and for an ``OSError`` while writing (``writing`` names what: "cannot write the results").
-    Run locks are released on the way out. ``one_line``: fold a multi-line message onto one line."""
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143
+def run_entry_point(work: Callable[[], Any], script: Optional[str] = None, *,
+                    user_errors: Tuple[Type[BaseException], ...] = (), writing: str = 'cannot write',
+                    interrupted: str = 'interrupted', kept: str = '', one_line: bool = False,
+                    deferred: Iterable[int] = (), cleanup: Optional[Callable[[], None]] = None) -> int:
+    """Every script's ``main``: run ``work()`` and turn what ends it into an exit status and one line.
+
+    Exit status: 0; 130 / 143 on SIGINT / SIGTERM (also when an error, e.g. a loader worker's, reaches the
+    main process while it stops); a :class:`~utils.core.errors.UserError`'s own ``exit_code`` (2 for bad
+    input, 1 for a run that failed on its own, another process's code for
+    :class:`~utils.core.dist.PeerFailedError`); 2 for ``datasets.DatasetError``, the ``user_errors`` and an
+    ``OSError`` (a full disk: ``writing`` names what could not be done). Anything else is a bug and keeps
+    its traceback. Run locks are released and the log handler removed on the way out.
+
+    Args:
+        work: the script's run; it may return an int, the exit status of a run that reports its own failure
+            (the quick start: a script it ran failed).
+        script: report on stderr as ``SCRIPT: error: ...`` / ``SCRIPT: interrupted`` (argparse's form);
+            None: through the log (``logging.error``), as the training scripts and make_token_labels.py.
+        user_errors: more error types reported as bad input (exit 2).
+        interrupted: the line of an interrupt; a :class:`~utils.core.signals.StopRequested` brings its own.
+        kept: appended to the line of an ``OSError`` (what stays intact).
+        one_line: fold a multi-line message onto one line.
+        deferred: signals that only set the stop state (training defers SIGTERM to its step boundary).
+        cleanup: called last on the way out (the training scripts' process group).
+    """
+    def report(text: str) -> None:
+        text = ' '.join(text.split()) if one_line else text
+        if script is None:
+            _logger.error('%s', text)
+        else:
+            print(f'{script}: {text}', file=sys.stderr)
+
+    error = '' if script is None else 'error: '
+    code = 0
+    with handle_stop_signals(deferred):  # SIGINT / SIGTERM: exit 130 / 143
         try:
-            work()
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every file written so far is complete
-            print(f'{script}: interrupted', file=sys.stderr)
-            return exit_status(e)
-        except user_errors as e:
-            print(f'{script}: error: {" ".join(str(e).split()) if one_line else e}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OSError as e:  # writing failed (full disk, ...); earlier files are intact
-            print(f'{script}: error: {describe_os_error(e, writing)}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except RuntimeError:  # a loader worker's error while the run stops on a signal
-            if stop_requested() is None:
+            status = work()
+            code = status if isinstance(status, int) else 0
+        except KeyboardInterrupt as e:  # every file written so far is complete
+            report(str(e) if isinstance(e, StopRequested) else interrupted)
+            code = exit_status(e)
+        except Exception as e:
+            if isinstance(e, PeerFailedError):  # another process failed with its own message; this one stops with it
+                report(str(e))
+                code = e.exit_code
+            elif stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
+                report(interrupted)
+                code = exit_status()
+            elif isinstance(e, (UserError, DatasetError) + tuple(user_errors)):
+                report(error + user_message(e))
+                code = getattr(e, 'exit_code', EXIT_BAD_INPUT)
+            elif isinstance(e, OSError):  # e.g. a full disk; the files written before are intact
+                report(error + describe_os_error(e, writing) + kept)
+                code = EXIT_BAD_INPUT
+            else:
                 raise
-            print(f'{script}: interrupted', file=sys.stderr)
-            return exit_status()
         finally:
             release_locks()
-    return 0
+            remove_log_handler()
+            if cleanup is not None:
+                cleanup()
+    return code

@@ -26,7 +26,7 @@ class UserError(RuntimeError):
     exit_code = EXIT_BAD_INPUT
 
 
-class BadInputError(UserError):
+class BadInputError(UserError, ValueError):
     """Input that cannot be used (a flag value, a file, a folder)."""
 
 

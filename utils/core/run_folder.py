@@ -1,5 +1,6 @@
 """Output folders: created, proven writable, placed outside the inputs, locked for one run.
 
+- :func:`prepare_output_dir`: all of the below, in this order, for every script;
 - :func:`make_dirs` / :func:`check_writable_dir`: the folder is created (remembering what this process
   created, so a run that fails before writing anything leaves no empty folder behind) and a
   temporary file proves that it can be written;
@@ -28,7 +29,7 @@ from typing import Iterable, List, Optional, Union
 from utils.core.errors import OutputDirError
 
 __all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file', 'make_dirs',
-           'remove_created_empty_dirs', 'check_writable_dir']
+           'remove_created_empty_dirs', 'check_writable_dir', 'prepare_output_dir']
 
 _logger = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ def remove_created_empty_dirs() -> None:
     _CREATED_DIRS.clear()
 
 
-def check_writable_dir(path: PathLike) -> Path:
-    """Create ``path`` if needed and prove that files can be written in it.
+def check_writable_dir(path: PathLike, unwritable: str = 'cannot write to the output folder {path}') -> Path:
+    """Create ``path`` if needed and prove that files can be written in it (a temporary file, removed).
+
+    Args:
+        unwritable: the start of the message when it cannot (``{path}`` is filled in); the reason follows.
 
     Raises:
         OutputDirError: it cannot be created, is not a folder, or is read-only.
@@ -81,8 +85,25 @@ def check_writable_dir(path: PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputDirError(f'cannot write to the output folder {path}: {e.strerror or e}') from e
+        raise OutputDirError(f'{unwritable.format(path=path)}: {e.strerror or e}') from e
     return path
+
+
+def prepare_output_dir(path: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output',
+                       lock: Optional[str] = LOCK_NAME,
+                       unwritable: str = 'cannot write to the output folder {path}') -> Path:
+    """The one preparation of a script's output folder: outside every input folder
+    (:func:`check_outside_inputs`), created and proven writable (:func:`check_writable_dir`), then locked
+    for this run (:class:`RunLock` on the file ``lock``; None: no lock, for a run that writes nothing there).
+
+    Raises:
+        OutputDirError: one line saying which of these failed.
+    """
+    check_outside_inputs(path, inputs, flag)
+    out = check_writable_dir(path, unwritable)
+    if lock:
+        RunLock(out, lock)
+    return out
 
 
 def check_outside_inputs(output: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output') -> None:

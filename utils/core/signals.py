@@ -34,7 +34,7 @@ import threading
 from typing import Any, Iterable, Iterator, Optional, Set
 
 __all__ = ['Interrupted', 'StopRequested', 'EXIT_STOPPED', 'handle_stop_signals', 'quiet_worker_signals',
-           'stop_at_steps', 'stop_requested', 'preemption_requested', 'check_stop', 'exit_status']
+           'stop_at_steps', 'stop_requested', 'preemption_requested', 'step_boundary', 'check_stop', 'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -133,6 +133,15 @@ def preemption_requested() -> bool:
     :func:`handle_stop_signals`) asked this process to stop. SIGINT is not one: it ends the run at the step
     boundary without a new checkpoint (exit 130)."""
     return _State.signum == signal.SIGTERM
+
+
+def step_boundary() -> bool:
+    """A training step boundary: raise :class:`Interrupted` for a stop signal (SIGINT, or SIGTERM when not
+    deferred), return True when a preemption (deferred SIGTERM) asks the loop to save and stop."""
+    if preemption_requested():
+        return True
+    check_stop()
+    return False
 
 
 def check_stop() -> None:

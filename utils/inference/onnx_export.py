@@ -23,9 +23,10 @@ import torch.nn as nn
 
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
+from utils.core.errors import OutputDirError
 from utils.core.files import atomic_file, write_json_atomic
-from utils.inference.flops import stage_gflops
 from utils.core.run_folder import check_writable_dir
+from utils.inference.flops import stage_gflops
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
            'DEFAULT_OPSET', 'ExportExistsError', 'export_graph', 'quantize_dynamic_bytes', 'export_early_exit',
@@ -46,7 +47,7 @@ DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 2
 
 
-class ExportExistsError(RuntimeError):
+class ExportExistsError(OutputDirError):
     """The output folder already holds an export (message meant for a person)."""
 
 

@@ -22,9 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from models.cf_vit import CFOutput
+from models.cf_vit import CFOutput, exit_mask
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
+from utils.core.errors import BadInputError
 from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
 
 __all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_providers', 'make_session']
@@ -32,7 +33,7 @@ __all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_provi
 PathLike = Union[str, os.PathLike]
 
 
-class ExportFolderError(ValueError):
+class ExportFolderError(BadInputError):
     """An export folder that cannot be run (message meant for a person)."""
 
 
@@ -169,13 +170,7 @@ class OnnxEarlyExit:
         images = x_f.detach().to('cpu', torch.float32).contiguous().numpy()
         logits, confidence, tokens, embeddings, cls_attn = self._coarse.run(None, {COARSE_INPUTS[0]: images})
         coarse_logits, confidence = torch.from_numpy(logits), torch.from_numpy(confidence)
-        if threshold is None:
-            exited = torch.zeros_like(confidence, dtype=torch.bool)
-        else:
-            threshold = float(threshold)
-            if math.isnan(threshold):
-                raise ValueError('the early-exit threshold is NaN')
-            exited = confidence >= threshold
+        exited = exit_mask(confidence, threshold)
         go_on = torch.nonzero(~exited).squeeze(1)
         n = go_on.numel()
         if n == 0:

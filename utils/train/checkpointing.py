@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ class TrainingRun:
     ``model`` may be DDP-wrapped, ``model_without_ddp`` is the module itself. With ``ema_eval`` the
     EMA is evaluated every epoch too and epochs are ranked by its ``metric_key`` (the released
     CF-LV-ViT run); ``eval_metric`` names the ranking in the log and checkpoint (None: fine top-1,
-    the DeiT release). ``after_train_epoch(run)`` runs after each epoch's training (e.g. BatchNorm sync).
+    the DeiT release). ``dist_bn`` (``'reduce'``, ``'broadcast'`` or ``''``): after each epoch's training, average
+    or copy from rank 0 the BatchNorm statistics over the processes (main_lvvit.py's ``--dist-bn``).
     """
     args: argparse.Namespace
     info: DistInfo
@@ -76,7 +77,7 @@ class TrainingRun:
     ema_eval: bool = False
     metric_key: str = 'fine_acc1'
     eval_metric: Optional[str] = None
-    after_train_epoch: Optional[Callable[['TrainingRun'], None]] = None
+    dist_bn: str = ''
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -207,7 +208,9 @@ class StepCheckpointer:
             _logger.info('epoch %d, step %d/%d: wrote %s', self.epoch, steps_done, self.steps_per_epoch,
                          STEP_CHECKPOINT_NAME)
         if stop:
-            raise StopRequested(f'stopped at epoch {self.epoch}, step {steps_done}')
+            where = run.args.output_dir
+            raise StopRequested('stopped on request (SIGTERM) at a step boundary' + (
+                f'; {STEP_CHECKPOINT_NAME} in {where} continues it with --resume auto' if where else ''))
 
 
 def write_epoch_outputs(output_dir: Path, writer: Any, checkpoint: Dict[str, Any], is_best: bool,

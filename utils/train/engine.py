@@ -10,7 +10,6 @@ Both functions are model- and recipe-agnostic so that the CF-DeiT and CF-LV-ViT 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -27,8 +26,8 @@ from datasets.folder import DatasetError, unreadable_images
 from utils.core.cli import user_message
 from utils.core.dist import PeerFailedError, collective_device, is_main_process, reduce, step_status
 from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
-from utils.core.signals import check_stop, stop_at_steps
-from utils.inference.predict import unpack_batch
+from utils.core.signals import check_stop, step_boundary, stop_at_steps
+from utils.inference.predict import autocast_context, top_k_hits, unpack_batch
 from utils.train.losses import class_logits
 
 __all__ = ['AmpConfig', 'MetricMeter', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
@@ -63,9 +62,7 @@ class AmpConfig:
 
     def autocast(self, device: torch.device) -> ContextManager:
         """The autocast context for ``device`` (a no-op context in full precision)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
+        return autocast_context(device, self.dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -164,7 +161,6 @@ def train_one_epoch(
         progress: bool = True,
         start_step: int = 0,
         meter: Optional[MetricMeter] = None,
-        stop_requested: Optional[Callable[[], bool]] = None,
         on_step_end: Optional[Callable[[int, MetricMeter, bool], None]] = None,
 ) -> Dict[str, float]:
     """Train ``model`` for one pass over ``data_loader``.
@@ -193,8 +189,6 @@ def train_one_epoch(
         start_step: the epoch resumes after this many steps (``data_loader`` yields only the rest; its
             length is the whole epoch's).
         meter: the running means of the steps already done (a resumed epoch), or None.
-        stop_requested: checked at every step; when it holds on any process, every process stops at the
-            end of that step (after ``on_step_end`` with ``stop=True``).
         on_step_end: ``on_step_end(steps_done, meter, stop)`` after every optimizer step, on every
             process (mid-epoch checkpoints); with ``stop`` the epoch then ends early.
 
@@ -217,9 +211,9 @@ def train_one_epoch(
                disable=not progress or None, dynamic_ncols=True, leave=False)
     batches = iter(bar)
     for step in range(start_step, num_steps):
-        stop_asked = bool(stop_requested and stop_requested())  # once per step (a preemption: SIGTERM)
-        if not stop_asked:
-            check_stop()  # SIGINT: the run ends at this step boundary, the last checkpoint intact
+        # SIGINT ends the run at this step boundary (the last checkpoint intact); a preemption (SIGTERM) stops
+        # every process at the end of this step, after on_step_end(stop=True) wrote the mid-epoch checkpoint
+        stop_asked = step_boundary()
         failure: Optional[BaseException] = None
         try:
             images, targets = next(batches)
@@ -337,10 +331,8 @@ def evaluate(
         with amp.autocast(device):
             coarse, fine = model.forward_stages(images)
         coarse, fine = class_logits(coarse).float(), class_logits(fine).float()  # (B, C) each
-        k = min(5, fine.shape[-1])
         for i, logits in enumerate((coarse, fine)):
-            top = logits.topk(k, dim=-1).indices  # (B, k)
-            hit = top.eq(targets[:, None])  # (B, k)
+            hit = top_k_hits(logits, targets)  # (B, min(5, C))
             totals[2 * i] += hit[:, 0].sum()
             totals[2 * i + 1] += hit.any(dim=-1).sum()
         totals[4] += F.cross_entropy(fine, targets, reduction='sum')

@@ -21,17 +21,17 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
+from timm.utils import distribute_bn
 from torch.utils.data import Dataset
 
 from datasets.folder import DatasetError
 from utils.core.checkpoint import load_model_weights
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import OutputDirError
-from utils.core import signals
 from utils.train.checkpointing import (
     TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
     write_epoch_outputs,
@@ -47,15 +47,16 @@ _logger = logging.getLogger(__name__)
 
 def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Optional[Path], model: nn.Module,
                       num_classes: int, train_set: Optional[Dataset], val_set: Dataset,
-                      objective: Callable[[], Tuple[Any, Any]], *, find_unused_parameters: bool, summary: str = '',
+                      criterion: Any, batch_transform: Any, *, find_unused_parameters: bool, summary: str = '',
                       ema_eval: bool = False, metric_key: str = 'fine_acc1', eval_metric: Optional[str] = None,
-                      after_train_epoch: Optional[Callable[['TrainingRun'], None]] = None) -> None:
+                      dist_bn: str = '') -> None:
     """The end of both scripts' ``run``, once the model and data sets are built.
 
     Moves the model to the device, logs its parameter count (with ``summary`` appended), then either
     evaluates (``--eval``) or builds loaders, EMA, the DDP wrap (``find_unused_parameters``: whether some
-    parameters may get no gradient), optimizer, ``objective()`` = ``(criterion, batch transform)`` and the
-    scheduler, in this order, and runs :func:`fit`. The remaining arguments are :class:`TrainingRun`'s.
+    parameters may get no gradient), optimizer and scheduler, in this order, and runs :func:`fit` with the
+    script's ``criterion`` and ``batch_transform`` (None with ``--eval``). The remaining arguments are
+    :class:`TrainingRun`'s.
     """
     device = info.device
     model.to(device)
@@ -76,11 +77,10 @@ def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Opti
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=find_unused_parameters)
     optimizer = build_optimizer(args, model_without_ddp, info.world_size)
-    criterion, batch_transform = objective()
     fit(TrainingRun(args, info, output_dir, model, model_without_ddp, model_ema, optimizer,
                     build_scheduler(args, optimizer), amp, criterion, batch_transform, train_loader, val_loader,
                     n_parameters, ema_eval=ema_eval, metric_key=metric_key, eval_metric=eval_metric,
-                    after_train_epoch=after_train_epoch))
+                    dist_bn=dist_bn))
 
 
 def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, val_set: Dataset,
@@ -148,10 +148,9 @@ def fit(run: TrainingRun) -> None:
                 clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
                 batch_transform=run.batch_transform, lr_scheduler=lr_scheduler, log_writer=writer,
                 print_freq=args.print_freq, progress=info.rank == 0, start_step=start_step, meter=meter,
-                stop_requested=signals.preemption_requested,
                 on_step_end=StepCheckpointer(run, epoch, len(run.train_loader), best_metric))
-            if run.after_train_epoch is not None:
-                run.after_train_epoch(run)
+            if run.dist_bn and info.distributed:  # e.g. the conv stem's BatchNorm statistics differ across processes
+                sync_batchnorm_statistics(run)
             reduce = info.distributed and args.dist_eval
             test_stats = evaluate(run.model_without_ddp, run.val_loader, info.device, amp,
                                   reduce_over_processes=reduce, progress=info.rank == 0)
@@ -194,6 +193,15 @@ def fit(run: TrainingRun) -> None:
         digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
                   'model_ema': weights_digest(model_ema.module) if model_ema is not None else None}
         Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+
+
+def sync_batchnorm_statistics(run: TrainingRun) -> None:
+    """``--dist-bn``: average (``reduce``) or copy from rank 0 (``broadcast``) the BatchNorm running statistics
+    of the model, and of its EMA unless that lives on the CPU, over the processes (timm's ``distribute_bn``)."""
+    reduce = run.dist_bn == 'reduce'
+    distribute_bn(run.model_without_ddp, run.info.world_size, reduce=reduce)
+    if run.model_ema is not None and not run.args.model_ema_force_cpu:
+        distribute_bn(run.model_ema.module, run.info.world_size, reduce=reduce)
 
 
 def weights_digest(model: nn.Module) -> str:

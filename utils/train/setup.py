@@ -17,7 +17,7 @@ import logging
 import signal
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -34,20 +34,16 @@ import models  # noqa: F401  (registers the CF models with timm)
 from datasets.build import build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
 from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
-from utils.core.cli import (
-    describe_os_error, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, setup_logging, user_message,
-)
-from utils.core.dist import DistInfo, PeerFailedError, all_agree, cleanup, init_distributed, seed_everything
-from utils.core.errors import (
-    EXIT_BAD_INPUT, EXIT_FAILED, BadInputError, CheckpointError, ConfigError, DistributedSetupError, OutputDirError,
-)
+from utils.core.cli import log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging
+from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
+from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.files import remove_stale_temp_files
 from utils.core.model_builder import create_model_checked
-from utils.core.run_folder import RunLock, check_outside_inputs, check_writable_dir, release_locks
-from utils.core.signals import EXIT_STOPPED, StopRequested, exit_status, handle_stop_signals, quiet_worker_signals, stop_requested
+from utils.core.run_folder import LOCK_NAME, prepare_output_dir
+from utils.core.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
 from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
-from utils.train.engine import AmpConfig, NonFiniteLossError
+from utils.train.engine import AmpConfig
 from utils.train.samplers import ResumableSampler, ShardSampler
 
 _logger = logging.getLogger(__name__)
@@ -58,7 +54,8 @@ EVAL_BATCH_FACTOR = 1.5
 EXIT_TRAINING_FAILED = EXIT_FAILED
 
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, OutputDirError, DistributedSetupError, BadInputError)
+#: What the training scripts report as bad input (exit 2): every user error, and unreadable data.
+USER_ERRORS = (UserError, DatasetError)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -235,11 +232,8 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     output_dir: Optional[Path] = Path(args.output_dir) if args.output_dir else None
     problem = None
     if output_dir is not None and info.rank == 0:
-        try:
-            check_outside_inputs(output_dir, input_folders(args))
-            check_writable_dir(output_dir)
-            if not getattr(args, 'eval', False):  # one training run per folder (--eval writes nothing there)
-                RunLock(output_dir)
+        try:  # one training run per folder (--eval writes nothing there)
+            prepare_output_dir(output_dir, input_folders(args), lock=None if getattr(args, 'eval', False) else LOCK_NAME)
         except OutputDirError as e:
             problem = str(e)
         else:
@@ -295,46 +289,23 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) 
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run_main(run_fn: Any, args: argparse.Namespace) -> int:
-    """Run ``run_fn(args)``; bad input, a non-finite loss, SIGINT or SIGTERM become one message and an exit
-    code (2, 1, 130, 143). Shared by the training scripts."""
-    setup_logging(True)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def end_process() -> None:
+    """The last step of a training process: leave the process group, and end now the loaders (and their
+    workers) that a caught traceback still references, not at interpreter exit."""
+    cleanup()
+    gc.collect()
+
+
+def run_main(run_fn: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """The training scripts' ``main``: :func:`utils.core.cli.run_entry_point` with their settings. Bad input,
+    a non-finite loss, SIGINT or SIGTERM become one log line and an exit code (2, 1, 130, 143). SIGTERM (a
+    scheduler's preemption notice) is deferred to the next step boundary, where training writes its mid-epoch
+    checkpoint and exits 143 (:mod:`utils.train.checkpointing`); SIGINT ends the run at the next step, 130."""
+    setup_logging()
     log_thread_os_errors()  # TensorBoard's writer thread on a full disk: one line, not its traceback
-    code = 0
-    # SIGTERM (a scheduler's preemption notice) is deferred to the next step boundary, where training writes
-    # its mid-epoch checkpoint and exits 143 (utils.train.checkpointing); SIGINT ends the run at the next step, 130.
-    with handle_stop_signals(deferred=(signal.SIGTERM,)):
-        try:
-            run_fn(args)
-        except StopRequested:
-            _logger.error('stopped on request (SIGTERM) at a step boundary%s', f'; {STEP_CHECKPOINT_NAME} in '
-                          f'{args.output_dir} continues it with --resume auto' if args.output_dir else '')
-            code = EXIT_STOPPED
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the step loop (utils.core.signals)
-            _logger.error('interrupted; the last checkpoint (if any) is intact')
-            code = exit_status(e)
-        except Exception as e:
-            if isinstance(e, PeerFailedError):  # another process failed with its own message; this one stops with it
-                _logger.error('%s', e)
-                code = e.exit_code
-            elif stop_requested() is not None:  # e.g. a loader worker's error while the run was stopping
-                _logger.error('interrupted; the last checkpoint (if any) is intact')
-                code = exit_status()
-            elif isinstance(e, USER_ERRORS):
-                _logger.error('%s', user_message(e))
-                code = EXIT_BAD_INPUT
-            elif isinstance(e, NonFiniteLossError):
-                _logger.error('%s', e)
-                code = EXIT_TRAINING_FAILED
-            elif isinstance(e, OSError):  # e.g. a full disk outside the epoch outputs (which raise OutputDirError)
-                _logger.error('%s; the last checkpoint (if any) is intact', describe_os_error(e, 'I/O error'))
-                code = EXIT_BAD_INPUT
-            else:
-                raise
-        finally:
-            release_locks()
-            cleanup()
-            gc.collect()  # loaders (and their workers) referenced by a caught traceback end now, not at exit
-    return code
-
-
+    kept = '; the last checkpoint (if any) is intact'
+    return run_entry_point(lambda: run_fn(args), writing='I/O error', kept=kept, interrupted='interrupted' + kept,
+                           deferred=(signal.SIGTERM,), cleanup=end_process)
