@@ -19,31 +19,35 @@ Every result lands in --output-dir (default: a new folder under ./output/dynamic
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 import models
-from datasets import DatasetError, collate_skipping, eval_transform, open_image_folder
+from datasets import collate_skipping, eval_transform, open_image_folder
 from datasets.folder import find_image_folder
-from utils.cpu import (AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory,
-                       resolve_amp_dtype)
-from utils.checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_json_atomic
-from utils.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
-from utils.flops import stage_gflops
-from utils.inference import predict_stages, timed_early_exit
-from utils.misc import OutputDirError, architecture_from_checkpoint, check_writable_dir, default_workers, positive_int
-from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.plots import plot_budgeted_curve
-from utils.run_folder import RunLock, check_outside_inputs
-from utils.safe_io import grid_side, refuse_overwriting_inputs
-from utils.signals import quiet_worker_signals, run_entry_point
-from utils.validation import BadInputError, device_name, float_in, int_at_least
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.checkpoint_schema import architecture_from_checkpoint
+from utils.core.cli import (
+    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
+)
+from utils.core.errors import BadInputError
+from utils.core.files import save_atomic, write_json_atomic
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.run_folder import prepare_output_dir
+from utils.core.safe_io import refuse_overwriting_inputs
+from utils.core.signals import quiet_worker_signals
+from utils.inference.cpu import (
+    AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,
+)
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
+from utils.inference.flops import stage_gflops
+from utils.inference.predict import predict_stages, timed_early_exit
+from utils.vis.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
 
@@ -54,10 +58,6 @@ OUTPUT_NAMES = ('anytime.json', 'budgeted.json', 'throughput.json', 'checkpoint_
                 'budgeted_batch_classification.png')
 #: Mode 2's threshold when --threshold is not given (the release required the flag).
 DEFAULT_MODE2_THRESHOLD = 0.5
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def eval_mode(value: str) -> int:
@@ -120,26 +120,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------- setup
-@contextlib.contextmanager
-def console_logging(level: int = logging.INFO) -> Iterator[None]:
-    """Log messages to the current stdout for the duration of one run (handlers restored after)."""
-    root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-
-
 def run_name(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> str:
     """``<model>_g<g>`` of the default output folder: the flags, else what the checkpoint records (or the
     export folder's manifest, which sets ``args.model``), else the released defaults (cf_deit_small, 7),
-    as :func:`utils.model_builder.build_from_checkpoint` builds it."""
+    as :func:`utils.core.model_builder.build_from_checkpoint` builds it."""
     recorded = architecture_from_checkpoint(checkpoint) if checkpoint else {}
     model = args.model or recorded.get('model', 'cf_deit_small')
     g = args.coarse_stage_size or recorded.get('coarse_stage_size', 7)
@@ -152,24 +136,14 @@ def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = 
     else:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         out = Path('output') / 'dynamic_inference' / f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}_{stamp}'
-    try:
-        check_outside_inputs(out, [args.data_url], '--output-dir')
-        check_writable_dir(out)  # a probe of a random name (a fixed one could be a planted link)
-        RunLock(out)
-    except OutputDirError as e:
-        raise UsageError(str(e)) from e
-    except OSError as e:
-        raise UsageError(f'output folder {out} is not writable: {e.strerror or e}')
+    prepare_output_dir(out, [args.data_url], '--output-dir', unwritable='output folder {path} is not writable')
     return out
 
 
 def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
     """The model the checkpoint holds, with the class count read from its head."""
-    try:
-        model, args.model, args.coarse_stage_size = build_from_checkpoint(
-            checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
-    except ModelBuildError as e:
-        raise UsageError(str(e))
+    model, args.model, args.coarse_stage_size = build_from_checkpoint(
+        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
     return model
 
 
@@ -180,14 +154,14 @@ def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: in
         _logger.info('no --data_url given: using the built-in synthetic shapes dataset in %s', args.data_url)
     root = Path(args.data_url)
     if not root.is_dir():
-        raise UsageError(f'dataset folder not found: {root}')
+        raise BadInputError(f'dataset folder not found: {root}')
     # a dataset root holding val/<class>/<image>, or an ImageFolder itself (<class>/<image>), as visualize.py reads
     valdir = find_image_folder(root)
     dataset = open_image_folder(valdir, eval_transform(model))
     if len(dataset.classes) != num_classes:
-        raise UsageError(f'{valdir} has {len(dataset.classes)} classes but the checkpoint head has {num_classes}')
+        raise BadInputError(f'{valdir} has {len(dataset.classes)} classes but the checkpoint head has {num_classes}')
     if args.batch_size < 1:
-        raise UsageError(f'--batch-size must be positive, got {args.batch_size}')
+        raise BadInputError(f'--batch-size must be positive, got {args.batch_size}')
     _logger.info('validation set: %d images of %d classes in %s', len(dataset), num_classes, valdir)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
@@ -233,9 +207,9 @@ def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out:
     missing = [k for k in keys if k not in checkpoint]
     if len(missing) == len(keys):
         stem = Path(args.checkpoint_path).stem
-        raise UsageError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}): mode 3 reads a '
-                         f'released checkpoint, or the {stem}_with_results.pth that --eval-mode 1 ... '
-                         f'--write-checkpoint writes into its output folder')
+        raise BadInputError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}): mode 3 reads a '
+                            f'released checkpoint, or the {stem}_with_results.pth that --eval-mode 1 ... '
+                            f'--write-checkpoint writes into its output folder')
     result = {k: checkpoint.get(k) for k in keys}
     for k in keys:
         _logger.info('%s : %s', k, format_stored(k, result[k]))
@@ -276,27 +250,24 @@ def check_stored_flops(checkpoint: Dict[str, Any], flops: List[float]) -> None:
 
 def onnx_predictor(args: argparse.Namespace):
     """--backend onnxruntime: the export folder as a predictor with the model's early-exit contract
-    (``utils.onnx_runtime.OnnxEarlyExit``)."""
-    from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+    (``utils.inference.onnx_runtime.OnnxEarlyExit``)."""
+    from utils.inference.onnx_runtime import OnnxEarlyExit
     if not args.export_dir:
-        raise UsageError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
+        raise BadInputError('--backend onnxruntime needs the export folder: dynamic_inference.py --backend onnxruntime DIR')
     unsupported = [flag for flag, given in (('--checkpoint_path', args.checkpoint_path), ('--compile', args.compile),
                                             ('--write-checkpoint', args.write_checkpoint),
                                             ('--amp-dtype', args.amp_dtype not in ('none', 'float32', 'auto')))
                    if given]
     if unsupported:
-        raise UsageError(f'{", ".join(unsupported)} cannot be used with --backend onnxruntime (the export folder '
-                         'holds the model)')
-    try:
-        predictor = OnnxEarlyExit(args.export_dir)
-    except ExportFolderError as e:
-        raise UsageError(str(e))
+        raise BadInputError(f'{", ".join(unsupported)} cannot be used with --backend onnxruntime (the export folder '
+                            'holds the model)')
+    predictor = OnnxEarlyExit(args.export_dir)
     manifest = predictor.manifest
     for flag, key in (('model', 'model'), ('coarse_stage_size', 'coarse_stage_size')):
         given = getattr(args, flag)
         if given is not None and given != manifest[key]:
-            raise UsageError(f'--{flag.replace("_", "-")} {given} but {args.export_dir} holds an export of '
-                             f'{manifest[key]}')
+            raise BadInputError(f'--{flag.replace("_", "-")} {given} but {args.export_dir} holds an export of '
+                                f'{manifest[key]}')
         setattr(args, flag, manifest[key])
     args.checkpoint_path = str(args.export_dir)
     return predictor
@@ -323,16 +294,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             return model.manifest
     else:
         if args.export_dir:
-            raise UsageError(f'{args.export_dir}: an export folder is read with --backend onnxruntime')
+            raise BadInputError(f'{args.export_dir}: an export folder is read with --backend onnxruntime')
         if not args.checkpoint_path:
-            raise UsageError('--checkpoint_path is required')
+            raise BadInputError('--checkpoint_path is required')
         checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
         if not isinstance(checkpoint, dict):
-            raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+            raise BadInputError(f'{args.checkpoint_path} does not hold a dict checkpoint')
         out = output_dir(args, checkpoint)
     _logger.info('output folder: %s', out)
     written = [out / n for n in OUTPUT_NAMES] + [out / f'{Path(args.checkpoint_path).stem}_with_results.pth']
-    refuse_overwriting_inputs(written, [args.checkpoint_path], UsageError)  # the input is never replaced
+    refuse_overwriting_inputs(written, [args.checkpoint_path], BadInputError)  # the input is never replaced
     if args.eval_mode == 3:
         return report_checkpoint(args, checkpoint, out)
 
@@ -343,7 +314,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UsageError(f'device {args.device!r} is not available: {e}')
+        raise BadInputError(f'device {args.device!r} is not available: {e}')
     if onnx:
         loader = val_loader(args, model, model.num_classes)
         flops = model.flops
@@ -426,11 +397,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    def work() -> None:
-        with console_logging():
-            run(args)
-    return run_entry_point('dynamic_inference.py', work, (UsageError, CheckpointError, DatasetError, BadInputError),
-                           'cannot write the results')
+    setup_logging(stream=sys.stdout, style='plain')  # the log is the printed result
+    return run_entry_point(lambda: run(args), 'dynamic_inference.py', writing='cannot write the results')
 
 
 if __name__ == '__main__':

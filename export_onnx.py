@@ -7,7 +7,7 @@ Writes DIR/coarse.onnx (fine images in; coarse logits, confidence and the coarse
 DIR/fine.onnx (the rows that go on: fine images and coarse state in, fine logits out) and
 DIR/manifest.json (model, grid, classes, sizes, normalization, GFLOPs per stage, exporter and
 opset). Both graphs take any batch size. The exported pair is then checked against the PyTorch
-model on a random batch. Run it with ``utils.onnx_runtime.OnnxEarlyExit`` or
+model on a random batch. Run it with ``utils.inference.onnx_runtime.OnnxEarlyExit`` or
 ``dynamic_inference.py --backend onnxruntime DIR``.
 
 Any checkpoint the other scripts accept works: the released layout, a training checkpoint (which
@@ -26,21 +26,17 @@ from typing import Optional, Sequence
 import torch
 
 import models
-from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.misc import OutputDirError, positive_int
-from utils.model_builder import ModelBuildError, build_from_checkpoint
-from utils.onnx_export import (DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, ExportExistsError,
-                               export_early_exit)
-from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
-from utils.safe_io import grid_side, refuse_overwriting_inputs
-from utils.signals import run_entry_point
-from utils.validation import BadInputError
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.cli import grid_side, positive_int, run_entry_point, setup_logging
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.safe_io import refuse_overwriting_inputs
+from utils.inference.onnx_export import (
+    DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, export_early_exit,
+)
+from utils.inference.onnx_runtime import OnnxEarlyExit
 
 _logger = logging.getLogger('export_onnx')
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,25 +67,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
     if not isinstance(checkpoint, dict):
-        raise UsageError(f'{args.checkpoint_path} does not hold a dict checkpoint')
-    try:
-        model, name, g = build_from_checkpoint(checkpoint, args.model, args.coarse_stage_size, args.model_kwargs,
-                                               args.checkpoint_key)
-    except ModelBuildError as e:
-        raise UsageError(str(e))
+        raise BadInputError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    model, name, g = build_from_checkpoint(checkpoint, args.model, args.coarse_stage_size, args.model_kwargs,
+                                           args.checkpoint_key)
     model.eval()
     suffix = '_int8' if args.quantize == 'dynamic' else ''
     out = Path(args.output_dir or Path('output') / 'onnx' / f'{name}_g{g}{suffix}')
     refuse_overwriting_inputs([out / n for n in (MANIFEST_NAME, *GRAPH_FILES.values())], [args.checkpoint_path],
-                              UsageError)
+                              BadInputError)
     _logger.info('exporting %s (%dx%d coarse grid, %d classes) with %s, opset %d, into %s',
                  name, g, g, model.num_classes, args.exporter, args.opset, out)
-    try:
-        manifest = export_early_exit(model, out, exporter=args.exporter, opset=args.opset, quantize=args.quantize,
-                                     overwrite=args.overwrite,
-                                     extra={'checkpoint': os.path.abspath(args.checkpoint_path)})
-    except (OutputDirError, ExportExistsError) as e:
-        raise UsageError(str(e))
+    manifest = export_early_exit(model, out, exporter=args.exporter, opset=args.opset, quantize=args.quantize,
+                                 overwrite=args.overwrite, extra={'checkpoint': os.path.abspath(args.checkpoint_path)})
     # check the pair against the model on a random batch (every row through both stages)
     runtime = OnnxEarlyExit(out)
     side = model.img_size_list[1]
@@ -116,8 +105,7 @@ def quiet_exporter_logs() -> None:
     quantizer log hundreds of INFO lines per graph ('Removed 87 unused nodes', 'Replaced initializer ...')
     through the root logger, and torch warns that the two batch axes share one name (they do, on purpose).
     Their warnings and errors still show."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stdout)
+    setup_logging(level=logging.WARNING, stream=sys.stdout, style='plain', if_unconfigured=True)
     _logger.setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # onnxruntime's quantizer advises its pre-processing once per
         handler.addFilter(_drop_quantizer_advice)  # graph through the root logger; the graphs are already shaped
@@ -131,9 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     quiet_exporter_logs()
     # SIGINT / SIGTERM: one line, exit 130 / 143; a folder this run created and left empty is removed
-    return run_entry_point('export_onnx.py', lambda: run(args), (UsageError, CheckpointError, BadInputError,
-                                                                 ExportFolderError), 'cannot write the export',
-                           one_line=True)
+    return run_entry_point(lambda: run(args), 'export_onnx.py', writing='cannot write the export', one_line=True)
 
 
 if __name__ == '__main__':

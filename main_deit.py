@@ -19,7 +19,7 @@ Each epoch the main process writes, under ``--output_dir``: ``checkpoint.pth`` (
 scalars under ``tensorboard/``.
 
 This file holds the recipe only (its criterion and ``run``); the flags, the builders and the epoch
-loop that ``main_lvvit.py`` shares are in :mod:`utils.train_setup` and :mod:`utils.train_loop`.
+loop that ``main_lvvit.py`` shares are in :mod:`utils.train.setup` and :mod:`utils.train.loop`.
 """
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
-from utils.losses import CFViTLoss  # noqa: E402
-from utils.train_loop import train_or_evaluate  # noqa: E402
-from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, adopt_recorded_architecture, build_model,
-    flags_given, get_args_parser, load_datasets, load_finetune_weights, run_main, setup_process,
+from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
+from utils.train.args import adopt_recorded_architecture, flags_given, get_args_parser  # noqa: E402
+from utils.train.loop import train_or_evaluate  # noqa: E402
+from utils.train.losses import CFViTLoss  # noqa: E402
+from utils.train.setup import (  # noqa: E402
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
 )
 
 __all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_TRAINING_FAILED',
@@ -67,7 +68,7 @@ def build_criterion(args: argparse.Namespace, num_classes: int) -> Tuple[CFViTLo
 def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`.
 
-    ``given``: the flags the command line set (:func:`utils.train_setup.flags_given`); with ``--eval --resume``
+    ``given``: the flags the command line set (:func:`utils.train.args.flags_given`); with ``--eval --resume``
     the architecture a training checkpoint records fills in the others. None: the flags as they are.
     """
     adopt_recorded_architecture(args, given)
@@ -80,10 +81,11 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
         load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+    criterion, mixup_fn = build_criterion(args, num_classes) if not args.eval else (None, None)
     # find_unused_parameters: while selection is off, the released CF-DeiT's fine stage leaves
     # pos_embed_list.1 out of the graph (SPEC 4.4), so some parameters get no gradient.
-    train_or_evaluate(args, info, output_dir, model, num_classes, train_set, val_set,
-                      lambda: build_criterion(args, num_classes), find_unused_parameters=True)
+    train_or_evaluate(args, info, output_dir, model, num_classes, train_set, val_set, criterion, mixup_fn,
+                      find_unused_parameters=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,9 +22,9 @@ token alone is trained with soft-target cross-entropy. Informative selection swi
 
 This file holds the recipe only (its flags, data, criterion and ``run``). Everything around it is
 shared with ``main_deit.py`` through the library: flags, data sets, model building, loaders, optimizer,
-AMP, EMA (:mod:`utils.train_setup`), and the epoch loop with resume and checkpoints
+AMP, EMA (:mod:`utils.train.setup`), and the epoch loop with resume and checkpoints
 (``checkpoint.pth`` atomically, ``best_checkpoint.pth`` by ``--eval-metric``), one JSON line per
-epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.train_loop`).
+epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.train.loop`).
 """
 from __future__ import annotations
 
@@ -38,28 +38,26 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.utils import distribute_bn  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
 from datasets.token_label import (  # noqa: E402
     CROP_MODES, TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
     keep_zero_bit_posterize,
 )
-from utils.misc import default_workers, positive_int  # noqa: E402
-from utils.token_labeling import SMOOTHING_MODES, CFTokenLabelingLoss, ClassLabelBatch, TokenLabelingLoss  # noqa: E402
-from utils.train_loop import TrainingRun, train_or_evaluate  # noqa: E402
-from utils.train_setup import (  # noqa: E402
-    EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, USER_ERRORS, ConfigError, adopt_recorded_architecture, build_model,
-    flags_given, load_datasets, load_finetune_weights, run_main, setup_process,
+from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
+from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int  # noqa: E402
+from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
+from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
+from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
+from utils.train.loop import train_or_evaluate  # noqa: E402
+from utils.train.setup import (  # noqa: E402
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
 )
-from utils.train_setup import get_args_parser as training_args_parser  # noqa: E402
-
-from utils.validation import float_in, int_at_least  # noqa: E402
-from utils.safe_io import MAX_LR  # noqa: E402
+from utils.train.token_labeling import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
 
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
            'EXIT_TRAINING_FAILED', 'USER_ERRORS']
-#: ``--eval-metric`` -> the key of :func:`utils.engine.evaluate`'s result.
+#: ``--eval-metric`` -> the key of :func:`utils.train.engine.evaluate`'s result.
 EVAL_METRICS = {'top1_f': 'fine_acc1', 'top1_c': 'coarse_acc1'}
 #: LV-ViT's learning rate and the global batch it was tuned for (8 GPUs x 128, or 4 x 256).
 LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
@@ -67,7 +65,7 @@ LVVIT_LR, LVVIT_BATCH = 1.6e-3, 1024
 
 # ---------------------------------------------------------------------------------------------- flags
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
-    """The training flags (:func:`utils.train_setup.get_args_parser`) with TokenLabeling's spellings and
+    """The training flags (:func:`utils.train.args.get_args_parser`) with TokenLabeling's spellings and
     LV-ViT defaults, plus token labeling.
 
     Reusable with ``parents=[get_args_parser()]``.
@@ -182,7 +180,7 @@ def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, 
 
 def build_objective(args: argparse.Namespace, num_classes: int, label_size: int) -> tuple:
     """``(criterion, batch transform)``: the CF token-labeling loss, and what turns a loader batch
-    into images and :class:`utils.token_labeling.TokenLabelTargets` (with mixup/cutmix if on)."""
+    into images and :class:`datasets.token_targets.TokenLabelTargets` (with mixup/cutmix if on)."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -204,7 +202,7 @@ def build_objective(args: argparse.Namespace, num_classes: int, label_size: int)
 def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     """Train (or with ``--eval`` evaluate) as the flags say. Raises the errors of :data:`USER_ERRORS`.
 
-    ``given``: the flags the command line set (:func:`utils.train_setup.flags_given`); with ``--eval --resume``
+    ``given``: the flags the command line set (:func:`utils.train.args.flags_given`); with ``--eval --resume``
     the architecture a training checkpoint records fills in the others. None: the flags as they are.
     """
     adopt_recorded_architecture(args, given)
@@ -222,22 +220,17 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     if args.finetune:
         load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
 
-    def sync_batchnorm_stats(run: TrainingRun) -> None:  # the conv stem's BatchNorm statistics differ across processes
-        if info.distributed and args.dist_bn:
-            distribute_bn(run.model_without_ddp, info.world_size, reduce=args.dist_bn == 'reduce')
-            if run.model_ema is not None and not args.model_ema_force_cpu:
-                distribute_bn(run.model_ema.module, info.world_size, reduce=args.dist_bn == 'reduce')
-
     # aux_head gets no gradient without dense targets; with them every parameter is used
     dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
+    criterion, batch_transform = build_objective(args, num_classes, label_size) if not args.eval else (None, None)
     train_or_evaluate(
-        args, info, output_dir, model, num_classes, train_set, val_set,
-        lambda: build_objective(args, num_classes, label_size), find_unused_parameters=not dense_loss,
+        args, info, output_dir, model, num_classes, train_set, val_set, criterion, batch_transform,
+        find_unused_parameters=not dense_loss,
         summary=f'token labels {label_size}x{label_size} from {args.token_label_data}' if args.token_label
         else 'class labels only',
         ema_eval=args.model_ema and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA
         metric_key=EVAL_METRICS[args.eval_metric], eval_metric=args.eval_metric,
-        after_train_epoch=sync_batchnorm_stats)
+        dist_bn=args.dist_bn)  # the conv stem's BatchNorm statistics differ across processes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

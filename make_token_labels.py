@@ -51,37 +51,26 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402  (registers the CF models with timm)
-from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
 from datasets.token_label import (  # noqa: E402
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
-from utils.checkpoint import (  # noqa: E402
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, save_atomic, write_json_atomic,
+from models.token_ops import scatter_to_fine_grid  # noqa: E402
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
+from utils.core.cli import (  # noqa: E402
+    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
 )
-from utils.dist import default_device  # noqa: E402
-from utils.run_folder import RunLock, check_outside_inputs, release_locks  # noqa: E402
-from utils.safe_io import grid_side  # noqa: E402
-from utils.signals import (  # noqa: E402
-    check_stop, exit_status, handle_stop_signals, quiet_worker_signals, stop_at_steps, stop_requested,
-)  # noqa: E402
-from utils.validation import BadInputError, create_model_checked, device_name, int_at_least  # noqa: E402
-from utils.misc import (  # noqa: E402
-    EXIT_BAD_INPUT, OutputDirError, architecture_from_checkpoint, check_writable_dir, parse_model_kwargs,
-    default_workers, describe_os_error, positive_int, setup_logging,
-)
+from utils.core.dist import default_device  # noqa: E402
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
+from utils.core.files import save_atomic, write_json_atomic  # noqa: E402
+from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
+from utils.core.run_folder import prepare_output_dir  # noqa: E402
+from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
 
 _logger = logging.getLogger('make_token_labels')
 
 #: Classes kept per location in the released ImageNet maps.
 DEFAULT_TOPK = 5
-
-
-class TeacherError(RuntimeError):
-    """A teacher that cannot be built or used (message meant for a person)."""
-
-
-USER_ERRORS = (TeacherError, DatasetError, CheckpointError, OutputDirError, BadInputError)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -142,31 +131,24 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
     """The teacher in eval mode and its name.
 
     Raises:
-        TeacherError: unknown name, no weights, a class count other than the dataset's.
+        ModelBuildError: unknown name, no weights, a class count other than the dataset's.
         CheckpointError: a checkpoint that cannot be read or does not fit.
     """
     checkpoint = load_checkpoint_file(args.checkpoint, unsafe=args.unsafe_load) if args.checkpoint else None
-    arch = architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else {}
-    name = args.teacher or arch.get('model')
+    sizes = {key: getattr(args, key) for key in ('embed_dim', 'depth', 'num_heads') if getattr(args, key) is not None}
+    name, grid, kwargs = resolve_architecture(checkpoint, args.teacher, args.coarse_stage_size, args.model_kwargs,
+                                              sizes=sizes, default_model=None)
     if not name:
-        raise TeacherError('name the teacher: --teacher NAME (a timm model or cf_*); the checkpoint does not say')
+        raise ModelBuildError('name the teacher: --teacher NAME (a timm model or cf_*); the checkpoint does not say')
     if not timm.is_model(name):
-        raise TeacherError(f'unknown teacher {name!r}: not a timm model name (timm.list_models() lists them)')
+        raise ModelBuildError(f'unknown teacher {name!r}: not a timm model name (timm.list_models() lists them)')
     if checkpoint is None and not args.pretrained:
-        raise TeacherError('a teacher needs trained weights: pass --checkpoint FILE (or --pretrained for timm weights)')
-    kwargs: Dict[str, Any] = dict(arch.get('kwargs', {})) if name == arch.get('model') else {}
-    for key in ('embed_dim', 'depth', 'num_heads'):
-        if getattr(args, key) is not None:
-            kwargs[key] = getattr(args, key)
-    try:
-        kwargs.update(parse_model_kwargs(args.model_kwargs))
-    except ValueError as e:
-        raise TeacherError(str(e)) from e
+        raise ModelBuildError('a teacher needs trained weights: pass --checkpoint FILE (or --pretrained for timm weights)')
     is_cf = name in models.MODEL_NAMES
     if is_cf:
-        kwargs['coarse_stage_size'] = args.coarse_stage_size or arch.get('coarse_stage_size') or 7
+        kwargs['coarse_stage_size'] = grid
     elif args.coarse_stage_size is not None:
-        raise TeacherError(f'--coarse-stage-size is for CF teachers, not {name}')
+        raise ModelBuildError(f'--coarse-stage-size is for CF teachers, not {name}')
     state_dict = None
     if checkpoint is not None:
         state_dict = extract_state_dict(checkpoint, 'model_ema' if args.use_ema else None)
@@ -176,14 +158,12 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
             kwargs.setdefault('num_classes', found)
     kwargs.setdefault('num_classes', num_classes)
     try:
-        model = create_model_checked(name, TeacherError, pretrained=args.pretrained and checkpoint is None, **kwargs)
+        model = build_model(name, state_dict, pretrained=args.pretrained and checkpoint is None, **kwargs)
     except OSError as e:  # --pretrained weights not in the cache
-        raise TeacherError(f'cannot build the teacher {name} with {kwargs}: {e}') from e
-    if state_dict is not None:
-        load_model_weights(model, state_dict)
+        raise ModelBuildError(f'cannot build the teacher {name} with {kwargs}: {e}') from e
     classes = getattr(model, 'num_classes', None)
     if classes != num_classes:
-        raise TeacherError(f'the teacher {name} predicts {classes} classes but the dataset has {num_classes} class '
+        raise ModelBuildError(f'the teacher {name} predicts {classes} classes but the dataset has {num_classes} class '
                            f'folders: label maps must index the training classes (fine-tune the teacher on this '
                            f'dataset first)')
     return model.eval(), name
@@ -213,7 +193,7 @@ def dense_logits(model: nn.Module, x: torch.Tensor, selection: bool = True) -> t
             all fine patches.
 
     Raises:
-        TeacherError: a model whose features are neither token sequences nor feature maps.
+        ModelBuildError: a model whose features are neither token sequences nor feature maps.
     """
     if hasattr(model, 'forward_coarse') and hasattr(model, 'fine_grid'):  # CF model: the fine grid
         x_c, x_f = model.split_inputs(x)
@@ -239,7 +219,7 @@ def dense_logits(model: nn.Module, x: torch.Tensor, selection: bool = True) -> t
         grid = getattr(getattr(model, 'patch_embed', None), 'dynamic_feat_size', None)
         h, w = grid((x.shape[-2], x.shape[-1])) if callable(grid) else (int(round(N ** 0.5)),) * 2
         if h * w != N:
-            raise TeacherError(f'cannot lay {N} patch tokens on a grid')
+            raise ModelBuildError(f'cannot lay {N} patch tokens on a grid')
         # each patch token alone, repeated into every prefix slot: token and average pooling both see it
         tokens = patches.reshape(B * N, 1, D).expand(-1, prefix + 1, -1)
         return model.forward_head(tokens).reshape(B, h, w, -1).permute(0, 3, 1, 2)
@@ -251,7 +231,7 @@ def dense_logits(model: nn.Module, x: torch.Tensor, selection: bool = True) -> t
         if not nhwc:
             cells = cells.permute(0, 3, 1, 2)
         return model.forward_head(cells).reshape(B, h, w, -1).permute(0, 3, 1, 2)
-    raise TeacherError(f'the teacher returns features of shape {tuple(feats.shape)}: neither tokens (B, N, D) nor '
+    raise ModelBuildError(f'the teacher returns features of shape {tuple(feats.shape)}: neither tokens (B, N, D) nor '
                        f'feature maps (B, D, h, w)')
 
 
@@ -290,6 +270,8 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
+
+
 #: Entries of token_labels.json that must agree for two runs to write into one folder.
 IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_size', 'topk', 'map_size',
             'pretrained')
@@ -301,11 +283,11 @@ def _metadata_lock(out: Path):
     file stays, as removing it would let two shards lock two files)."""
     import fcntl
 
-    from utils.safe_io import UnsafeInputError, open_regular_nofollow
+    from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
     try:
         fd = open_regular_nofollow(out / LABELS_LOCK, os.O_RDWR | os.O_CREAT, what='the label-folder lock')
     except UnsafeInputError as e:
-        raise TeacherError(str(e)) from None
+        raise OutputDirError(str(e)) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -320,29 +302,29 @@ def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) 
     """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
     folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
     maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
-    from utils.safe_io import UnsafeInputError, read_structured
+    from utils.core.safe_io import UnsafeInputError, read_structured
     path = out / METADATA_NAME
     with _metadata_lock(out):  # the shards of one job check and write it one at a time
         if os.path.lexists(path):
             try:
                 meta = read_structured(path, what='the label-map metadata', follow=False)
             except (OSError, UnsafeInputError) as e:
-                raise TeacherError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
+                raise OutputDirError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
             if not isinstance(meta, dict):
-                raise TeacherError(f'{path} is not label-map metadata: choose another --output')
+                raise OutputDirError(f'{path} is not label-map metadata: choose another --output')
             differ = [k for k in IDENTITY if k in meta and meta[k] != identity[k]
                       and not (k == 'checkpoint_sha256' and meta[k] is None)]
             if meta.get('classes') not in (None, classes):
                 differ.append('classes')
             if differ:
                 theirs = ', '.join(f'{k}={meta.get(k)!r}' for k in differ)
-                raise TeacherError(f'{out} holds label maps of another teacher or layout ({theirs}); this run has '
-                                   f'{", ".join(f"{k}={identity.get(k, classes)!r}" for k in differ)}: choose '
-                                   f'another --output (maps of two teachers must not mix)')
+                raise OutputDirError(f'{out} holds label maps of another teacher or layout ({theirs}); this run has '
+                                     f'{", ".join(f"{k}={identity.get(k, classes)!r}" for k in differ)}: choose '
+                                     f'another --output (maps of two teachers must not mix)')
             return {**meta, **identity, 'map_shape': meta.get('map_shape'), 'classes': classes}
         if any(out.glob('*/*' + LABEL_MAP_SUFFIX)):
-            raise TeacherError(f'{out} holds label maps but no {METADATA_NAME} naming their teacher: choose another '
-                               f'--output (maps of two teachers must not mix)')
+            raise OutputDirError(f'{out} holds label maps but no {METADATA_NAME} naming their teacher: choose another '
+                                 f'--output (maps of two teachers must not mix)')
         meta = {**identity, 'map_shape': None,
                 'scores': 'teacher logits; a class outside the top K counts as logit 0', 'classes': classes}
         write_json_atomic(meta, path)
@@ -361,21 +343,20 @@ def resolve_image_folder(data: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Write the missing maps (unreadable images are skipped, counted and logged). Returns 0."""
     if args.topk is not None and args.topk < 1:
-        raise TeacherError('--topk must be >= 1')
+        raise BadInputError('--topk must be >= 1')
     if not 0 <= args.shard_index < args.num_shards:
-        raise TeacherError(f'--shard-index must be in [0, --num-shards={args.num_shards})')
+        raise BadInputError(f'--shard-index must be in [0, --num-shards={args.num_shards})')
     folder = resolve_image_folder(args.data)
     dataset = open_image_folder(folder)
     samples, classes = dataset.samples, dataset.classes
-    check_outside_inputs(args.output, [args.data, folder])
-    out = check_writable_dir(args.output)
-    RunLock(out, f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')  # shards may share the folder
+    out = prepare_output_dir(args.output, [args.data, folder],  # shards may share the folder: a lock each
+                             lock=f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')
     targets = [label_map_path(out, path) for path, _ in samples]
     check_distinct_label_maps(samples, targets)
     if args.topk is None:
         args.topk = min(DEFAULT_TOPK, len(classes))
     if args.topk > len(classes):
-        raise TeacherError(f'--topk {args.topk} exceeds the {len(classes)} classes of {folder}')
+        raise BadInputError(f'--topk {args.topk} exceeds the {len(classes)} classes of {folder}')
 
     device = torch.device(args.device)
     model, name = build_teacher(args, len(classes))
@@ -448,27 +429,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Token-labeling label maps from a teacher', parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    setup_logging(True)
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143 (utils.signals)
-        try:
-            return run(args)
-        except USER_ERRORS as e:
-            _logger.error('%s', e)
-            return EXIT_BAD_INPUT
-        except OSError as e:  # writing the maps failed (full disk, ...): the maps written so far are complete
-            _logger.error('%s; the maps written so far are complete, run again to continue',
-                          describe_os_error(e, 'cannot write the label maps'))
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM
-            _logger.error('interrupted; the maps written so far are complete, run again to continue')
-            return exit_status(e)
-        except RuntimeError:  # a loader worker's error while the run stops on a signal
-            if stop_requested() is None:
-                raise
-            _logger.error('interrupted; the maps written so far are complete, run again to continue')
-            return exit_status()
-        finally:
-            release_locks()
+    setup_logging()
+    kept = '; the maps written so far are complete, run again to continue'
+    return run_entry_point(lambda: run(args), writing='cannot write the label maps', kept=kept,
+                           interrupted='interrupted' + kept)
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,17 +31,17 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import torch  # noqa: E402
 
+import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
-from datasets.folder import DatasetError  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint_file, write_json_atomic  # noqa: E402
-from utils.misc import (  # noqa: E402
-    OutputDirError, architecture_from_checkpoint, check_writable_dir, default_workers, positive_int, run_script,
-)
-from utils.signals import run_entry_point  # noqa: E402
-from utils.validation import BadInputError, device_name  # noqa: E402
+from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
+from utils.core.cli import default_workers, device_name, positive_int, run_entry_point  # noqa: E402
+from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.model_builder import build_from_checkpoint  # noqa: E402
+from utils.core.run_folder import prepare_output_dir  # noqa: E402
 
-_logger = logging.getLogger('quickstart')
+
+ROOT = Path(__file__).resolve().parent
 
 #: Training logs a line every this many steps (and one per epoch): no minute-long silence within an epoch.
 PRINT_FREQ = 20
@@ -66,9 +66,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say(line: str) -> None:
+    """One line of the quick start's narration on stdout, in order with the output of the scripts it runs."""
+    print(line, flush=True)
+
+
+def run_script(name: str, argv: Sequence[str]) -> int:
+    """Run ``python name.py *argv`` (a script beside this one) as its own program, with this interpreter,
+    and return its exit status: the script's own flag handling, messages and exit codes apply."""
+    return subprocess.run([sys.executable, str(ROOT / f'{name}.py'), *map(str, argv)]).returncode
+
+
 def _step(title: str) -> None:
-    _logger.info('')
-    _logger.info('=== %s', title)
+    say('')
+    say(f'=== {title}')
 
 
 @torch.no_grad()
@@ -78,13 +89,8 @@ def selection_on_objects(checkpoint_path: Path, data: Path, device: torch.device
     Chance is the share of all coarse patches that overlap the box (what a random selection of
     the same size would hit on average). Reported separately for small and large objects.
     """
-    import timm
     from datasets.folder import open_image_folder
-    checkpoint = load_checkpoint_file(checkpoint_path)
-    arch = architecture_from_checkpoint(checkpoint)
-    model = timm.create_model(arch['model'], coarse_stage_size=arch['coarse_stage_size'],
-                              num_classes=checkpoint['model']['head.weight'].shape[0], **arch['kwargs'])
-    model.load_state_dict(checkpoint['model'])
+    model, _, _ = build_from_checkpoint(load_checkpoint_file(checkpoint_path))  # strict, allow-listed kwargs
     model.to(device).eval()
     boxes = load_boxes(data)
     dataset = open_image_folder(data / 'val', eval_transform(model))
@@ -128,26 +134,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: bad input (an output folder that cannot be written, a dataset that cannot be read) is one
     line and exit 2; SIGINT / SIGTERM one line and 130 / 143; a failing step's own exit status otherwise."""
     args = get_args_parser().parse_args(argv)
-    status = []
-    code = run_entry_point('quickstart.py', lambda: status.append(_run(args)),
-                           (OutputDirError, BadInputError, DatasetError, CheckpointError),
-                           'cannot write the quick start outputs', one_line=True)
-    return code or (status[0] if status else 0)
+    return run_entry_point(lambda: run(args), 'quickstart.py', writing='cannot write the quick start outputs',
+                           one_line=True)
 
 
-def _run(args: argparse.Namespace) -> int:
-    out = check_writable_dir(args.output_dir)  # a read-only mount or a file: one line
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    _logger.addHandler(handler)
-    _logger.setLevel(logging.INFO)
-    _logger.propagate = False
+def run(args: argparse.Namespace) -> int:
+    """The five steps; returns 0, or the exit status of the script that failed."""
+    out = prepare_output_dir(args.output_dir, [args.data_path], '--output-dir')  # a read-only mount, a file: one line
     t_start = time.time()
     device = torch.device(args.device)
 
     _step('1/5 data')
     data = Path(args.data_path) if args.data_path else make_synthetic_dataset()
-    _logger.info('dataset: %s', data)
+    say(f'dataset: {data}')
 
     _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1}); '
           f'a line every {PRINT_FREQ} steps and an evaluation line per epoch')
@@ -158,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         '--device', args.device, '--output', str(train_dir), '--batch-size', str(args.batch_size)]
     rc = run_script('main_deit', train_argv)
     if rc != 0:
-        _logger.error('training failed (exit %d); see above', rc)
+        say(f'training failed (exit {rc}); see above')
         return rc
     ckpt = train_dir / 'checkpoint.pth'
 
@@ -176,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
         '--output-dir', str(eval_dir / 'report')])
     if rc != 0:
-        _logger.error('evaluation failed (exit %d)', rc)
+        say(f'evaluation failed (exit {rc})')
         return rc
 
     _step('4/5 visualization (visualize.py)')
@@ -185,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
                                   '--threshold', str(args.threshold), '--num-images', '12', '--no-progress',
                                   '--device', args.device, '--num-workers', '0', '--panel-size', '128'])
     if rc != 0:
-        _logger.error('visualization failed (exit %d)', rc)
+        say(f'visualization failed (exit {rc})')
         return rc
 
     _step('5/5 where the re-split patches fall')
@@ -193,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         on_box = selection_on_objects(ckpt, data, device)
     else:  # --data-path of another dataset: no object boxes to compare with
         on_box = {}
-        _logger.info('%s records no object boxes (boxes.json, written for the synthetic set): step skipped', data)
+        say(f'{data} records no object boxes (boxes.json, written for the synthetic set): step skipped')
 
     budget = json.loads((eval_dir / 'budgeted' / 'budgeted.json').read_text())
     through = json.loads((eval_dir / 'throughput' / 'throughput.json').read_text())
@@ -228,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         f'  pictures: {vis_dir}/',
     ]
     for line in lines:
-        _logger.info('%s', line)
+        say(line)
     return 0
 
 

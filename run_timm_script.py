@@ -50,7 +50,8 @@ def grid_problem(argv: Sequence[str]) -> Optional[str]:
     kwargs = _flag_values(argv, '--model-kwargs')
     if not checkpoints or any(k.startswith(GRID_KWARGS) for k in kwargs):
         return None
-    from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+    from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+    from utils.core.errors import CheckpointError
     try:
         state_dict = extract_state_dict(load_checkpoint_file(checkpoints[0]))
     except CheckpointError as e:

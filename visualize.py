@@ -27,28 +27,27 @@ import math
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import models
-from datasets.folder import DatasetError, ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
+from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
 from datasets.transforms import data_config, eval_transform
-from utils.checkpoint import (
-    CheckpointError, extract_state_dict, load_checkpoint_file, load_model_weights, write_json_atomic,
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.cli import (
+    MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
+    setup_logging,
 )
-from utils.misc import (  # noqa: F401 (EXIT_BAD_INPUT: visualize.EXIT_BAD_INPUT, named in main)
-    EXIT_BAD_INPUT, architecture_from_checkpoint, default_workers, make_dirs, positive_int,
-)
-from utils.misc import OutputDirError
-from utils.run_folder import RunLock, check_outside_inputs, same_file
-from utils.safe_io import MAX_SEED, grid_side, refuse_overwriting_inputs
-from utils.signals import quiet_worker_signals, run_entry_point
-from utils.validation import BadInputError, create_model_checked, device_name, float_in, int_at_least
-from utils.visualization import (
-    FADE, ClassIndex, Details, GridItem, GridLayout, InputError, collect_details, draw_confidence_histogram,
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
+from utils.core.files import write_json_atomic
+from utils.core.model_builder import build_model, resolve_architecture
+from utils.core.run_folder import prepare_output_dir, same_file
+from utils.core.safe_io import refuse_overwriting_inputs
+from utils.core.signals import quiet_worker_signals
+from utils.vis.figures import (
+    FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )
 
@@ -136,36 +135,21 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f'--device {name!r} is not a device: {e}') from e
+        raise BadInputError(f'--device {name!r} is not a device: {e}') from e
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
+        raise BadInputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
     return device
-
-
-def _prepare_output_dir(path: str, inputs: Sequence[Optional[str]]) -> Path:
-    out = Path(path)
-    try:
-        check_outside_inputs(out, inputs, '--output-dir')
-        make_dirs(out)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-        RunLock(out)
-    except OutputDirError as e:
-        raise InputError(str(e)) from e
-    except OSError as e:
-        raise InputError(f'cannot write to --output-dir {out}: {e.strerror or e}') from e
-    return out
 
 
 def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int],
                                                              Optional[Tuple[str, List[str]]]]:
     """The checkpoint's state_dict, its class count (from ``head.weight``) and the class folders of the data it
     was trained on (:func:`_trained_classes`), or Nones."""
-    if not args.resume:
-        _resolve_architecture(args, {})
+    checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load) if args.resume else None
+    args.model, args.coarse_stage_size, args.model_kwargs = resolve_architecture(
+        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs)
+    if checkpoint is None:
         return None, None, None
-    checkpoint = load_checkpoint_file(args.resume, unsafe=args.unsafe_load)
-    _resolve_architecture(args, architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else {})
     state_dict = extract_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     if head is None or head.dim() != 2:
@@ -194,16 +178,6 @@ def _trained_classes(checkpoint: Any) -> Optional[Tuple[str, List[str]]]:
         if names:
             return str(folder), names
     return None
-
-
-def _resolve_architecture(args: argparse.Namespace, recorded: Dict[str, Any]) -> None:
-    """Fill --model, --coarse-stage-size and size overrides from a training checkpoint's args."""
-    if args.model is None:
-        args.model = recorded.get('model', 'cf_deit_small')
-    if args.coarse_stage_size is None:
-        args.coarse_stage_size = recorded.get('coarse_stage_size', 7)
-    if recorded.get('model', args.model) == args.model:
-        args.model_kwargs = {**recorded.get('kwargs', {}), **args.model_kwargs}
 
 
 def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optional[Path]:
@@ -240,15 +214,14 @@ def _build_model(args: argparse.Namespace, num_classes: int,
     torch.manual_seed(args.seed)
     given = sorted({'num_classes', 'coarse_stage_size'} & set(args.model_kwargs))
     if given:  # one line instead of create_model's "multiple values for keyword argument" TypeError
-        raise InputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
-                         f'--coarse-stage-size; drop it from --model-kwargs')
-    model = create_model_checked(args.model, InputError, coarse_stage_size=args.coarse_stage_size,
-                                 num_classes=num_classes, **args.model_kwargs)
+        raise BadInputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
+                            f'--coarse-stage-size; drop it from --model-kwargs')
+    try:
+        model = build_model(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
+                            num_classes=num_classes, **args.model_kwargs)
+    except CheckpointError as e:
+        raise CheckpointError(f'{args.resume}: {e}') from e
     if state_dict is not None:
-        try:
-            load_model_weights(model, state_dict)
-        except CheckpointError as e:
-            raise CheckpointError(f'{args.resume}: {e}') from e
         log.info('weights from %s', args.resume)
     else:
         bar = '*' * 78
@@ -266,7 +239,7 @@ def _pick(mask: torch.Tensor, confidence: torch.Tensor, n: int, seed: int) -> Li
     return sorted(chosen, key=lambda i: (-float(confidence[i]), i))
 
 
-#: Point size of the title lines (``utils.visualization.draw_grid`` writes them at 8 pt).
+#: Point size of the title lines (``utils.vis.figures.draw_grid`` writes them at 8 pt).
 TITLE_POINTS = 8
 
 
@@ -331,7 +304,8 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
     device = _device(args.device)
-    out_dir = _prepare_output_dir(args.output_dir, [args.data_path, args.img_path])
+    out_dir = prepare_output_dir(args.output_dir, [args.data_path, args.img_path], '--output-dir',
+                                 unwritable='cannot write to --output-dir {path}')
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
@@ -359,7 +333,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         num_classes = args.num_classes or (len(folders) if folders else 1000)
     index_file = _class_index_file(args, folder)
     refuse_overwriting_inputs([out_dir / n for n in OUTPUT_NAMES], [f for f, _ in files] + [args.resume, index_file],
-                              InputError)  # e.g. --img-path OUT/confidence_histogram.png
+                              BadInputError)  # e.g. --img-path OUT/confidence_histogram.png
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
     if class_index is not None and not args.class_index_file:  # found at the dataset root: names only
         class_index = _display_names_only(class_index, folders, num_classes, index_file)
@@ -390,7 +364,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if bad:
         log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
     if len(details) == 0:
-        raise InputError(f'none of the {len(samples)} image files under {source} could be read')
+        raise BadInputError(f'none of the {len(samples)} image files under {source} could be read')
 
     known = bool((details.targets >= 0).all())
     coarse_right = details.coarse_pred == details.targets
@@ -470,10 +444,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point: 0 on success, :data:`EXIT_BAD_INPUT` (2) with a one-line message on bad input."""
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    return run_entry_point('visualize.py', lambda: run(args), (InputError, DatasetError, CheckpointError, BadInputError),
-                           'cannot write the pictures', one_line=True)
+    setup_logging(style='named', if_unconfigured=True)
+    return run_entry_point(lambda: run(args), 'visualize.py', writing='cannot write the pictures', one_line=True)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ and takes minutes; it is meant for batch 1, where the shapes are static.
     python benchmarks/bench_inference.py [--reps 7] [--batches 64 1] [--dtypes float32 bfloat16] [--threads N] [--compile]
 
 ``--onnxruntime`` adds the deployed programs (float32 only), timed in the same interleaved rounds:
-``cf_deit_small`` exported with ``export_onnx``'s code and run by ``utils.onnx_runtime.OnnxEarlyExit``, and
+``cf_deit_small`` exported with ``export_onnx``'s code and run by ``utils.inference.onnx_runtime.OnnxEarlyExit``, and
 timm's DeiT-S exported the same way (same exporter, same session options), its baseline. Their
 rows report the speed-up over DeiT-S in onnxruntime and over eager CF-DeiT at the same exit share.
 ``--threads 1 2`` runs every configuration at each thread count (torch and onnxruntime alike).
@@ -39,7 +39,7 @@ import torch
 from common import interleaved, machine, median, save
 import models  # noqa: E402,F401
 from models.token_ops import coarse_from_fine
-from utils.flops import count_gflops, stage_gflops
+from utils.inference.flops import count_gflops, stage_gflops
 
 
 #: The plain ViT at the coarse stage's size (7x7 tokens of a 112 px image).
@@ -92,7 +92,7 @@ def main() -> None:
             'benchmark': 'early-exit inference throughput, CPU', 'machine': machine(), 'reps': args.reps,
             'thresholds': thresholds, 'deit_gflops': deit_gflops, 'reference_gflops': ref_gflops,
             'cf_flop': cf_flops, 'mode': 'torch.compile' if args.compile else 'eager', 'rows': rows,
-            'onnx': {'exporter': args.exporter, 'runtime': 'utils.onnx_runtime.OnnxEarlyExit'} if onnx_dirs else None,
+            'onnx': {'exporter': args.exporter, 'runtime': 'utils.inference.onnx_runtime.OnnxEarlyExit'} if onnx_dirs else None,
         })
 
     for threads in args.threads or [None]:
@@ -107,7 +107,7 @@ def main() -> None:
 
 def export_onnx_programs(cf, deit, args) -> Dict[str, Path]:
     """Export CF-DeiT-S (both stages, as export_onnx.py does) and DeiT-S (one graph, same exporter)."""
-    from utils.onnx_export import export_early_exit, export_graph
+    from utils.inference.onnx_export import export_early_exit, export_graph
     root = Path(args.export_dir or tempfile.mkdtemp(prefix='cfvit-bench-onnx-'))
     cf_dir, deit_path = root / 'cf_deit_small_g7', root / 'deit_small_patch16_224.onnx'
     if not (cf_dir / 'manifest.json').exists():
@@ -119,7 +119,7 @@ def export_onnx_programs(cf, deit, args) -> Dict[str, Path]:
 
 def open_onnx_programs(dirs: Dict[str, Path], threads: int):
     """(OnnxEarlyExit of CF-DeiT-S, a function running DeiT-S), both with ``threads`` intra-op threads."""
-    from utils.onnx_runtime import OnnxEarlyExit, make_session
+    from utils.inference.onnx_runtime import OnnxEarlyExit, make_session
     cf = OnnxEarlyExit(dirs['cf'], threads=threads)
     session = make_session(dirs['deit'], threads)
     return cf, lambda x: session.run(None, {'x': x.contiguous().numpy()})

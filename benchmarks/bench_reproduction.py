@@ -112,8 +112,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import models  # noqa: F401
     from models.baseline import create_baseline
-    from utils.flops import count_gflops
-    from utils.plots import plot_budgeted_curve
+    from utils.inference.flops import count_gflops
+    from utils.vis.plots import plot_budgeted_curve
     base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=g, patch_size=PATCH, embed_dim=96, depth=6,
                            num_heads=3, num_classes=10).eval()
     with torch.no_grad():

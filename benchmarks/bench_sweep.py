@@ -10,7 +10,7 @@ import time
 import torch
 
 from common import machine, save
-from utils.early_exit import DEFAULT_THRESHOLDS, budgeted_sweep, dynamic_evaluate
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, budgeted_sweep, dynamic_evaluate
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from common import interleaved, machine, median, save
 import models  # noqa: E402,F401
-from utils.flops import count_gflops, stage_gflops
+from utils.inference.flops import count_gflops, stage_gflops
 
 
 def main() -> None:

@@ -27,13 +27,13 @@ Programs:
   release            the released ``forward_early_exit``, float32
   ours               our ``forward_early_exit``, float32, eager
   ours-bf16          the same under bfloat16 autocast with the weights cast once
-                     (``utils.cpu.cast_weights_for_autocast``), as ``dynamic_inference.py --amp-dtype
+                     (``utils.inference.cpu.cast_weights_for_autocast``), as ``dynamic_inference.py --amp-dtype
                      bfloat16`` (or ``auto`` on a CPU with native bfloat16) runs it
   ours-bf16-autocast plain bfloat16 autocast on the float32 model (it casts every weight at every call)
   ours-compile       ``compile_stages()`` (minutes of compilation per new shape on a CPU)
   ours-compile-bf16  both
-  ours-onnxruntime   ``export_onnx``'s graphs run by ``utils.onnx_runtime.OnnxEarlyExit``
-Any of them with ``+keep-freed``: the worker process first calls ``utils.cpu.keep_freed_memory()``
+  ours-onnxruntime   ``export_onnx``'s graphs run by ``utils.inference.onnx_runtime.OnnxEarlyExit``
+Any of them with ``+keep-freed``: the worker process first calls ``utils.inference.cpu.keep_freed_memory()``
 (glibc keeps freed memory for reuse), as ``dynamic_inference.py`` does on a CPU by default; the
 ratios of such a program are also given against ``release+keep-freed`` when it runs, which shows
 what the model code gains under the same allocator.
@@ -66,7 +66,7 @@ DEFAULT_PROGRAMS = ('release', 'ours', 'release+keep-freed', 'ours+keep-freed', 
                     'ours-onnxruntime')
 #: The model both sides build: CF-DeiT-S with a 7x7 coarse grid on 112 px, 14x14 on 224 px.
 COARSE_SIDE, FINE_SIDE = 112, 224
-#: Program suffix: the worker keeps freed memory in its heap (``utils.cpu.keep_freed_memory``).
+#: Program suffix: the worker keeps freed memory in its heap (``utils.inference.cpu.keep_freed_memory``).
 KEEP_FREED = 'keep-freed'
 #: Factor on the random head's weights, so that the coarse max-softmax spreads over (0, 1).
 HEAD_SCALE = 40.0
@@ -96,9 +96,9 @@ def load_release_model(release_dir: Path, checkpoint: Path) -> torch.nn.Module:
 
 
 def load_cpu_module():
-    """``utils/cpu.py`` of this repository, loaded by path: the release's worker cannot import our
+    """``utils/inference/cpu.py`` of this repository, loaded by path: the release's worker cannot import our
     ``utils`` package (its own ``utils.py`` takes the name)."""
-    spec = importlib.util.spec_from_file_location('cfvit_cpu', Path(__file__).resolve().parents[1] / 'utils' / 'cpu.py')
+    spec = importlib.util.spec_from_file_location('cfvit_cpu', Path(__file__).resolve().parents[1] / 'utils' / 'inference' / 'cpu.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -155,7 +155,7 @@ class Worker:
     def _run_onnx(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         threads = torch.get_num_threads()
         if threads not in self._onnx:
-            from utils.onnx_runtime import OnnxEarlyExit
+            from utils.inference.onnx_runtime import OnnxEarlyExit
             self._onnx[threads] = OnnxEarlyExit(self.export_dir, threads=threads)
         return self._onnx[threads].forward_early_exit(x, threshold)
 
@@ -220,7 +220,7 @@ def program_name(value: str) -> str:
 
 def cpu_record() -> Dict[str, Any]:
     """The CPU's model, the flags that matter for these programs, and what torch makes of it."""
-    from utils.cpu import bf16_speedup, cpu_bf16_native, cpu_flags
+    from utils.inference.cpu import bf16_speedup, cpu_bf16_native, cpu_flags
     wanted = [f for f in cpu_flags() if f.startswith(('avx', 'amx', 'fma', 'f16c')) or f in ('sse4_2',)]
     return {'flags': wanted, 'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(),
             'bf16_native': cpu_bf16_native(), 'bf16_mlp_speedup': round(bf16_speedup(), 2)}
@@ -270,7 +270,7 @@ def write_profiles(args, workers: Dict[str, subprocess.Popen], configs: List[Dic
                    record: Dict[str, Any]) -> Path:
     """--profile: each program's operator table (self CPU time) for each configuration, in one text file."""
     from common import RESULTS
-    from utils.checkpoint import atomic_file
+    from utils.core.files import atomic_file
     parts = [f'# {args.name}: torch.profiler operator tables of bench_vs_release.py --profile',
              f"# machine: {record['cpu']}, torch {record['torch']}, {record['date']}; load: {record.get('load') or '-'}",
              '# command: python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:]), '']
@@ -292,7 +292,7 @@ def plot_ratios(result: Dict[str, Any], path: Path) -> Path:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from utils.visualization import save_figure
+    from utils.vis.figures import save_figure
 
     rows = [r for r in result['rows'] if 'release' in r]
     programs = [p for p in result['programs'] if p != 'release']
@@ -393,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
                    pool_path)
         if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
-            from utils.onnx_export import export_early_exit
+            from utils.inference.onnx_export import export_early_exit
             model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
             export_early_exit(model.eval(), work / 'onnx', exporter='torchscript')
             return work / 'onnx'

@@ -95,7 +95,7 @@ def onnx_note(d: Dict[str, Any]) -> str:
                          f'{min(eff):.2f}-{max(eff):.2f}')
     if not parts:
         return ''
-    return ('The `onnxruntime` rows run the exported pair (`export_onnx.py`\'s code, `utils.onnx_runtime.OnnxEarlyExit`); '
+    return ('The `onnxruntime` rows run the exported pair (`export_onnx.py`\'s code, `utils.inference.onnx_runtime.OnnxEarlyExit`); '
             'their speed-up and FLOP efficiency are against timm\'s DeiT-S exported the same way and run in the same '
             'runtime, timed in the same interleaved rounds as the eager rows. Against the deployment targets: '
             + '; '.join(parts) + '.')
@@ -155,8 +155,8 @@ def section_sweep(d: Dict[str, Any]) -> str:
     return '\n'.join([
         '## 2. Budgeted-batch threshold sweep', '',
         f"{d['samples']:,} samples x {d['classes']} classes x {d['thresholds']} thresholds. The loop is the "
-        "release's `dynamic_evaluate` semantics one sample at a time (`utils.early_exit.dynamic_evaluate`); "
-        'the vectorized sweep is `utils.early_exit.budgeted_sweep` (time includes the max over the class '
+        "release's `dynamic_evaluate` semantics one sample at a time (`utils.inference.early_exit.dynamic_evaluate`); "
+        'the vectorized sweep is `utils.inference.early_exit.budgeted_sweep` (time includes the max over the class '
         'scores).', '', machine_line(d['machine']), '', '```', 'python benchmarks/bench_sweep.py', '```', '',
         table(['per-sample loop', 'vectorized (median of %d)' % d['vectorized_reps'], 'speed-up', 'identical accuracies',
                'max relative GFLOPs difference'],
@@ -241,7 +241,7 @@ def section_onnx(d: Dict[str, Any]) -> str:
     return '\n'.join([
         '## 1b. Early exit in onnxruntime (`export_onnx.py`, `OnnxEarlyExit`)', '',
         f"cf_deit_small 7x7 exported as two graphs ({d['onnx']['exporter']} exporter), run by "
-        '`utils.onnx_runtime.OnnxEarlyExit`, against the same model in eager PyTorch and timm DeiT-S exported and '
+        '`utils.inference.onnx_runtime.OnnxEarlyExit`, against the same model in eager PyTorch and timm DeiT-S exported and '
         f"run the same way, interleaved in one run ({d['reps']} rounds; batch 1: 16 single images a round). "
         'FLOP efficiency = speed-up over DeiT-S in the same runtime / the GFLOPs-predicted speed-up.', '',
         machine_line(d['machine']) + (f" {d['note']}" if d.get('note') else ''), '', '```',
@@ -304,9 +304,9 @@ def section_vs_release(d: Dict[str, Any], supplements: Optional[Dict[str, Dict[s
         'exits; batch 1 runs single images. Timed: fine images in, logits out, the coarse resize included. Cells: '
         f"median images/s over {d['rounds']} rounds (median ratio to the release, min-max of the per-round ratios).",
         '',
-        '`+keep-freed`: the process first calls `utils.cpu.keep_freed_memory()`, as `dynamic_inference.py` does on a '
+        '`+keep-freed`: the process first calls `utils.inference.cpu.keep_freed_memory()`, as `dynamic_inference.py` does on a '
         'CPU by default (glibc otherwise page-faults every large activation in again at each call). `ours-bf16`: '
-        'bfloat16 autocast with the weights cast once (`utils.cpu.cast_weights_for_autocast`), as '
+        'bfloat16 autocast with the weights cast once (`utils.inference.cpu.cast_weights_for_autocast`), as '
         '`dynamic_inference.py --amp-dtype auto` runs on a CPU with native bfloat16. `ours-onnxruntime`: '
         '`export_onnx.py`\'s graphs in `OnnxEarlyExit`, float32.', '',
         machine_line(m) + " (Benchmarks 1-6 ran on another machine: see their own machine lines.)" + f" CPU flags: {flags or 'none of avx2/avx512/amx'}; native bfloat16: "

@@ -134,11 +134,11 @@ class INatDataset(Dataset):
 
     @staticmethod
     def _load(path: Path) -> Any:
-        from utils.safe_io import UnsafeInputError, read_structured
+        from .safe_read import UnsafeFileError, read_structured
         try:  # a regular file (iNaturalist's largest is about 300 MB), bounded nesting
             return read_structured(path, max_bytes=2 << 30, max_depth=16, what='iNaturalist annotations')
-        except (OSError, UnsafeInputError) as e:
-            raise DatasetError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read {path}: {e}') from None
+        except (OSError, UnsafeFileError) as e:
+            raise DatasetError(str(e) if isinstance(e, UnsafeFileError) else f'cannot read {path}: {e}') from None
 
     def __len__(self) -> int:
         return len(self.samples)

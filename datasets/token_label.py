@@ -19,7 +19,7 @@ The pipeline, split between the loader workers and the training device:
    mixup/cutmix mix images and targets alike (:class:`TokenLabelMixup`).
 
 Two released behaviours are kept behind switches, defaulting to the release (what the paper's
-CF-LV-ViT trained with); :data:`CROP_MODES` and :data:`utils.token_labeling.SMOOTHING_MODES`:
+CF-LV-ViT trained with); :data:`CROP_MODES` and :data:`datasets.token_targets.SMOOTHING_MODES`:
 
 - ``crop='transposed'``: the release (TokenLabeling's ``get_labelmaps_with_coords``) passed the crop
   as ``(top, left, bottom, right)`` to ``roi_align``, which reads ``(x1, y1, x2, y2)``, so its
@@ -52,7 +52,7 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import Dataset, Subset
 from torchvision.ops import roi_align
 
-from utils.token_labeling import SMOOTHING_MODES, TokenLabelTargets, smooth_distribution
+from .token_targets import SMOOTHING_MODES, TokenLabelTargets, smooth_distribution
 
 from .folder import DatasetError, UnreadableCounter, read_substituting, rgb_loader
 from .transforms import data_config
@@ -206,11 +206,11 @@ def check_label_maps(samples: Sequence[Tuple[str, int]], label_root: PathLike, n
                               f'stem>.pt label maps; make them with make_token_labels.py)')
     meta_path = root / METADATA_NAME
     if classes and (meta_path.exists() or meta_path.is_symlink()):  # a pipe or link is refused below, not skipped
-        from utils.safe_io import UnsafeInputError, read_structured
+        from .safe_read import UnsafeFileError, read_structured
         try:  # a regular file of bounded size and nesting, with a list of class names
             meta = read_structured(meta_path, what='the label-map metadata', schema={'classes': ([str], None)})
-        except (OSError, UnsafeInputError) as e:
-            raise TokenLabelError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read {meta_path}: {e}') from None
+        except (OSError, UnsafeFileError) as e:
+            raise TokenLabelError(str(e) if isinstance(e, UnsafeFileError) else f'cannot read {meta_path}: {e}') from None
         if meta.get('classes') and list(meta['classes']) != list(classes):
             raise TokenLabelError(f'the label maps in {root} were made for {len(meta["classes"])} other classes '
                                   f'({", ".join(meta["classes"][:3])}, ...) than the training set\'s '
@@ -515,7 +515,7 @@ def token_label_targets(
         label_size: side S of the dense target (2g: one cell per fine patch); 1 for class targets only.
         smoothing: label smoothing applied after the softmax.
         crop: :data:`CROP_MODES`: ``'transposed'`` (released) or ``'image'`` (see :func:`crop_rois`).
-        smoothing_mode: :data:`utils.token_labeling.SMOOTHING_MODES`: ``'unnormalized'`` (released)
+        smoothing_mode: :data:`datasets.token_targets.SMOOTHING_MODES`: ``'unnormalized'`` (released)
             or ``'normalized'``.
 
     Returns:

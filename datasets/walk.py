@@ -27,7 +27,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 import numpy as np
 from PIL import Image
 
-from utils.safe_io import link_above_root, special_filesystem
+from .safe_read import link_above_root, special_filesystem
 
 __all__ = ['MAX_PIXELS', 'MAX_ASPECT_RATIO', 'UnreadableImageError', 'WalkResult', 'walk_files', 'image_files',
            'class_folder_samples', 'decode_image']

@@ -4,10 +4,10 @@
 >>> model = timm.create_model('cf_deit_small', coarse_stage_size=9, num_classes=1000)
 >>> cf = timm.create_model('cf_deit_small_patch16_224.fb_in1k', pretrained=True)  # plain DeiT-S, converted
 """
+from .cf_deit import cf_deit_small, cf_deit_tiny
 from .cf_lvvit import CFLVViT, cf_lvvit_small, cf_lvvit_tiny
 from .cf_vit import (
-    CFOutput, CFVisionTransformer, CoarseState, FineState, TokenLayout, checkpoint_filter_fn,
-    cf_deit_small, cf_deit_tiny, resolve_img_size_list,
+    CFOutput, CFVisionTransformer, CoarseState, FineState, TokenLayout, checkpoint_filter_fn, resolve_img_size_list,
 )
 from .convert import ConversionError, convert_state_dict, convert_vit, load_plain_vit
 from .token_ops import coarse_from_fine

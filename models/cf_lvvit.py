@@ -22,7 +22,8 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from .cf_vit import NO_BOX, CFVisionTransformer, TokenLayout, _cfg, create_cf_model, release_cfgs
+from .cf_deit import create_cf_model
+from .cf_vit import NO_BOX, CFVisionTransformer, TokenLayout, _cfg, release_cfgs
 from .layers import ConvStemPatchEmbed
 from .token_ops import scatter_to_fine_grid
 

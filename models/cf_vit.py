@@ -22,7 +22,6 @@ which therefore load with ``strict=True``.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -32,8 +31,6 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import named_apply
@@ -47,7 +44,7 @@ from .token_ops import (
 
 __all__ = [
     'CFVisionTransformer', 'CoarseState', 'FineState', 'CFOutput', 'TokenLayout',
-    'checkpoint_filter_fn', 'resolve_img_size_list',
+    'checkpoint_filter_fn', 'resolve_img_size_list', 'exit_mask',
 ]
 
 #: Share of the coarse patches re-split into fine ones (the paper's alpha).
@@ -193,6 +190,21 @@ class TokenLayout(NamedTuple):
     important_coarse_index: Optional[torch.Tensor] = None
     unimportant_coarse_index: Optional[torch.Tensor] = None
     mix_box: Optional[Box] = None
+
+
+def exit_mask(confidence: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """The early-exit rule, for the model and every runtime of its stages: (B,) bool, True where the coarse
+    max-softmax ``confidence`` (B,) is ``>= threshold``; all False for None (the fine stage for every row).
+
+    Raises:
+        ValueError: a NaN threshold (no comparison would hold: silently no exit at all).
+    """
+    if threshold is None:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError('the early-exit threshold is NaN')
+    return confidence >= threshold
 
 
 def resolve_img_size_list(
@@ -733,15 +745,8 @@ class CFVisionTransformer(nn.Module):
         confidence = coarse_logits.float().softmax(dim=-1).max(dim=-1).values  # (B,)
         important, _ = self.select_patches(state.cls_attn)
         important_fine = fine_children(important, state.grid)
-        if threshold is None:
-            exited = torch.zeros_like(confidence, dtype=torch.bool)
-            selection = None
-        else:
-            threshold = float(threshold)
-            if math.isnan(threshold):
-                raise ValueError('the early-exit threshold is NaN')
-            exited = confidence >= threshold
-            selection = True
+        exited = exit_mask(confidence, threshold)
+        selection = None if threshold is None else True
         go_on = torch.nonzero(~exited).squeeze(1)  # (B',)
         if go_on.numel() == 0:
             fine_logits = coarse_logits
@@ -812,74 +817,5 @@ def release_cfgs(name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
                     '(pretrained_cfg_overlay=dict(file=PATH))'), **kwargs)) for g in (7, 9)}
 
 
-default_cfgs = generate_default_cfgs({
-    'cf_deit_tiny': _cfg(),
-    **release_cfgs('cf_deit_small'),
-})
-
-
 class WeightsNotFoundError(ValueError):
     """Pretrained weights that are not on this machine; the message is one line for a person."""
-
-
-def _filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """:func:`models.convert.pretrained_filter_fn` (CF weights as they are, plain ViT weights converted)."""
-    from .convert import pretrained_filter_fn  # convert imports this module
-    return pretrained_filter_fn(state_dict, model)
-
-
-def _has_source(cfg: Any) -> bool:
-    return cfg.source == 'local-dir' or any(getattr(cfg, k) for k in ('url', 'hf_hub_id', 'file', 'state_dict'))
-
-
-def create_cf_model(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a registered CF model through timm, with the input-size shorthands resolved.
-
-    The model's ``pretrained_cfg['input_size']`` is set to its fine input size, so timm's
-    ``resolve_data_config`` gives the right evaluation transform for any grid. ``features_only=True``
-    goes through timm's feature getter (:meth:`CFVisionTransformer.forward_intermediates`, coarse
-    stage), by default on the last 3 blocks (``out_indices``).
-    """
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    sizes = [kwargs.pop(k, None) for k in ('img_size_list', 'coarse_stage_size', 'img_size')]
-    if isinstance(kwargs.get('pretrained_cfg'), str) and all(v is None for v in sizes) and cfg.input_size:
-        sizes[2] = cfg.input_size[-1]  # a tag (cf_deit_small.release_g9_in1k): its input size
-    kwargs['img_size_list'] = resolve_img_size_list(*sizes, kwargs.get('patch_size', 16))
-    kwargs['img_size'] = kwargs['img_size_list'][1]  # or timm passes the cfg's (fixed) input size
-    out_indices = kwargs.pop('out_indices', 3)
-    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
-    if pretrained and not _has_source(cfg):
-        raise WeightsNotFoundError(
-            f'{name} has no download address: pass the file you downloaded ({cfg.origin_url or "README"}) as '
-            'pretrained_cfg_overlay=dict(file=PATH)')
-    try:
-        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=_filter_fn,
-                                     feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
-    except OSError as e:  # a hub or url source unreachable (offline), a missing file
-        if not pretrained:
-            raise
-        where = cfg.file or cfg.hf_hub_id or cfg.url
-        raise WeightsNotFoundError(
-            f'cannot read the weights of {name} from {where} ({type(e).__name__}; HF_HUB_OFFLINE='
-            f'{os.environ.get("HF_HUB_OFFLINE", "")}): download them once, or pass a local copy as '
-            'pretrained_cfg_overlay=dict(file=PATH)') from e
-    fine = kwargs['img_size_list'][1]
-    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, fine, fine))
-    model.default_cfg = model.pretrained_cfg
-    return model
-
-
-@register_model
-def cf_deit_tiny(pretrained: bool = False, **kwargs: Any) -> CFVisionTransformer:
-    """CF-DeiT-Ti: D=192, 3 heads, 12 blocks (for CPU-sized experiments; no released weights)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
-                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    return create_cf_model(CFVisionTransformer, 'cf_deit_tiny', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def cf_deit_small(pretrained: bool = False, **kwargs: Any) -> CFVisionTransformer:
-    """CF-DeiT-S as released: D=384, 6 heads, 12 blocks."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
-                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    return create_cf_model(CFVisionTransformer, 'cf_deit_small', pretrained, **dict(model_args, **kwargs))

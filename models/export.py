@@ -9,7 +9,7 @@ the exit decision instead:
 - :class:`FineStageGraph`: the fine images and coarse state of the rows that go on; the fine stage
   with informative selection inside; out come the fine logits.
 
-The runtime (``utils.onnx_runtime``) decides the exit between the two. Both wrappers only call the
+The runtime (``utils.inference.onnx_runtime``) decides the exit between the two. Both wrappers only call the
 model's stage methods (``forward_coarse``, ``forward_fine``), so they compute exactly what
 ``forward_early_exit`` computes.
 """

@@ -28,7 +28,8 @@ import timm
 import torch.nn as nn
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from .cf_vit import CFVisionTransformer, _cfg, create_cf_model
+from .cf_deit import create_cf_model
+from .cf_vit import CFVisionTransformer, _cfg
 from .convert import CONVERTED_SWITCHES
 
 __all__ = ['CONVERTED_MODEL_NAMES', 'PLAIN_ARCHITECTURES']

@@ -198,7 +198,7 @@ TINY = ['--model', 'cf_deit_tiny', '--embed-dim', '48', '--depth', '3', '--num-h
 
 def test_finetune_loads_a_plain_baseline_checkpoint(tmp_path):
     """What main_deit.py trains from: {'model': SingleStageBaseline's state dict} of the same dims."""
-    from utils.train_setup import load_finetune_weights
+    from utils.train.setup import load_finetune_weights
     plain = random_plain('deit_tiny_patch16_224')
     path = tmp_path / 'baseline.pth'
     torch.save({'model': SingleStageBaseline(plain, 64).state_dict(), 'epoch': 9}, path)

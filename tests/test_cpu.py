@@ -1,4 +1,4 @@
-"""utils.cpu (bfloat16 detection, weights cast once, the allocator), the inference script's use of
+"""utils.inference.cpu (bfloat16 detection, weights cast once, the allocator), the inference script's use of
 it, onnxruntime's session options, and the side-by-side benchmark's own logic."""
 import json
 import subprocess
@@ -12,7 +12,7 @@ import torch
 
 import models  # noqa: F401
 from conftest import ROOT
-from utils import cpu
+from utils.inference import cpu
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import bench_vs_release as bench  # noqa: E402
@@ -97,7 +97,7 @@ def test_keep_freed_memory_on_glibc():
         pytest.skip('not a glibc process')
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from utils.cpu import keep_freed_memory
+        from utils.inference.cpu import keep_freed_memory
         print(keep_freed_memory())
     """)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
@@ -159,8 +159,8 @@ def test_inference_script_bf16_equals_plain_autocast(checkpoint, tmp_path, capsy
 
 
 def test_onnx_sessions_stop_spinning_after_each_run(tmp_path):
-    from utils.onnx_export import export_graph
-    from utils.onnx_runtime import make_session
+    from utils.inference.onnx_export import export_graph
+    from utils.inference.onnx_runtime import make_session
     path = tmp_path / 'lin.onnx'
     path.write_bytes(export_graph(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), ['x'], ['y'], 'torchscript'))
     session = make_session(path, threads=2)

@@ -19,7 +19,7 @@ import pytest
 from helpers import make_image_folder
 from test_main_deit import NUM_CLASSES, TINY
 
-from utils.checkpoint import load_checkpoint_file
+from utils.core.checkpoint import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 6
@@ -156,7 +156,7 @@ def test_sigint_and_sigterm_end_every_loop_with_130_or_143(tmp_path):
         checkpoint = load_checkpoint_file(tmp_path / run / 'checkpoint.pth')
         assert isinstance(checkpoint['epoch'], int) and checkpoint['model']['head.weight'].shape[0] == NUM_CLASSES
         assert not list((tmp_path / run).glob('.*.tmp'))
-    # SIGTERM in a training step: that step finished, then a mid-epoch checkpoint (utils.preemption)
+    # SIGTERM in a training step: that step finished, then a mid-epoch checkpoint (utils.train.checkpointing)
     assert (tmp_path / 'tt' / 'checkpoint_step.pth').exists() == stopped_in_step['train-term']
     if stopped_in_step['train-term']:
         step = load_checkpoint_file(tmp_path / 'tt' / 'checkpoint_step.pth')
@@ -170,14 +170,14 @@ def test_sigint_and_sigterm_end_every_loop_with_130_or_143(tmp_path):
 
 def test_a_process_with_a_leftover_loader_worker_still_exits(tmp_path):
     """A DataLoader iterator left alive (as a caught exception's traceback keeps one) has workers that ignore
-    SIGTERM (utils.signals.quiet_worker_signals); multiprocessing's exit handler terminates them with
-    SIGTERM and joins them, so without utils.signals' own exit hook the process would never end."""
+    SIGTERM (utils.core.signals.quiet_worker_signals); multiprocessing's exit handler terminates them with
+    SIGTERM and joins them, so without utils.core.signals' own exit hook the process would never end."""
     script = tmp_path / 'leftover.py'
     script.write_text(
         'import sys\n'
         f'sys.path.insert(0, {str(ROOT)!r})\n'
         'import torch\n'
-        'from utils.signals import handle_stop_signals, quiet_worker_signals\n'
+        'from utils.core.signals import handle_stop_signals, quiet_worker_signals\n'
         'with handle_stop_signals():\n'
         '    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=2, num_workers=2,\n'
         '                                         worker_init_fn=quiet_worker_signals)\n'

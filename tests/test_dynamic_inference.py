@@ -13,8 +13,8 @@ from conftest import REPO_GOLDEN_DIR, build_from_config, load_case
 
 import dynamic_inference
 from datasets import eval_transform
-from utils.early_exit import DEFAULT_THRESHOLDS, budgeted_sweep, dynamic_evaluate, sweep_from_predictions
-from utils.flops import stage_gflops
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, budgeted_sweep, dynamic_evaluate, sweep_from_predictions
+from utils.inference.flops import stage_gflops
 
 TINY = {'embed_dim': 48, 'depth': 4, 'num_heads': 3}
 FLOPS_REF = json.loads((REPO_GOLDEN_DIR / 'flops.json').read_text())

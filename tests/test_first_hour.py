@@ -22,9 +22,11 @@ import main_deit
 import run_timm_script
 import visualize
 from helpers import make_image_folder, script_env
-from utils.checkpoint import check_state_dict, save_atomic
-from utils.train_setup import build_scheduler, flags_given, get_args_parser
-from utils.visualization import Details
+from utils.core.checkpoint import check_state_dict
+from utils.core.files import save_atomic
+from utils.train.args import flags_given, get_args_parser
+from utils.train.setup import build_scheduler
+from utils.vis.figures import Details
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 6

@@ -31,7 +31,7 @@ import dynamic_inference
 import main_deit
 import visualize
 from helpers import make_image_folder, script_env, tree_digest
-from utils.misc import EXIT_BAD_INPUT
+from utils.core.errors import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
 
@@ -173,7 +173,7 @@ def test_dynamic_inference_never_writes_its_results_over_its_checkpoint(inputs, 
 def exports(tmp_path_factory) -> Dict[str, Path]:
     """Two exports of tiny models of different widths (torchscript exporter: fast)."""
     import models  # noqa: F401
-    from utils.onnx_export import export_early_exit
+    from utils.inference.onnx_export import export_early_exit
     root = tmp_path_factory.mktemp('exports')
     out = {}
     for name, width in (('a', 48), ('b', 24)):
@@ -197,7 +197,7 @@ def _copy_export(src: Path, dst: Path, change=None) -> Path:
 
 
 def test_hostile_export_manifests_are_refused_in_one_line(exports, inputs, tmp_path, capsys, caplog):
-    from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+    from utils.inference.onnx_runtime import ExportFolderError, OnnxEarlyExit
     a = exports['a']
     fifo = _copy_export(a, tmp_path / 'fifo')
     (fifo / 'manifest.json').unlink()
@@ -232,7 +232,7 @@ def test_hostile_export_manifests_are_refused_in_one_line(exports, inputs, tmp_p
 
 
 def test_onnx_early_exit_takes_an_empty_batch_and_refuses_bytes(exports):
-    from utils.onnx_runtime import OnnxEarlyExit
+    from utils.inference.onnx_runtime import OnnxEarlyExit
     runtime = OnnxEarlyExit(exports['a'])
     side = runtime.img_size_list[1]
     assert runtime.forward_early_exit(torch.zeros(0, 3, side, side), 0.5).shape == (0, NUM_CLASSES)
@@ -262,7 +262,7 @@ def test_two_exports_into_one_folder_cannot_both_succeed(inputs, tmp_path, capsy
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_export_interrupted_says_so_and_leaves_no_empty_folder(inputs, tmp_path, capsys, caplog, monkeypatch, signum):
     import export_onnx
-    import utils.onnx_export as onnx_export
+    import utils.inference.onnx_export as onnx_export
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signum)  # as Ctrl-C / a scheduler would, while the graphs are being exported

@@ -1,29 +1,53 @@
-"""The project's layout: scripts are entry points over the library and never import one another.
+"""The project's layout: imports flow one way, and scripts are entry points that never import one another.
 
-Parsed with ``ast`` (nothing is imported): every top-level script and every ``benchmarks/*.py``, and
-the library packages, must not import a top-level script's module. A script runs another only
-through :func:`utils.misc.run_script`.
+Parsed with ``ast`` (nothing is imported). Rules:
+
+- no import circles among the project's modules (scripts, ``benchmarks/``, ``models/``, ``datasets/``,
+  ``utils/``), counting imports inside functions too;
+- ``models/`` and ``datasets/`` (the ground floor) import nothing from ``utils/``;
+- no file imports a top-level script's module, also not through ``importlib``/``__import__``/``runpy``
+  (a script runs another as a program: a subprocess with the same interpreter);
+- ``utils/`` holds packages only (``core``, ``inference``, ``vis``, ``train``), no flat modules.
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import List, Set
+from typing import Dict, List, Optional, Set
 
 import pytest
-
-from utils.misc import SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_FILES = sorted(ROOT.glob('*.py'))
 SCRIPT_MODULES = {p.stem for p in SCRIPT_FILES}
 LIBRARY_FILES = sorted(p for pkg in ('models', 'utils', 'datasets') for p in (ROOT / pkg).rglob('*.py'))
+BENCHMARK_FILES = sorted((ROOT / 'benchmarks').glob('*.py'))
+PROJECT_FILES = SCRIPT_FILES + BENCHMARK_FILES + LIBRARY_FILES
+#: Calls that import a module named by their first argument.
+IMPORT_CALLS = {'import_module', '__import__', 'run_module'}
+#: Calls that load a file by path.
+PATH_IMPORT_CALLS = {'spec_from_file_location', 'run_path', 'SourceFileLoader'}
+
+
+def module_name(path: Path) -> str:
+    """``utils/core/files.py`` -> ``utils.core.files``; ``utils/core/__init__.py`` -> ``utils.core``."""
+    parts = list(path.relative_to(ROOT).with_suffix('').parts)
+    if parts[-1] == '__init__':
+        parts.pop()
+    return '.'.join(parts)
+
+
+MODULES: Dict[str, Path] = {module_name(p): p for p in PROJECT_FILES}
+
+
+def _tree(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(encoding='utf-8'), filename=str(path))
 
 
 def imported_modules(path: Path) -> Set[str]:
     """Top-level names of every module ``path`` imports (``import a.b`` and ``from a.b import c`` give ``a``)."""
     names: Set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'), filename=str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name.split('.')[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -31,10 +55,105 @@ def imported_modules(path: Path) -> Set[str]:
     return names
 
 
+def _project_module(name: str) -> Optional[str]:
+    """The longest prefix of the dotted ``name`` that is a project module, or None."""
+    parts = name.split('.')
+    for end in range(len(parts), 0, -1):
+        candidate = '.'.join(parts[:end])
+        if candidate in MODULES:
+            return candidate
+    return None
+
+
+def project_imports(path: Path) -> Set[str]:
+    """The project modules ``path`` imports (absolute and relative; ``from pkg import sub`` gives ``pkg.sub``)."""
+    own = module_name(path)
+    package = own if path.name == '__init__.py' else own.rpartition('.')[0]
+    found: Set[str] = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split('.') if package else []
+                base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+                base = '.'.join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ''
+            targets = [f'{base}.{alias.name}' if f'{base}.{alias.name}' in MODULES else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            module = _project_module(target)
+            if module is not None and module != own:
+                found.add(module)
+    return found
+
+
+def find_circles() -> List[List[str]]:
+    """Every strongly connected group of more than one module in the import graph (Tarjan)."""
+    graph = {name: sorted(project_imports(path)) for name, path in MODULES.items()}
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    circles: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def dynamic_imports(path: Path) -> List[str]:
+    """What ``path`` imports by a call: the first argument of ``importlib.import_module``/``__import__``/
+    ``runpy.run_module`` (``'?'`` when it is not a constant), and the ``*.py`` file names it mentions
+    when it loads files by path (``spec_from_file_location``, ``runpy.run_path``)."""
+    tree = _tree(path)
+    found: List[str] = []
+    loads_paths = False
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ''
+        if name in IMPORT_CALLS:
+            first = node.args[0] if node.args else None
+            found.append(first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else '?')
+        elif name in PATH_IMPORT_CALLS:
+            loads_paths = True
+    if loads_paths:
+        found += [Path(n.value).stem for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.endswith('.py')
+                  and '/' not in n.value and Path(n.value).stem in SCRIPT_MODULES]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- the checker
 def test_the_scripts_are_found():
-    assert {'main_deit', 'main_lvvit', 'dynamic_inference', 'visualize', 'make_token_labels',
+    assert {'main_deit', 'main_lvvit', 'dynamic_inference', 'visualize', 'make_token_labels', 'export_onnx',
             'quickstart'} <= SCRIPT_MODULES
-    assert set(SCRIPTS) <= SCRIPT_MODULES  # run_script runs real scripts only
     assert len(LIBRARY_FILES) > 10
 
 
@@ -45,11 +164,50 @@ def test_the_import_parser_sees_scripts(tmp_path):
     assert imported_modules(sample) == {'os', 'main_deit', 'visualize', 'main_lvvit'}
 
 
-@pytest.mark.parametrize('path', SCRIPT_FILES + sorted((ROOT / 'benchmarks').glob('*.py')) + LIBRARY_FILES,
-                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_parser_sees_imports_through_importlib(tmp_path):
+    sample = tmp_path / 's.py'
+    sample.write_text('import importlib, runpy\nimportlib.import_module("main_deit")\n__import__(name)\n'
+                      'spec = importlib.util.spec_from_file_location("q", "quickstart.py")\n')
+    assert dynamic_imports(sample) == ['main_deit', '?', 'quickstart']
+
+
+def test_the_project_graph_is_read():
+    assert project_imports(ROOT / 'utils' / 'core' / 'checkpoint.py') >= {'utils.core.errors', 'utils.core.checkpoint_schema'}
+    assert 'models.token_ops' in project_imports(ROOT / 'models' / 'cf_vit.py')  # a relative import
+
+
+def test_the_circle_finder_finds_a_circle(monkeypatch):
+    fake = {'a': ROOT / 'a.py', 'b': ROOT / 'b.py', 'c': ROOT / 'c.py'}
+    edges = {'a': {'b'}, 'b': {'a'}, 'c': {'a'}}
+    monkeypatch.setattr(__import__(__name__), 'MODULES', fake)
+    monkeypatch.setattr(__import__(__name__), 'project_imports', lambda path: edges[path.stem])
+    assert find_circles() == [['a', 'b']]
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+def test_no_import_circles():
+    assert find_circles() == []
+
+
+@pytest.mark.parametrize('path', PROJECT_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_no_script_imports_a_script(path):
     found: List[str] = sorted((imported_modules(path) & SCRIPT_MODULES) - {path.stem})
     assert found == [], f'{path.relative_to(ROOT)} imports the script module(s) {found}'
+    dynamic = [name for name in dynamic_imports(path) if name == '?' or name.split('.')[0] in SCRIPT_MODULES]
+    assert dynamic == [], f'{path.relative_to(ROOT)} imports {dynamic} through importlib, __import__ or runpy'
+
+
+@pytest.mark.parametrize('path', sorted(p for pkg in ('models', 'datasets') for p in (ROOT / pkg).rglob('*.py')),
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_models_and_datasets_import_nothing_from_utils(path):
+    assert 'utils' not in imported_modules(path) | {m.split('.')[0] for m in project_imports(path)}
+
+
+def test_utils_holds_packages_only():
+    flat = sorted(p.name for p in (ROOT / 'utils').glob('*.py') if p.name != '__init__.py')
+    assert flat == []
+    assert sorted(p.name for p in (ROOT / 'utils').iterdir() if (p / '__init__.py').is_file()) == [
+        'core', 'inference', 'train', 'vis']
 
 
 @pytest.mark.parametrize('name', ['main_deit', 'main_lvvit'])
@@ -58,6 +216,6 @@ def test_training_scripts_hold_only_their_recipe(name):
 
 
 def test_visualization_holds_no_dataset_class():
-    tree = ast.parse((ROOT / 'utils' / 'visualization.py').read_text(encoding='utf-8'))
+    tree = _tree(ROOT / 'utils' / 'vis' / 'figures.py')
     bases = {ast.unparse(b) for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for b in node.bases}
     assert not {b for b in bases if b.split('.')[-1] in ('Dataset', 'ImageFolder', 'DatasetFolder')}

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import main_deit
-from utils import train_setup
-import utils.losses
+from utils.train import setup as train_setup
+import utils.train.losses
 from models import CFVisionTransformer
-from utils.checkpoint import load_checkpoint_file
+from utils.core.checkpoint import load_checkpoint_file
 
 from helpers import free_port, log_lines, make_image_folder, script_env
 
@@ -232,7 +232,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, image_folder, 
     for name in ('checkpoint.pth', 'log.txt'):
         (out / name).write_bytes((trained / name).read_bytes())
     before = (out / 'checkpoint.pth').read_bytes()
-    monkeypatch.setattr(utils.losses, 'coarse_fine_kl', lambda c, f: torch.tensor(float('nan')))
+    monkeypatch.setattr(utils.train.losses, 'coarse_fine_kl', lambda c, f: torch.tensor(float('nan')))
     code = main_deit.main(TINY + ['--data-path', str(image_folder), '--output', str(out),
                                   '--resume', str(out / 'checkpoint.pth')])
     assert code == main_deit.EXIT_TRAINING_FAILED
@@ -307,7 +307,7 @@ def test_inat_reads_local_annotations(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- units
 def test_loss_is_fine_criterion_plus_detached_kl():
-    from utils.losses import CFViTLoss
+    from utils.train.losses import CFViTLoss
     coarse = torch.randn(4, 5, requires_grad=True)
     fine = torch.randn(4, 5, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3])

@@ -1,4 +1,4 @@
-"""ONNX export of both stages and early exit in onnxruntime (export_onnx.py, utils.onnx_export/onnx_runtime).
+"""ONNX export of both stages and early exit in onnxruntime (export_onnx.py, utils.inference.onnx_export/onnx_runtime).
 
 The four golden configurations (CF-DeiT / CF-LV-ViT, g = 7 and 9, with the golden weights and
 images) are exported with the tracing exporter (seconds); a tiny model goes through the default
@@ -22,8 +22,8 @@ from helpers import make_image_folder
 import export_onnx
 from models.export import SeparableBilinear
 from models.token_ops import coarse_from_fine
-from utils.onnx_export import export_early_exit
-from utils.onnx_runtime import ExportFolderError, OnnxEarlyExit
+from utils.inference.onnx_export import export_early_exit
+from utils.inference.onnx_runtime import ExportFolderError, OnnxEarlyExit
 
 LOGITS = dict(rtol=1e-4, atol=1e-4)
 pytestmark = pytest.mark.usefixtures('one_thread')

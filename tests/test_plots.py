@@ -10,8 +10,8 @@ import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from utils.plots import label_positions, plot_budgeted_curve  # noqa: E402
-from utils.visualization import draw_confidence_histogram  # noqa: E402
+from utils.vis.plots import label_positions, plot_budgeted_curve  # noqa: E402
+from utils.vis.figures import draw_confidence_histogram  # noqa: E402
 
 
 def test_labels_skip_points_that_bunch_together():

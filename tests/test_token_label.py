@@ -19,7 +19,7 @@ from datasets.token_label import (
     GEOMETRIC_OPS, TokenLabelBatch, TokenLabelError, TokenLabelMixup, box_coverage, build_token_label_transform,
     label_map_path, token_label_targets, validate_label_map,
 )
-from utils.token_labeling import TokenLabelTargets
+from datasets.token_targets import TokenLabelTargets
 
 C = 4
 TL, TR, BL, BR = range(4)

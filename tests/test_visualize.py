@@ -1,4 +1,4 @@
-"""visualize.py and utils/visualization.py on CPU with a tiny random CF-DeiT and generated images."""
+"""visualize.py and utils/vis/figures.py on CPU with a tiny random CF-DeiT and generated images."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,8 @@ from PIL import Image
 
 import visualize
 from datasets.transforms import data_config, eval_transform
-from utils.visualization import (
-    GridItem, GridLayout, ClassIndex, draw_grid, fade_unselected, fine_patch_boxes, grid_png_size,
-    read_class_index, resolve_classes, unnormalize,
+from utils.vis.figures import (
+    GridItem, GridLayout, ClassIndex, draw_grid, fade_unselected, fine_patch_boxes, grid_png_size, read_class_index, resolve_classes, unnormalize,
 )
 
 pytestmark = pytest.mark.usefixtures('own_logging')

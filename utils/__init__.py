@@ -1,15 +1,20 @@
-"""Shared utilities: checkpoint input/output, early-exit evaluation (re-exported here), and in the submodules
-the training set-up and builders (``train_setup``), the trainers' epoch loop (``train_loop``), one epoch and
-one evaluation pass (``engine``), losses, token labeling, FLOPs, inference loops, distributed set-up,
-small script helpers (``misc``), plots and the visualization figures."""
-from .checkpoint import (
-    SAFE_GLOBALS, CheckpointError, atomic_file, check_state_dict, extract_state_dict, load_checkpoint_file,
-    load_model_weights, save_atomic, write_json_atomic,
-)
-from .early_exit import DEFAULT_THRESHOLDS, budgeted_sweep, dynamic_evaluate, stage_accuracy, sweep_from_predictions
+"""The library beneath the scripts, in four packages (imports flow one way: ``train``, ``inference`` and
+``vis`` use ``core``, never one another's callers):
 
-__all__ = [
-    'CheckpointError', 'SAFE_GLOBALS', 'check_state_dict', 'extract_state_dict', 'load_checkpoint_file',
-    'load_model_weights', 'save_atomic', 'atomic_file', 'write_json_atomic',
-    'DEFAULT_THRESHOLDS', 'dynamic_evaluate', 'budgeted_sweep', 'sweep_from_predictions', 'stage_accuracy',
-]
+- :mod:`utils.core`: what every script needs: errors and exit codes, atomic files, checkpoints and their
+  schema, flags and the entry point, output folders, signals, distributed set-up, the model a
+  checkpoint holds;
+- :mod:`utils.inference`: the evaluation loop of the inference scripts, early exit, FLOPs, CPU tuning,
+  ONNX export and runtime;
+- :mod:`utils.vis`: figures and plots;
+- :mod:`utils.train`: training flags, builders, the step engine, the epoch loop, checkpointing, losses.
+"""
+
+
+def __getattr__(name: str):
+    """``from utils import load_model_weights``: the name the README's "Using the models" snippet (and code
+    written against it) imports; the function lives in :mod:`utils.core.checkpoint`."""
+    if name == 'load_model_weights':
+        from utils.core.checkpoint import load_model_weights
+        return load_model_weights
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,4 +1,4 @@
-"""Early exit on onnxruntime: :class:`OnnxEarlyExit` runs an export folder (``utils.onnx_export``).
+"""Early exit on onnxruntime: :class:`OnnxEarlyExit` runs an export folder (``utils.inference.onnx_export``).
 
 It keeps the contract of the PyTorch model's ``forward_early_exit(x, threshold)`` and
 ``forward_details(x, threshold)``: the coarse graph runs on the whole batch, a row exits when its
@@ -21,13 +21,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from models.cf_vit import CFOutput
+from models.cf_vit import CFOutput, exit_mask
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
-from .onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
-from .safe_io import UnsafeInputError, check_schema, read_structured
+from utils.core.errors import BadInputError
+from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
+from utils.core.safe_io import UnsafeInputError, check_schema, read_structured
 
-#: What the runtime reads from a manifest, with its type (``utils.safe_io.check_schema``).
+#: What the runtime reads from a manifest, with its type (``utils.core.safe_io.check_schema``).
 MANIFEST_SCHEMA = {'model': str, 'img_size_list': [int], 'num_classes': int, 'coarse_stage_size': int,
                    'gflops': [float], 'data_config': dict, 'graphs': dict}
 
@@ -36,7 +37,7 @@ __all__ = ['ExportFolderError', 'OnnxEarlyExit', 'read_manifest', 'default_provi
 PathLike = Union[str, os.PathLike]
 
 
-class ExportFolderError(ValueError):
+class ExportFolderError(BadInputError):
     """An export folder that cannot be run (message meant for a person)."""
 
 
@@ -228,13 +229,7 @@ class OnnxEarlyExit:
         images = x_f.detach().to('cpu', torch.float32).contiguous().numpy()
         logits, confidence, tokens, embeddings, cls_attn = self._coarse.run(None, {COARSE_INPUTS[0]: images})
         coarse_logits, confidence = torch.from_numpy(logits), torch.from_numpy(confidence)
-        if threshold is None:
-            exited = torch.zeros_like(confidence, dtype=torch.bool)
-        else:
-            threshold = float(threshold)
-            if math.isnan(threshold):
-                raise ValueError('the early-exit threshold is NaN')
-            exited = confidence >= threshold
+        exited = exit_mask(confidence, threshold)
         go_on = torch.nonzero(~exited).squeeze(1)
         n = go_on.numel()
         if n == 0:

@@ -1,4 +1,9 @@
-"""Output folders that cannot hurt the inputs: a placement check and a run lock.
+"""Output folders: created, proven writable, placed outside the inputs, locked for one run.
+
+- :func:`prepare_output_dir`: all of the below, in this order, for every script;
+- :func:`make_dirs` / :func:`check_writable_dir`: the folder is created (remembering what this process
+  created, so a run that fails before writing anything leaves no empty folder behind) and a
+  temporary file proves that it can be written;
 
 - :func:`check_outside_inputs` refuses an output folder equal to or inside an input data folder
   (checkpoints, label maps or TensorBoard files written into ``DATA/train`` would become part of the
@@ -17,13 +22,15 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
-from .misc import OutputDirError, remove_created_empty_dirs
-from .safe_io import UnsafeInputError, open_regular_nofollow
+from utils.core.errors import OutputDirError
+from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
 
-__all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file']
+__all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file', 'make_dirs',
+           'remove_created_empty_dirs', 'check_writable_dir', 'prepare_output_dir']
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +40,71 @@ PathLike = Union[str, os.PathLike]
 LOCK_NAME = '.cfvit-run.lock'
 
 _HELD: List['RunLock'] = []
+
+
+_CREATED_DIRS: List[Path] = []
+
+
+def make_dirs(path: PathLike) -> Path:
+    """``mkdir -p path``, remembering the folders this process created, so that a run which fails before
+    writing anything leaves no empty folder behind (:func:`remove_created_empty_dirs`)."""
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    _CREATED_DIRS.extend(reversed(missing))
+    return path
+
+
+def remove_created_empty_dirs() -> None:
+    """Remove, deepest first, the folders :func:`make_dirs` created that are still empty (never a folder
+    that existed before, never one with anything in it)."""
+    for folder in sorted(set(_CREATED_DIRS), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # fails, and is left alone, when anything is inside
+        except OSError:
+            pass
+    _CREATED_DIRS.clear()
+
+
+def check_writable_dir(path: PathLike, unwritable: str = 'cannot write to the output folder {path}') -> Path:
+    """Create ``path`` if needed and prove that files can be written in it (a temporary file, removed).
+
+    Args:
+        unwritable: the start of the message when it cannot (``{path}`` is filled in); the reason follows.
+
+    Raises:
+        OutputDirError: it cannot be created, is not a folder, or is read-only.
+    """
+    path = Path(path)
+    try:
+        make_dirs(path)
+        fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(f'{unwritable.format(path=path)}: {e.strerror or e}') from e
+    return path
+
+
+def prepare_output_dir(path: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output',
+                       lock: Optional[str] = LOCK_NAME,
+                       unwritable: str = 'cannot write to the output folder {path}') -> Path:
+    """The one preparation of a script's output folder: outside every input folder
+    (:func:`check_outside_inputs`), created and proven writable (:func:`check_writable_dir`), then locked
+    for this run (:class:`RunLock` on the file ``lock``; None: no lock, for a run that writes nothing there).
+
+    Raises:
+        OutputDirError: one line saying which of these failed.
+    """
+    check_outside_inputs(path, inputs, flag)
+    out = check_writable_dir(path, unwritable)
+    if lock:
+        RunLock(out, lock)
+    return out
 
 
 def check_outside_inputs(output: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output') -> None:
@@ -68,7 +140,7 @@ class RunLock:
         self.path = Path(folder) / name
         self.fd: Optional[int] = None
         while True:
-            try:  # never through a link, never a pipe or device (utils.safe_io)
+            try:  # never through a link, never a pipe or device (utils.core.safe_io)
                 fd = open_regular_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644, what='the run lock')
             except UnsafeInputError as e:
                 raise OutputDirError(str(e)) from None

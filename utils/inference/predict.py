@@ -1,6 +1,8 @@
 """Evaluation loops over a dataset: both stages for every image, and timed early exit.
 
-Both loops call the model's single coarse-to-fine path (``forward_details``).
+Both loops call the model's single coarse-to-fine path (``forward_details``). The pieces every
+evaluation shares are here too, and the training evaluation (:func:`utils.train.engine.evaluate`)
+uses them: :func:`unpack_batch`, :func:`autocast_context`, :func:`top_k_hits`.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
-from .signals import check_stop, stop_at_steps
+from utils.core.signals import check_stop, stop_at_steps
 
-__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch']
+__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch',
+           'top_k_hits']
 
 _logger = logging.getLogger(__name__)
 
@@ -58,9 +61,10 @@ class StagePredictions:
         return [float(v) for v in (self.correct.double().mean(dim=1) * 100).tolist()]
 
 
-def _top5(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    k = min(5, logits.shape[1])
-    return logits.topk(k, dim=1).indices.eq(targets.view(-1, 1)).any(dim=1)
+def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """(B, k') bool, k' = min(k, C): whether the label (B,) is each of the k' highest classes of ``logits``
+    (B, C), best first: column 0 is the top-1 hit, any column the top-k hit. Both evaluation loops count with it."""
+    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.eq(targets.view(-1, 1))
 
 
 def unpack_batch(batch, device: torch.device):
@@ -102,7 +106,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
         stage_max = [p.max(dim=1) for p in probs]
         conf.append(torch.stack([m.values for m in stage_max]).cpu())
         pred.append(torch.stack([m.indices for m in stage_max]).cpu())
-        top5.append(torch.stack([_top5(lg, targets) for lg in logits]).cpu())
+        top5.append(torch.stack([top_k_hits(lg, targets).any(dim=1) for lg in logits]).cpu())
         tgts.append(targets.cpu())
     if not tgts:
         raise DatasetError('no readable images in the dataset')
@@ -196,7 +200,7 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         n_images += x_f.shape[0]
         n_exit += int(out.exited.sum())
         n_top1 += int(logits.argmax(dim=1).eq(targets).sum())
-        n_top5 += int(_top5(logits, targets).sum())
+        n_top5 += int(top_k_hits(logits, targets).any(dim=1).sum())
     if n_images == 0:
         raise DatasetError('no readable images in the dataset')
     return ExitResult(n_images, n_timed, seconds, 100.0 * n_top1 / n_images, 100.0 * n_top5 / n_images,

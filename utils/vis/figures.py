@@ -11,7 +11,7 @@ module only
   re-split ones (:func:`fade_unselected`, pure tensor functions);
 - draws grids and a histogram with matplotlib's object API at exact pixel sizes
   (:func:`draw_grid`, :func:`grid_png_size`, :func:`draw_confidence_histogram`);
-- writes every file atomically (``utils.checkpoint.atomic_file``).
+- writes every file atomically (``utils.core.files.atomic_file``).
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from models.token_ops import FINE_SCALE, fine_children
 
-from . import checkpoint as checkpoint_io
-from .signals import check_stop, stop_at_steps
+from utils.core import files
+from utils.core.errors import BadInputError
+from utils.core.signals import check_stop, stop_at_steps
 
 __all__ = [
-    'InputError', 'FADE', 'FADE_COLOR', 'ClassIndex',
+    'FADE', 'FADE_COLOR', 'ClassIndex',
     'read_class_index', 'resolve_classes', 'short_name', 'Details', 'collect_details', 'unnormalize',
     'selected_pixel_mask', 'fine_patch_boxes', 'fade_unselected', 'GridItem', 'GridLayout',
     'grid_png_size', 'draw_grid', 'draw_confidence_histogram', 'save_figure',
@@ -56,10 +57,6 @@ OUTLINE_COLOR = '#e4002b'
 #: Longest class name shown in a title; longer ones are cut with an ellipsis.
 MAX_NAME_CHARS = 22
 _WNID = re.compile(r'^n\d{8}$')
-
-
-class InputError(ValueError):
-    """A path, file or option that cannot be used, with a one-line message meant for a person."""
 
 
 # ----------------------------------------------------------------------------------- class names
@@ -91,7 +88,7 @@ def _choose_column(columns: List[List[int]], num_classes: int, path: Path) -> Li
                 return col
     fitting = [col for col in columns if max(col) < num_classes and len(set(col)) == rows]
     if not fitting:
-        raise InputError(f'no index column of {path} fits a model with {num_classes} classes')
+        raise BadInputError(f'no index column of {path} fits a model with {num_classes} classes')
     return fitting[-1]
 
 
@@ -115,12 +112,12 @@ def read_class_index(path: PathLike, num_classes: int) -> ClassIndex:
     class count (for imagenette's file and a 1000-class model: the ImageNet-1k index).
 
     Raises:
-        InputError: unreadable file, unknown layout, or indices outside ``[0, num_classes)``.
+        BadInputError: unreadable file, unknown layout, or indices outside ``[0, num_classes)``.
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():  # a pipe or device is refused below
-        raise InputError(f'--class-index-file {path} does not exist')
-    from .safe_io import UnsafeInputError, read_capped, read_structured
+        raise BadInputError(f'--class-index-file {path} does not exist')
+    from utils.core.safe_io import UnsafeInputError, read_capped, read_structured
     out = ClassIndex()
     try:  # a regular file of bounded size (and nesting): a pipe or /dev/zero is refused, never read
         if path.suffix.lower() == '.json':
@@ -128,18 +125,18 @@ def read_class_index(path: PathLike, num_classes: int) -> ClassIndex:
         else:
             text = read_capped(path, 16 << 20, '--class-index-file').decode('utf-8')
     except (OSError, UnicodeDecodeError, UnsafeInputError) as e:
-        raise InputError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read --class-index-file {path}: {e}'
-                         ) from None
+        raise BadInputError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read --class-index-file {path}: '
+                            f'{e}') from None
     if path.suffix.lower() == '.json':
         _read_json_index(data, out, path)
     else:
         _read_text_index(text, out, num_classes, path)
     bad = sorted(i for i in set(out.names) | set(out.folder_index.values()) if not 0 <= i < num_classes)
     if bad:
-        raise InputError(f'--class-index-file {path} has class indices outside [0, {num_classes}) of the '
+        raise BadInputError(f'--class-index-file {path} has class indices outside [0, {num_classes}) of the '
                          f'model: {bad[:5]}')
     if not out.names and not out.folder_index:
-        raise InputError(f'--class-index-file {path} lists no classes')
+        raise BadInputError(f'--class-index-file {path} lists no classes')
     return out
 
 
@@ -148,7 +145,7 @@ def _read_json_index(data: Any, out: ClassIndex, path: Path) -> None:
         out.names.update(enumerate(data))
         return
     if not isinstance(data, dict):
-        raise InputError(f'--class-index-file {path}: expected a JSON list of names or an object')
+        raise BadInputError(f'--class-index-file {path}: expected a JSON list of names or an object')
     for key, value in data.items():
         index = _as_int(str(key))
         if index is not None:  # index -> name, or index -> [folder, name]
@@ -158,7 +155,7 @@ def _read_json_index(data: Any, out: ClassIndex, path: Path) -> None:
                 out.folder_index[value[0]] = index
                 out.names[index] = value[1]
             else:
-                raise InputError(f'--class-index-file {path}: cannot read entry {key!r}')
+                raise BadInputError(f'--class-index-file {path}: cannot read entry {key!r}')
         else:  # folder -> index, or folder -> [index, name]
             if isinstance(value, int):
                 out.folder_index[key] = value
@@ -166,7 +163,7 @@ def _read_json_index(data: Any, out: ClassIndex, path: Path) -> None:
                 out.folder_index[key] = value[0]
                 out.names[value[0]] = str(value[1])
             else:
-                raise InputError(f'--class-index-file {path}: cannot read entry {key!r}')
+                raise BadInputError(f'--class-index-file {path}: cannot read entry {key!r}')
 
 
 def _read_text_index(text: str, out: ClassIndex, num_classes: int, path: Path) -> None:
@@ -183,7 +180,7 @@ def _read_text_index(text: str, out: ClassIndex, num_classes: int, path: Path) -
         for r, idx in zip(rows, index):
             words = [f for j, f in enumerate(r) if j not in positions and f]
             if not words:
-                raise InputError(f'--class-index-file {path}: a line has no class name: {r}')
+                raise BadInputError(f'--class-index-file {path}: a line has no class name: {r}')
             out.names[idx] = words[-1]
             if len(words) > 1 or positions:
                 out.folder_index[words[0]] = idx
@@ -234,7 +231,7 @@ def resolve_classes(
         folders named by ImageNet WordNet IDs, their ImageNet-1k index (from timm's class info).
 
     Raises:
-        InputError: folders that cannot be mapped to the model's classes.
+        BadInputError: folders that cannot be mapped to the model's classes.
     """
     names = [f'#{i}' for i in range(num_classes)]
     imagenet: Dict[str, str] = {}
@@ -255,7 +252,7 @@ def resolve_classes(
         else:
             hint = ('' if class_index is None else
                     ' (the class-index file does not name every folder)')
-            raise InputError(
+            raise BadInputError(
                 f'the dataset has {len(folders)} class folders but the model has {num_classes} classes, '
                 f'and no class-index file maps the folders to the model\'s classes{hint}')
         for f, i in folder_to_target.items():
@@ -569,5 +566,5 @@ def save_figure(fig: Any, path: PathLike, dpi: int) -> None:
     """Save a matplotlib figure as PNG atomically, at its own size (no tight bounding box)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=dpi, facecolor='white')
-    with checkpoint_io.atomic_file(path) as f:
+    with files.atomic_file(path) as f:
         f.write(buffer.getvalue())

@@ -1,42 +1,37 @@
-"""Checkpoint input/output shared by every script.
+"""Reading checkpoints, shared by every script.
 
 - Loading never runs code: ``torch.load(..., weights_only=True)`` with an allow-list of the plain
   types that released and training checkpoints hold. Anything else is refused with a message
   naming the type, unless the caller opts in with ``unsafe=True`` (``--unsafe-load``).
-- Saving is atomic: a temporary file in the target folder, flushed and fsynced, then renamed, so
-  an interruption leaves the previous file intact. A user's file is never modified in place.
+- What is read is checked before any use (:mod:`utils.core.checkpoint_schema`); files are written
+  through :mod:`utils.core.files` (atomically).
 - Model weights are matched against the model before loading, and every mismatch is reported in
   one message.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from utils.core.checkpoint_schema import check_checkpoint
+from utils.core.errors import CheckpointError, first_line
+
 __all__ = [
     'CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint_file', 'extract_state_dict', 'check_state_dict',
-    'load_model_weights', 'save_atomic', 'atomic_file', 'write_json_atomic', 'remove_stale_temp_files',
+    'load_model_weights',
 ]
 
 PathLike = Union[str, os.PathLike]
 
 #: Types besides tensors and plain containers that our and the released checkpoints contain.
 SAFE_GLOBALS: List[Any] = [argparse.Namespace]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with a message meant for a person."""
 
 
 def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
@@ -67,22 +62,16 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         found = re.search(r'unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)', str(e))
         if found is None:  # garbage that happens to look like a pickle
-            raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+            raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {first_line(e)}') from e
         name = found.group(1) or found.group(2)
         raise CheckpointError(
             f'{path} holds an object of type {name}, which is not plain data: loading it would run code '
             f'from the file. If you trust the file, pass --unsafe-load.') from e
     except Exception as e:  # truncated zip, garbage bytes: torch raises many types here
-        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {_first_line(e)}') from e
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {first_line(e)}') from e
     if isinstance(obj, Mapping):  # a checkpoint (label maps are bare tensors): types and shapes, before any use
-        from .validation import check_checkpoint
         check_checkpoint(obj, str(path))
     return obj
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f'{type(e).__name__}: {text.splitlines()[0]}' if text else type(e).__name__
 
 
 def extract_state_dict(checkpoint: Any, key: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -199,91 +188,5 @@ def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, An
     return checkpoint
 
 
-# the process umask, read once (os.umask can only be read by setting it, which is not thread-safe later)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
-@contextlib.contextmanager
-def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
-        except OSError:  # file systems without modes (vfat, some network mounts): keep what it has
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temp_files(folder: PathLike, names: Sequence[str],
-                            keep: Sequence[Optional[PathLike]] = ()) -> List[Path]:
-    """Delete the temporary files that :func:`atomic_file` left beside ``folder/<name>`` when its
-    process was killed mid-write (``.<name>.*.tmp``; never loaded by anything), except the files in
-    ``keep`` (those the user named, e.g. ``--resume``). Call it only where no other process is writing
-    these files (the run lock). Returns the deleted paths."""
-    kept = {os.path.realpath(k) for k in keep if k}
-    removed = []
-    for name in names:
-        for tmp in Path(folder).glob(f'.{name}.*.tmp'):
-            if os.path.realpath(tmp) in kept:
-                continue
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(tmp)
-    return removed
-
-
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` (or safetensors for ``.safetensors``) to ``path`` atomically."""
-    path = Path(path)
-    with atomic_file(path) as f:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import save
-            f.write(save({k: v.contiguous() for k, v in obj.items()}))
-        else:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
-                if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
-                    raise
-                raise _write_error(path, e) from e
-
-
-def _write_error(path: Path, error: BaseException) -> OSError:
-    """An OSError for a write that torch reported as a RuntimeError: ENOSPC when the disk is (nearly) full."""
-    try:
-        st = os.statvfs(path.parent)
-        full = st.f_bavail * st.f_frsize < 1 << 20
-    except OSError:
-        full = False
-    if full:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return OSError(errno.EIO, f'the write failed ({_first_line(error)})', str(path))
-
-
-def write_json_atomic(obj: Any, path: PathLike) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    with atomic_file(path, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')

@@ -16,9 +16,11 @@ shuts its workers down as usual (a worker whose parent is gone exits by itself).
 reaches the main process after a stop was requested anyway, :func:`stop_requested` tells the entry
 point that it is the interrupt.
 
-A later addition (writing a final checkpoint on SIGTERM) can set ``deferred`` for SIGTERM: the
-handler then only records the signal, and the training loop checks :func:`stop_requested` at its
-step boundary, saves, and raises :class:`Interrupted` itself.
+Training sets ``deferred`` for SIGTERM (a scheduler's preemption notice): the handler then only
+records the signal; the step loop checks :func:`preemption_requested` at its step boundary, writes
+its mid-epoch checkpoint and raises :class:`StopRequested` (exit :data:`EXIT_STOPPED`, 143). This
+module holds the one stop state of a process; the entry point (:func:`utils.core.cli.run_entry_point`)
+installs the handler.
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ import multiprocessing.util  # registers multiprocessing's exit handler before o
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Set, Tuple, Type
+from typing import Any, Iterable, Iterator, Optional, Set
 
-__all__ = ['Interrupted', 'handle_stop_signals', 'run_entry_point', 'quiet_worker_signals', 'stop_at_steps', 'stop_requested', 'check_stop',
-           'exit_status']
+__all__ = ['Interrupted', 'StopRequested', 'EXIT_STOPPED', 'handle_stop_signals', 'quiet_worker_signals',
+           'stop_at_steps', 'stop_requested', 'preemption_requested', 'step_boundary', 'check_stop', 'exit_status']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,6 +45,18 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f'interrupted by {signal.Signals(signum).name}')
         self.signum = signum
+
+
+class StopRequested(Interrupted):
+    """SIGTERM, deferred to a training step boundary, stopped the run after its mid-epoch checkpoint was written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(signal.SIGTERM)
+        self.args = (message,)
+
+
+#: Exit status of a run stopped by SIGTERM after writing its checkpoint (128 + 15, as a shell reports it).
+EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 class _State:
@@ -114,6 +128,22 @@ def stop_requested() -> Optional[int]:
     return _State.signum
 
 
+def preemption_requested() -> bool:
+    """Whether a preemption signal (SIGTERM, which training defers to the step boundary: see
+    :func:`handle_stop_signals`) asked this process to stop. SIGINT is not one: it ends the run at the step
+    boundary without a new checkpoint (exit 130)."""
+    return _State.signum == signal.SIGTERM
+
+
+def step_boundary() -> bool:
+    """A training step boundary: raise :class:`Interrupted` for a stop signal (SIGINT, or SIGTERM when not
+    deferred), return True when a preemption (deferred SIGTERM) asks the loop to save and stop."""
+    if preemption_requested():
+        return True
+    check_stop()
+    return False
+
+
 def check_stop() -> None:
     """Raise :class:`Interrupted` if a stop signal arrived (call it at step boundaries)."""
     if _State.signum is not None and os.getpid() == _State.owner:
@@ -124,39 +154,6 @@ def exit_status(error: Optional[BaseException] = None) -> int:
     """128 + the signal number (130 for SIGINT, 143 for SIGTERM); 130 for a plain KeyboardInterrupt."""
     signum = getattr(error, 'signum', None) or _State.signum or signal.SIGINT
     return 128 + int(signum)
-
-
-def run_entry_point(script: str, work: Callable[[], Any], user_errors: Tuple[Type[BaseException], ...],
-                    writing: str, one_line: bool = False) -> int:
-    """An evaluation script's ``main``: run ``work()`` under :func:`handle_stop_signals` and turn what ends it
-    into an exit status with one line on stderr: 0; 130 / 143 on SIGINT / SIGTERM (also when a loader
-    worker's error reaches the main process while it stops); 2 (:data:`utils.misc.EXIT_BAD_INPUT`) for
-    ``user_errors`` and for an ``OSError`` while writing (``writing`` names what: "cannot write the results").
-    Run locks are released on the way out. ``one_line``: fold a multi-line message onto one line."""
-    import sys
-
-    from .misc import EXIT_BAD_INPUT, describe_os_error
-    from .run_folder import release_locks
-    with handle_stop_signals():  # SIGINT / SIGTERM: exit 130 / 143
-        try:
-            work()
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: every file written so far is complete
-            print(f'{script}: interrupted', file=sys.stderr)
-            return exit_status(e)
-        except user_errors as e:
-            print(f'{script}: error: {" ".join(str(e).split()) if one_line else e}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OSError as e:  # writing failed (full disk, ...); earlier files are intact
-            print(f'{script}: error: {describe_os_error(e, writing)}', file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except RuntimeError:  # a loader worker's error while the run stops on a signal
-            if stop_requested() is None:
-                raise
-            print(f'{script}: interrupted', file=sys.stderr)
-            return exit_status()
-        finally:
-            release_locks()
-    return 0
 
 
 def _kill_leftover_workers() -> None:
@@ -181,3 +178,4 @@ def _kill_leftover_workers() -> None:
 
 
 atexit.register(_kill_leftover_workers)
+

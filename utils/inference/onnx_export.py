@@ -3,7 +3,7 @@
 An export folder holds ``coarse.onnx``, ``fine.onnx`` (see ``models.export`` for what goes in and
 out of each) and ``manifest.json``: the model name, grid, class count, input sizes, the data
 config (normalization, crop, interpolation), each stage's GFLOPs, the exporter and opset, and the
-SHA-256 of each graph so that the runtime (``utils.onnx_runtime``) can refuse a foreign graph.
+SHA-256 of each graph so that the runtime (``utils.inference.onnx_runtime``) can refuse a foreign graph.
 Both graphs have a dynamic batch axis. Every file is written atomically; an existing export is
 never overwritten unless asked.
 
@@ -23,10 +23,10 @@ import torch.nn as nn
 
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
-from .checkpoint import atomic_file, write_json_atomic
-from .flops import stage_gflops
-from .misc import check_writable_dir
-from .run_folder import RunLock
+from utils.core.errors import OutputDirError
+from utils.core.files import atomic_file, write_json_atomic
+from utils.core.run_folder import RunLock, check_writable_dir
+from utils.inference.flops import stage_gflops
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
            'DEFAULT_OPSET', 'ExportExistsError', 'export_graph', 'quantize_dynamic_bytes', 'export_early_exit',
@@ -47,7 +47,7 @@ DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 2
 
 
-class ExportExistsError(RuntimeError):
+class ExportExistsError(OutputDirError):
     """The output folder already holds an export (message meant for a person)."""
 
 
@@ -125,7 +125,7 @@ def export_early_exit(model: nn.Module, out_dir: PathLike, exporter: str = 'dyna
         The manifest.
 
     Raises:
-        utils.misc.OutputDirError: ``out_dir`` cannot be written. ExportExistsError: it already holds
+        utils.core.errors.OutputDirError: ``out_dir`` cannot be written. ExportExistsError: it already holds
         an export and ``overwrite`` is False. ValueError: an unknown exporter or quantization.
     """
     if quantize not in QUANTIZE_MODES:

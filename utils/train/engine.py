@@ -5,16 +5,16 @@ Both functions are model- and recipe-agnostic so that the CF-DeiT and CF-LV-ViT 
 - the model maps a fine image batch (B, 3, S_f, S_f) to ``[coarse_output, fine_output]``; it
   derives the coarse image from the (mixed) fine batch itself;
 - the loss is a criterion object ``criterion(outputs, targets)`` returning a scalar or a dict
-  with a ``'loss'`` entry (:class:`utils.losses.CFViTLoss`);
+  with a ``'loss'`` entry (:class:`utils.train.losses.CFViTLoss`);
 - a batch transform (mixup/cutmix, or none) maps ``(images, targets)`` before the forward pass.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from datasets.folder import DatasetError, unreadable_images
 
-from .dist import PeerFailedError, collective_device, is_main_process, reduce, step_status
-from .inference import unpack_batch
-from .losses import class_logits
-from .misc import EXIT_BAD_INPUT, EXIT_FAILED, MetricMeter, user_message
-from .signals import check_stop, stop_at_steps
+from utils.core.cli import user_message
+from utils.core.dist import PeerFailedError, collective_device, is_main_process, reduce, step_status
+from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from utils.core.signals import check_stop, step_boundary, stop_at_steps
+from utils.inference.predict import autocast_context, top_k_hits, unpack_batch
+from utils.train.losses import class_logits
 
-__all__ = ['AmpConfig', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
+__all__ = ['AmpConfig', 'MetricMeter', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ NON_FINITE = 3
 BatchTransform = Callable[[torch.Tensor, Any], Tuple[torch.Tensor, Any]]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (message meant for a person)."""
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite: the run failed on its own (exit 1)."""
+    exit_code = EXIT_FAILED
 
 
 @dataclass
@@ -60,9 +62,7 @@ class AmpConfig:
 
     def autocast(self, device: torch.device) -> ContextManager:
         """The autocast context for ``device`` (a no-op context in full precision)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
+        return autocast_context(device, self.dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -70,6 +70,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while hasattr(model, 'module') and isinstance(model.module, nn.Module):
         model = model.module
     return model
+
+
+class MetricMeter:
+    """Sample-weighted running means of named scalars, reducible over processes.
+
+    >>> meter = MetricMeter()
+    >>> meter.update(n=8, loss=0.5)
+    >>> meter.means()['loss']
+    0.5
+    """
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, float] = defaultdict(float)
+
+    def update(self, n: int = 1, **values: Union[float, torch.Tensor]) -> None:
+        """Add ``values``, each the mean over ``n`` samples."""
+        for name, value in values.items():
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            self.sums[name] += value * n
+            self.counts[name] += n
+
+    def means(self) -> Dict[str, float]:
+        """This process's means."""
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
+
+    def global_means(self, device: Optional[torch.device] = None) -> Dict[str, float]:
+        """Means over every process (a collective: every process must call it, with the same names)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        t = torch.tensor([[self.sums[k], self.counts[k]] for k in names], dtype=torch.float64,
+                         device=device or collective_device())
+        t = reduce(t, 'sum')
+        return {k: (s / c if c > 0 else math.nan) for k, (s, c) in zip(names, t.tolist())}
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -126,7 +161,6 @@ def train_one_epoch(
         progress: bool = True,
         start_step: int = 0,
         meter: Optional[MetricMeter] = None,
-        stop_requested: Optional[Callable[[], bool]] = None,
         on_step_end: Optional[Callable[[int, MetricMeter, bool], None]] = None,
 ) -> Dict[str, float]:
     """Train ``model`` for one pass over ``data_loader``.
@@ -155,8 +189,6 @@ def train_one_epoch(
         start_step: the epoch resumes after this many steps (``data_loader`` yields only the rest; its
             length is the whole epoch's).
         meter: the running means of the steps already done (a resumed epoch), or None.
-        stop_requested: checked at every step; when it holds on any process, every process stops at the
-            end of that step (after ``on_step_end`` with ``stop=True``).
         on_step_end: ``on_step_end(steps_done, meter, stop)`` after every optimizer step, on every
             process (mid-epoch checkpoints); with ``stop`` the epoch then ends early.
 
@@ -179,9 +211,9 @@ def train_one_epoch(
                disable=not progress or None, dynamic_ncols=True, leave=False)
     batches = iter(bar)
     for step in range(start_step, num_steps):
-        stop_asked = bool(stop_requested and stop_requested())  # once per step (a preemption: SIGTERM)
-        if not stop_asked:
-            check_stop()  # SIGINT: the run ends at this step boundary, the last checkpoint intact
+        # SIGINT ends the run at this step boundary (the last checkpoint intact); a preemption (SIGTERM) stops
+        # every process at the end of this step, after on_step_end(stop=True) wrote the mid-epoch checkpoint
+        stop_asked = step_boundary()
         failure: Optional[BaseException] = None
         try:
             images, targets = next(batches)
@@ -299,10 +331,8 @@ def evaluate(
         with amp.autocast(device):
             coarse, fine = model.forward_stages(images)
         coarse, fine = class_logits(coarse).float(), class_logits(fine).float()  # (B, C) each
-        k = min(5, fine.shape[-1])
         for i, logits in enumerate((coarse, fine)):
-            top = logits.topk(k, dim=-1).indices  # (B, k)
-            hit = top.eq(targets[:, None])  # (B, k)
+            hit = top_k_hits(logits, targets)  # (B, min(5, C))
             totals[2 * i] += hit[:, 0].sum()
             totals[2 * i + 1] += hit.any(dim=-1).sum()
         totals[4] += F.cross_entropy(fine, targets, reduction='sum')
@@ -330,3 +360,5 @@ def format_eval(stats: Mapping[str, float]) -> str:
     return (f'coarse top-1 {stats["coarse_acc1"]:.3f} top-5 {stats["coarse_acc5"]:.3f} | '
             f'fine top-1 {stats["fine_acc1"]:.3f} top-5 {stats["fine_acc5"]:.3f} | '
             f'{stats["num_samples"]} images')
+
+

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.core.errors import DistributedSetupError, UserError
+
 __all__ = [
     'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
     'is_main_process', 'barrier', 'reduce', 'all_agree', 'collective_device', 'seed_everything', 'epoch_seed',
@@ -36,11 +38,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
-class DistributedSetupError(RuntimeError):
-    """The launch environment is inconsistent (message meant for a person)."""
-
-
-class PeerFailedError(RuntimeError):
+class PeerFailedError(UserError):
     """Another process failed (its message is in this one); ``exit_code`` is the one that process exits with."""
 
     def __init__(self, message: str, exit_code: int) -> None:
@@ -130,7 +128,7 @@ def init_distributed(
     else:
         return DistInfo(False, 0, 1, 0, torch.device(device), None)
 
-    from .safe_io import check_dist_env  # before connecting: a bad rank or address would wait for the timeout
+    from utils.core.safe_io import check_dist_env  # before connecting: a bad rank or address would wait for the timeout
     problem = check_dist_env(rank, world, local, dist_url, source) if world > 1 or rank != 0 else None
     if problem is not None:
         raise DistributedSetupError(problem)

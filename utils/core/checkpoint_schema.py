@@ -1,15 +1,14 @@
-"""Validation at the boundaries where input enters the scripts: flags and checkpoints.
+"""What a checkpoint may hold: checked before any of it is used.
 
-- argparse types (:func:`int_at_least`, :func:`float_in`, :func:`device_name`, ...) check ranges
-  and finiteness at parse time, so a bad value ends the run before anything starts, with argparse's
-  one line naming the flag (``argument --lr: must be a finite number, got nan``) and exit status 2.
 - :func:`check_checkpoint` checks the types and shapes of everything a script reads from a
   checkpoint (``model``, ``model_ema``, ``epoch``, ``args`` and its fields, ``flop`` and the stored
   results, optimizer / scheduler / scaler states) before any of it is used, raising
-  :class:`utils.checkpoint.CheckpointError` with one line.
+  :class:`utils.core.errors.CheckpointError` with one line.
 - :data:`CHECKPOINT_MODEL_KWARGS` is the allow-list of ``args.model_kwargs`` entries a checkpoint
   may pass to ``timm.create_model``: architecture hyperparameters only, so a checkpoint never
-  chooses what else gets opened (``checkpoint_path``, ``pretrained_cfg_overlay=dict(file=...)``).
+  chooses what else gets opened (``checkpoint_path``, ``pretrained_cfg_overlay=dict(file=...)``);
+  :func:`architecture_from_checkpoint` reads a training checkpoint's model through it.
+- :func:`check_optimizer_state` refuses an optimizer state made by another optimizer.
 """
 from __future__ import annotations
 
@@ -17,81 +16,18 @@ import argparse
 import math
 import numbers
 import re
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from .checkpoint import CheckpointError
+from utils.core.cli import parse_model_kwargs
+from utils.core.errors import CheckpointError
 
 __all__ = [
-    'BadInputError', 'int_at_least', 'float_in', 'finite_float', 'device_name', 'CHECKPOINT_MODEL_KWARGS',
-    'check_checkpoint', 'checkpoint_model_kwargs', 'check_optimizer_state', 'create_model_checked',
+    'CHECKPOINT_MODEL_KWARGS', 'check_checkpoint', 'checkpoint_model_kwargs', 'check_optimizer_state',
+    'architecture_from_checkpoint',
 ]
 
-
-class BadInputError(RuntimeError):
-    """Input that cannot be used, with a one-line message meant for a person."""
-
-
-# ---------------------------------------------------------------------------------------------- flags
-def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
-    """argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f'must be at most {high}, got {value}')
-        return value
-    parse.__name__ = f'int>={low}'
-    return parse
-
-
-def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-             high_open: bool = False) -> Callable[[str], float]:
-    """argparse type: a finite float in the interval from ``low`` to ``high`` (open ends if asked)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if below or above:
-            interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
-            raise argparse.ArgumentTypeError(f'must be in {interval}, got {value:g}')
-        return value
-    parse.__name__ = 'float'
-    return parse
-
-
-finite_float = float_in()
-
-
-def device_name(text: str) -> str:
-    """argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f'not a device: {text!r} (cpu, cuda, cuda:N)') from None
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f'{text}: CUDA is not available on this machine (use cpu)')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f'{text}: this machine has {torch.cuda.device_count()} CUDA devices')
-    elif device.type == 'mps' and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f'{text}: MPS is not available on this machine')
-    elif device.type not in ('cpu', 'cuda', 'mps'):
-        raise argparse.ArgumentTypeError(f'unsupported device {text!r} (cpu, cuda, cuda:N)')
-    return text
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
 #: ``timm.create_model`` arguments a checkpoint's recorded ``args`` may set: architecture only.
 #: Anything else (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``,
 #: ``cache_dir``, ...) could make timm open or download a file the checkpoint names.
@@ -149,7 +85,6 @@ def checkpoint_model_kwargs(args: Any, where: str) -> Dict[str, Any]:
     Raises:
         CheckpointError: a recorded override outside :data:`CHECKPOINT_MODEL_KWARGS`, or not plain data.
     """
-    from .misc import parse_model_kwargs
     get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
     raw = get('model_kwargs')
     if not raw:
@@ -182,7 +117,7 @@ def _check_args(args: Any, where: str) -> None:
     if model is not None and not (isinstance(model, str) and re.fullmatch(r'[A-Za-z0-9_.\-]+', model)):
         raise CheckpointError(f'{where}: args.model is {model!r}, not a model name')
     g = get('coarse_stage_size')
-    if g is not None and not (_is_int(g) and 1 <= g <= 32):  # utils.safe_io.MAX_COARSE_STAGE_SIZE
+    if g is not None and not (_is_int(g) and 1 <= g <= 32):  # utils.core.cli.MAX_COARSE_STAGE_SIZE
         raise CheckpointError(f'{where}: args.coarse_stage_size is {g!r}, not a grid side')
     for key in ('embed_dim', 'depth', 'num_heads'):
         v = get(key)
@@ -205,7 +140,7 @@ def check_checkpoint(checkpoint: Any, where: str) -> Any:
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{where} holds a {type(checkpoint).__name__}, expected a dict checkpoint')
-    from .safe_io import MAX_DEPTH, bounded_depth  # e.g. a flop list nested 200,000 deep: refused, no RecursionError
+    from utils.core.safe_io import MAX_DEPTH, bounded_depth  # e.g. a flop list nested 200,000 deep: refused, no RecursionError
     bounded_depth(checkpoint, MAX_DEPTH, where, CheckpointError, leaves=(torch.Tensor,))
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         problem = _state_dict_problem(checkpoint)
@@ -285,13 +220,23 @@ def check_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optim
         raise CheckpointError(f'{where}: the optimizer state lacks {sorted(family - names)}: it was made by '
                               f'another optimizer than --opt {opt or "?"}')
 
-def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:
-    """``timm.create_model(name, **kwargs)``; an impossible configuration (width not divisible by the heads,
-    an unknown argument, ...) raises ``error`` with one line instead of timm's traceback."""
-    import timm
-    try:
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
-        shown = {k: v for k, v in kwargs.items() if k != 'pretrained'}
-        raise error(f'cannot build {name} with {shown}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-                    .rstrip(': ')) from e
+
+def architecture_from_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """Model name, grid and size overrides recorded in a training checkpoint's ``args``.
+
+    Returns:
+        ``{'model': ..., 'coarse_stage_size': ..., 'kwargs': {...}}`` with what is known, or ``{}``
+        for checkpoints without training arguments (e.g. the released ones).
+    """
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
+    if args is None:
+        return {}
+    get = (lambda k: args.get(k)) if isinstance(args, Mapping) else (lambda k: getattr(args, k, None))
+    kwargs = {k: get(k) for k in ('embed_dim', 'depth', 'num_heads') if get(k) is not None}
+    kwargs.update(checkpoint_model_kwargs(args, 'the checkpoint'))
+    out: Dict[str, Any] = {'kwargs': kwargs}
+    if get('model'):
+        out['model'] = get('model')
+    if get('coarse_stage_size'):
+        out['coarse_stage_size'] = int(get('coarse_stage_size'))
+    return out

@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from . import checkpoint as checkpoint_io
+from utils.core import files
 
 __all__ = ['plot_budgeted_curve', 'label_positions']
 
@@ -73,5 +73,5 @@ def plot_budgeted_curve(
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)
-    with checkpoint_io.atomic_file(path) as f:
+    with files.atomic_file(path) as f:
         f.write(buf.getvalue())

@@ -1,0 +1,1 @@
+"""Pictures: the visualization figures (``figures``) and the budgeted-accuracy plot (``plots``)."""
