@@ -20,8 +20,9 @@ __all__ = ['cls_attention_row', 'ClsAttention', 'CFBlock', 'ConvStemPatchEmbed']
 
 
 def _cls_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    q_cls = q[:, :, :1].float() * scale  # (B, heads, 1, hd)
-    return (q_cls @ k.float().transpose(-2, -1)).softmax(dim=-1).squeeze(2)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for a float64 model
+    q_cls = q[:, :, :1].to(dtype) * scale  # (B, heads, 1, hd)
+    return (q_cls @ k.to(dtype).transpose(-2, -1)).softmax(dim=-1).squeeze(2)
 
 
 @register_notrace_function  # a graph leaf: the autocast switch below runs when the graph runs
