@@ -1,0 +1,74 @@
+"""The CUDA risks of issue 25 that can be checked without a GPU (torch.cuda mocked where needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import free_port
+
+from utils import dist as cfdist
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',
+                'SLURM_LOCALID', 'TORCHELASTIC_RESTART_COUNT'):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_a_launchers_single_process_gets_a_process_group(launch_env):
+    """torchrun --nproc_per_node=1: RANK=0, WORLD_SIZE=1 and a rendezvous: a (gloo) process group, not none."""
+    for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT=str(free_port())).items():
+        launch_env.setenv(key, value)
+    info = cfdist.init_distributed('cpu')
+    try:
+        assert info.distributed and info.world_size == 1 and info.backend == 'gloo'
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_world_one_without_a_launcher_stays_one_process(launch_env):
+    launch_env.setenv('RANK', '0')
+    launch_env.setenv('WORLD_SIZE', '1')
+    info = cfdist.init_distributed('cpu')
+    assert not info.distributed and not dist.is_initialized()
+
+
+class _FakeCuda:
+    """torch.cuda of a node that shows this task ``count`` GPUs; records set_device and init_process_group."""
+
+    def __init__(self, monkeypatch, count):
+        self.set = []
+        self.init = []
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
+        monkeypatch.setattr(torch.cuda, 'set_device', lambda dev: self.set.append(torch.device(dev)))
+        monkeypatch.setattr(cfdist.dist, 'init_process_group', lambda **kw: self.init.append(kw))
+        monkeypatch.setattr(cfdist.dist, 'barrier', lambda: None)
+
+
+@pytest.mark.parametrize('visible,local,expected', [(1, 3, 0), (4, 3, 3), (2, 3, 1)])
+def test_slurm_cuda_index_is_the_local_id_modulo_the_visible_gpus(launch_env, visible, local, expected):
+    """As DeiT: a cluster that shows each task only its own GPU (1 visible, local id 3) uses cuda:0, where
+    the local id used as the index failed; NCCL's process group is bound to that device (device_id)."""
+    for key, value in dict(SLURM_PROCID=str(4 + local), SLURM_NTASKS='8', SLURM_LOCALID=str(local),
+                           MASTER_ADDR='127.0.0.1', MASTER_PORT='29500').items():
+        launch_env.setenv(key, value)
+    fake = _FakeCuda(launch_env, visible)
+    info = cfdist.init_distributed('cuda')
+    assert info.device == torch.device('cuda', expected) and info.backend == 'nccl'
+    assert fake.set == [torch.device('cuda', expected)]
+    assert fake.init[0]['device_id'] == torch.device('cuda', expected)
+
+
+def test_torchrun_oversubscription_still_refused(launch_env):
+    for key, value in dict(RANK='3', WORLD_SIZE='4', LOCAL_RANK='3', MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT='29500').items():
+        launch_env.setenv(key, value)
+    _FakeCuda(launch_env, 2)
+    with pytest.raises(cfdist.DistributedSetupError, match='local rank 3 but only 2 GPUs are visible'):
+        cfdist.init_distributed('cuda')
