@@ -72,3 +72,38 @@ def test_torchrun_oversubscription_still_refused(launch_env):
     _FakeCuda(launch_env, 2)
     with pytest.raises(cfdist.DistributedSetupError, match='local rank 3 but only 2 GPUs are visible'):
         cfdist.init_distributed('cuda')
+
+
+# ---------------------------------------------------------------------------------------------- DDP fail fast
+def _lvvit_torchrun(tmp_path, fault, timeout=240):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import make_image_folder, script_env
+    from test_main_lvvit import TINY
+    root = Path(__file__).resolve().parents[1]
+    data = make_image_folder(tmp_path / 'data', {'train': 6, 'val': 2}, 3)
+    argv = [a for a in TINY]
+    argv[argv.index('-b') + 1] = '2'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           'main_lvvit.py', *argv, '--no-repeated-aug', '--dist-timeout', '3', '--data-path', str(data),
+           '--debug-fault', fault]
+    try:
+        return subprocess.run(cmd, cwd=root, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f'the job hung (no step agreement) for {timeout} s:\n{(e.stderr or b"")[-4000:]!r}')
+
+
+@pytest.mark.parametrize('kind', ['data', 'forward'])
+def test_cf_lvvit_ddp_failure_of_one_process_stops_both_at_the_step(tmp_path, kind):
+    """CF-LV-ViT (BatchNorm buffers: DDP broadcasts them in every forward) on gloo, 2 processes; process 1
+    fails at epoch 0 step 1, before (data) or inside (forward) the DDP forward: both stop at that step, within
+    seconds, process 0 naming process 1's message (no collective mismatch, no wait for --dist-timeout)."""
+    proc = _lvvit_torchrun(tmp_path, f'1:0:1:{kind}')
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if ' ERROR ' in line]
+    expected = ('32 images in a row could not be read' if kind == 'data' else 'expected the fine images as')
+    assert any(f'process 1 stopped the run at epoch 0, step 1: {expected}' in line for line in errors), \
+        proc.stderr[-4000:]
+    assert f'exitcode: {2 if kind == "data" else 1}' in proc.stderr
