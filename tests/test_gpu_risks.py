@@ -107,3 +107,70 @@ def test_cf_lvvit_ddp_failure_of_one_process_stops_both_at_the_step(tmp_path, ki
     assert any(f'process 1 stopped the run at epoch 0, step 1: {expected}' in line for line in errors), \
         proc.stderr[-4000:]
     assert f'exitcode: {2 if kind == "data" else 1}' in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- precision flags
+def test_tf32_switch_sets_and_reports_both_flags():
+    from utils.cuda import describe_float32, set_tf32, tf32_state
+    saved = tf32_state()
+    try:
+        set_tf32(True)
+        assert tf32_state() == {'matmul': True, 'cudnn_conv': True}
+        assert describe_float32(True) == ('float32 on CUDA: matmuls in TF32, cuDNN convolutions in TF32 (--tf32)')
+        set_tf32(False)
+        assert tf32_state() == {'matmul': False, 'cudnn_conv': False}
+        assert 'matmuls in IEEE float32, cuDNN convolutions in IEEE float32 (--no-tf32)' in describe_float32(False)
+        set_tf32(None)  # leaves what is there
+        assert tf32_state() == {'matmul': False, 'cudnn_conv': False}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved['matmul']
+        torch.backends.cudnn.allow_tf32 = saved['cudnn_conv']
+
+
+@pytest.mark.parametrize('capability,refused', [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
+def test_bfloat16_autocast_refused_on_gpus_without_it(monkeypatch, capability, refused):
+    from utils.cuda import check_amp_dtype
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda index=None: 'Tesla V100-SXM2-16GB')
+    dev = torch.device('cuda', 0)
+    check_amp_dtype(torch.float16, dev)  # float16 always fine
+    check_amp_dtype(torch.bfloat16, torch.device('cpu'))
+    if refused:
+        with pytest.raises(ValueError, match=r'Tesla V100-SXM2-16GB \(compute capability 7\.\d\) has no native '
+                                             r'bfloat16 .*use --amp-dtype float16'):
+            check_amp_dtype(torch.bfloat16, dev)
+    else:
+        check_amp_dtype(torch.bfloat16, dev)
+
+
+# ---------------------------------------------------------------------------------------------- compile
+@torch.no_grad()
+def test_compiled_early_exit_with_dynamic_shapes_does_not_recompile_per_row_count():
+    """What dynamic_inference --compile does in mode 2 (dynamic=True): after the first batches, new numbers of
+    rows going on to the fine stage compile nothing more (the 'eager' backend here: no C++ build needed)."""
+    import timm
+    from torch._dynamo.utils import counters
+
+    import models  # noqa: F401
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=2, embed_dim=48, depth=2, num_heads=3,
+                              num_classes=4).eval()
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    conf = model.forward_details(x).confidence.sort().values
+    expected = {}
+    for n_go_on in (2, 3, 5, 6):  # thresholds between the confidences: 8 - n_go_on rows exit
+        expected[n_go_on] = float((conf[n_go_on - 1] + conf[n_go_on]) / 2)
+    eager = {n: model.forward_details(x, t) for n, t in expected.items()}
+    model.compile_stages(backend='eager', dynamic=True)
+    counters.clear()
+    model.forward_details(x, expected[2])  # one warm-up batch (without dynamic=True the next row count recompiles)
+    frames_after_warmup = counters['stats']['unique_graphs']
+    for n, t in expected.items():
+        out = model.forward_details(x, t)
+        assert int((~out.exited).sum()) == n
+        torch.testing.assert_close(out.fine_logits, eager[n].fine_logits)
+    assert counters['stats']['unique_graphs'] == frames_after_warmup
+    torch._dynamo.reset()
