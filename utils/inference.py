@@ -143,7 +143,10 @@ class ExitResult:
 
 
 def model_device(model: nn.Module, default: torch.device) -> torch.device:
-    """The device of the model's first parameter (or buffer); ``default`` for a model without any."""
+    """The device of the model's first parameter (or buffer); ``default`` for a model without any (or for a
+    predictor that is no ``nn.Module``, such as onnxruntime's)."""
+    if not isinstance(model, nn.Module):
+        return default
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
