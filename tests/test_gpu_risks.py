@@ -1,6 +1,8 @@
 """The CUDA risks of issue 25 that can be checked without a GPU (torch.cuda mocked where needed)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -174,3 +176,53 @@ def test_compiled_early_exit_with_dynamic_shapes_does_not_recompile_per_row_coun
         torch.testing.assert_close(out.fine_logits, eager[n].fine_logits)
     assert counters['stats']['unique_graphs'] == frames_after_warmup
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- training flags
+def _train_args(argv):
+    import argparse
+
+    from utils.train_setup import get_args_parser
+    return argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
+
+
+def test_training_deterministic_sets_cublas_workspace_and_tf32_is_reported(monkeypatch, caplog):
+    """--deterministic on CUDA sets CUBLAS_WORKSPACE_CONFIG when the environment has none (keeps the user's);
+    --no-tf32 is applied and logged (the device is only named: nothing runs on it)."""
+    import logging
+
+    from utils import train_setup
+    from utils.cuda import tf32_state
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID'):
+        monkeypatch.delenv(key, raising=False)
+    saved = (torch.backends.cudnn.benchmark, tf32_state(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.setattr(train_setup, 'setup_logging', lambda main: None)
+    try:
+        with caplog.at_level(logging.INFO):
+            info, device, _ = train_setup.setup_process(_train_args(['--device', 'cuda', '--deterministic',
+                                                                     '--no-tf32']))
+        assert device == torch.device('cuda') and os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+        assert torch.backends.cudnn.benchmark is False
+        assert tf32_state() == {'matmul': False, 'cudnn_conv': False}
+        assert 'float32 on CUDA: matmuls in IEEE float32, cuDNN convolutions in IEEE float32 (--no-tf32)' in caplog.text
+        monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':16:8')
+        train_setup.setup_process(_train_args(['--device', 'cuda', '--deterministic']))
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':16:8'
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]['matmul']
+        torch.backends.cudnn.allow_tf32 = saved[1]['cudnn_conv']
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_training_refuses_bfloat16_on_a_gpu_without_it(monkeypatch):
+    from utils.train_setup import ConfigError, build_amp
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda index=None: 'Tesla T4')
+    with pytest.raises(ConfigError, match='Tesla T4 .* has no native bfloat16'):
+        build_amp(_train_args(['--device', 'cpu', '--amp', '--amp-dtype', 'bfloat16']), torch.device('cuda', 0))

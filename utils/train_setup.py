@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from .dist import (
     DistInfo, DistributedSetupError, PeerFailedError, all_agree, cleanup, default_device, init_distributed,
     seed_everything,
 )
+from .cuda import check_amp_dtype, describe_float32, set_tf32
 from .engine import AmpConfig, NonFiniteLossError
 from .preemption import EXIT_STOPPED, ResumableSampler, StopRequested
 from .misc import (
@@ -70,6 +72,10 @@ SCHED_STEPS = {'epoch': 0, 'next-epoch': 1}
 EVAL_BATCH_FACTOR = 1.5
 #: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
 EXIT_TRAINING_FAILED = EXIT_FAILED
+
+
+#: cuBLAS's documented setting for deterministic results (``--deterministic`` sets it when the environment has none).
+DETERMINISTIC_CUBLAS_WORKSPACE = ':4096:8'
 
 
 class ConfigError(RuntimeError):
@@ -112,6 +118,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='the released scripts\' flag; means native --amp')
     g.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=None,
                    help='autocast dtype; default float16 (with a gradient scaler) on CUDA, bfloat16 on CPU')
+    g.add_argument('--tf32', action=bool_flag, default=None,
+                   help='CUDA float32: --tf32 runs matmuls and cuDNN convolutions in TF32 (as the release\'s PyTorch '
+                        '1.10 did on Ampere and newer), --no-tf32 in IEEE float32; default: PyTorch\'s (matmuls '
+                        'IEEE, convolutions TF32). The log says which')
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
@@ -373,6 +383,10 @@ def build_amp(args: argparse.Namespace, device: torch.device) -> AmpConfig:
     amp = AmpConfig()
     if enabled:
         dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
+        try:
+            check_amp_dtype(dtype, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         amp = AmpConfig(dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
     _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
         ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
@@ -401,7 +415,13 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     device = info.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = not args.deterministic
+        set_tf32(getattr(args, 'tf32', None))
+        _logger.info('%s', describe_float32(getattr(args, 'tf32', None)))
     if args.deterministic:
+        if device.type == 'cuda' and not os.environ.get('CUBLAS_WORKSPACE_CONFIG'):
+            # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (later)
+            os.environ['CUBLAS_WORKSPACE_CONFIG'] = DETERMINISTIC_CUBLAS_WORKSPACE
+            _logger.info('--deterministic: CUBLAS_WORKSPACE_CONFIG=%s set for this run', DETERMINISTIC_CUBLAS_WORKSPACE)
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.distributed:
         _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
