@@ -226,3 +226,44 @@ def test_training_refuses_bfloat16_on_a_gpu_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda index=None: 'Tesla T4')
     with pytest.raises(ConfigError, match='Tesla T4 .* has no native bfloat16'):
         build_amp(_train_args(['--device', 'cpu', '--amp', '--amp-dtype', 'bfloat16']), torch.device('cuda', 0))
+
+
+# ---------------------------------------------------------------------------------------------- mid-epoch resume
+def test_mid_epoch_rng_state_resumes_with_another_number_of_visible_gpus(monkeypatch):
+    """Written by a process that saw 4 GPUs, resumed by one that sees 1 (same world size): this process's own
+    GPU generator is restored instead of refusing; a checkpoint without it is still refused in one line."""
+    from utils.checkpoint import CheckpointError
+    from utils.preemption import capture_rng_state, restore_rng_state
+    own = torch.tensor([7], dtype=torch.uint8)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [torch.tensor([i], dtype=torch.uint8) for i in range(4)])
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': own)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: calls.setdefault('all', states))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': calls.setdefault('one', state))
+    state = capture_rng_state()
+    assert len(state['cuda']) == 4 and torch.equal(state['cuda_current'], own)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    restore_rng_state(state)
+    assert torch.equal(calls['one'], own) and 'all' not in calls
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    restore_rng_state(state)
+    assert len(calls['all']) == 4
+    old = dict(state)
+    del old['cuda_current']
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    with pytest.raises(CheckpointError, match='written with 4 visible GPUs per process, this run sees 2'):
+        restore_rng_state(old)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def test_batch_norm_has_a_formula_for_every_kernel_it_may_dispatch_to():
+    """On CUDA BatchNorm runs cuDNN's kernel (MIOpen's on ROCm), which torch's counter has no formula for: without
+    one, CF-LV-ViT's GFLOPs on a GPU came out lower than on the CPU. (The CUDA tier compares both devices.)"""
+    from utils.flops import _batch_norm_flop, _custom_mapping
+    aten = torch.ops.aten
+    mapping = _custom_mapping()
+    for op in (aten.cudnn_batch_norm, aten.miopen_batch_norm, aten._native_batch_norm_legit_no_training,
+               aten._batch_norm_no_update):
+        assert mapping[op] is _batch_norm_flop
+    assert _batch_norm_flop((2, 64, 56, 56), (64,), (64,)) == 2 * 2 * 2 * 64 * 56 * 56
