@@ -32,7 +32,19 @@ import models  # noqa: F401  (registers the models)
 from utils import inference
 from utils.engine import AmpConfig, _backward_step
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(autouse=True)
+def cpu_cases_on_one_thread(request):
+    """CPU cases run on one thread (tiny models, shared cores); the CUDA cases keep every core for their
+    float64 CPU references."""
+    if request.node.get_closest_marker('cuda') is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 CUDA = pytest.mark.cuda
 DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]
