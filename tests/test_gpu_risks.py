@@ -237,7 +237,8 @@ def test_mid_epoch_rng_state_resumes_with_another_number_of_visible_gpus(monkeyp
     own = torch.tensor([7], dtype=torch.uint8)
     calls = {}
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [torch.tensor([i], dtype=torch.uint8) for i in range(4)])
+    every = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: every)
     monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': own)
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: calls.setdefault('all', states))
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': calls.setdefault('one', state))

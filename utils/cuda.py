@@ -33,7 +33,8 @@ def describe_float32(flag: Optional[bool]) -> str:
     name = lambda on: 'TF32' if on else 'IEEE float32'  # noqa: E731
     source = {None: "PyTorch's defaults; --tf32 for the release's PyTorch 1.10 behaviour", True: '--tf32',
               False: '--no-tf32'}[flag]
-    return f'float32 on CUDA: matmuls in {name(state["matmul"])}, cuDNN convolutions in {name(state["cudnn_conv"])} ({source})'
+    return (f'float32 on CUDA: matmuls in {name(state["matmul"])}, cuDNN convolutions in {name(state["cudnn_conv"])} '
+            f'({source})')
 
 
 def check_amp_dtype(dtype: Optional[torch.dtype], device: torch.device) -> None:
