@@ -61,6 +61,15 @@ def images(model, batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture
+def ieee_float32():
+    """IEEE float32 on the GPU (cuDNN convolutions default to TF32: errors of ~1e-3 in CF-LV-ViT's stem)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _decided_rows(out_attn: torch.Tensor, ref_attn: torch.Tensor, k: int) -> torch.Tensor:
     """(B,) rows whose top-k set cannot change within the run's error: the reference's k-th and (k+1)-th
     attention differ by more than twice the largest difference between the two maps."""
@@ -82,7 +91,7 @@ RELEASED = [pytest.param(f, d, id=f'{f.stem}-{d}', marks=[CUDA] if d == 'cuda' e
 
 @pytest.mark.parametrize('case_file,device', RELEASED)
 @torch.no_grad()
-def test_released_configuration_against_float64(case_file, device):
+def test_released_configuration_against_float64(case_file, device, ieee_float32):
     case = load_case(case_file)
     model = build_from_config(case['config'])
     model.load_state_dict(case['state_dict'], strict=True)
@@ -120,8 +129,9 @@ def test_released_configuration_against_float64(case_file, device):
         assert torch.equal(o.exited.cpu(), r.exited)
         rows = decided | r.exited  # an exiting row's prediction does not depend on the selection
         torch.testing.assert_close(o.fine_logits.cpu().double()[rows], r.fine_logits[rows], **tol)
-        # batch 1: each row alone gives what it gives in the batch
-        for i in (0, len(x_f) - 1):
+        # batch 1: each row alone gives what it gives in the batch (rows whose selection is not a tie)
+        decided_rows = torch.nonzero(rows).flatten().tolist()
+        for i in {decided_rows[0], decided_rows[-1]}:
             alone = model.forward_details([t[i:i + 1] for t in dev_x], threshold)
             assert bool(alone.exited[0]) == bool(o.exited[i])
             torch.testing.assert_close(alone.fine_logits[0], o.fine_logits[i], rtol=1e-4, atol=1e-4)
