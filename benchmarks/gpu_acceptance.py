@@ -342,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = run.out / 'data'
     if {'train', 'modes'} - set(args.skip):
         from datasets.synthetic import make_synthetic_dataset
-        n_train, n_val = (24, 12) if dry else (256, 128)
+        n_train, n_val = (48, 24) if dry else (256, 128)
         run.inline('data', lambda: {'path': str(make_synthetic_dataset(data, n_train=n_train, n_val=n_val))})
     if 'train' not in args.skip:
         train_steps(run, data, dev_name, dry)
