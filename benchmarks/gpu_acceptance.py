@@ -26,7 +26,6 @@ passed (the throughput goal is reported, not enforced), 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics

@@ -1,6 +1,5 @@
 """The class-token attention row is float32 under autocast (bfloat16 on CPU here; the CUDA tier
 repeats it in float16 and bfloat16 on a GPU)."""
-import pytest
 import timm
 import torch
 

@@ -16,9 +16,7 @@ suite, so everything that does not need a GPU is proven on every machine; the ``
 from __future__ import annotations
 
 import copy
-import os
 import time
-from pathlib import Path
 
 import pytest
 import timm
