@@ -35,6 +35,7 @@ from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import (
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
 )
+from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state
 from utils.core.errors import BadInputError
 from utils.core.files import save_atomic, write_json_atomic
 from utils.core.model_builder import build_from_checkpoint
@@ -46,7 +47,7 @@ from utils.inference.cpu import (
 )
 from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.inference.flops import stage_gflops
-from utils.inference.predict import predict_stages, timed_early_exit
+from utils.inference.predict import model_device, predict_stages, timed_early_exit
 from utils.vis.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
@@ -108,6 +109,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'of page-faulting large activations in again (the process keeps its peak memory, for its '
                         'lifetime); '
                         'system leaves the C library as it is')
+    p.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=None,
+                   help='CUDA float32: --tf32 runs matmuls and cuDNN convolutions in TF32 (as the release\'s PyTorch '
+                        '1.10 did on Ampere and newer: compare float32 throughput with the paper this way), --no-tf32 '
+                        'in IEEE float32; default: PyTorch\'s (matmuls IEEE, convolutions TF32). The log says which')
     p.add_argument('--warmup-batches', type=int_at_least(0), default=2, help='mode 2: batches run before timing starts')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
@@ -316,6 +321,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     except (RuntimeError, AssertionError) as e:
         raise BadInputError(f'device {args.device!r} is not available: {e}')
     if onnx:
+        if device.type != 'cpu':  # onnxruntime takes host arrays: its execution providers decide where it runs
+            _logger.info('--backend onnxruntime: batches stay on the CPU (onnxruntime runs on its execution '
+                         'providers %s; --device %s applies to --backend torch only)', model.providers, args.device)
+            device = torch.device('cpu')
         loader = val_loader(args, model, model.num_classes)
         flops = model.flops
         _logger.info('onnxruntime: %s', model)
@@ -326,6 +335,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         flops = stage_gflops(model)
         check_stored_flops(checkpoint, flops)
     amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device)
+    check_amp_dtype(amp, device)  # BadInputError: bfloat16 on a GPU without it
+    if device.type == 'cuda':
+        set_tf32(args.tf32)
+        _logger.info('%s', describe_float32(args.tf32))
+        # a training run earlier in this process (the quick start) leaves cuDNN autotuning on; mode 2 would then
+        # autotune each new number of rows that go on inside the timed region
+        torch.backends.cudnn.benchmark = False
     if args.amp_dtype == 'auto' and not onnx:
         _logger.info('--amp-dtype auto: %s on %s', str(amp).replace('torch.', '') if amp else 'float32 (no autocast)',
                      device.type)
@@ -335,14 +351,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         _logger.info('--allocator keep-freed: %s; the allocator is left as it is',
                      'the C library refused the thresholds' if has_mallopt() else 'this C library has no mallopt')
     if args.compile:
-        model.compile_stages()
-        _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)')
+        # mode 2: the fine stage sees a new number of rows in each batch; dynamic shapes compile it once
+        model.compile_stages(**(dict(dynamic=True) if args.eval_mode == 2 else {}))
+        _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)%s',
+                     ', with dynamic shapes' if args.eval_mode == 2 else '')
     result: Dict[str, Any] = {
         'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'img_size_list': model.img_size_list,
         'checkpoint': str(args.checkpoint_path), 'device': str(device), 'amp_dtype': args.amp_dtype,
         'autocast': str(amp).replace('torch.', '') if amp else None, 'allocator': args.allocator,
         'torch': torch.__version__, 'flop': flops, 'backend': args.backend,
     }
+    if device.type == 'cuda':
+        result.update(gpu=torch.cuda.get_device_name(device), tf32=tf32_state(), tf32_flag=args.tf32,
+                      cudnn_benchmark=torch.backends.cudnn.benchmark)
     if onnx:
         result.update(export_dir=str(args.export_dir), onnx_providers=model.providers,
                       quantize=model.manifest.get('quantize'))
@@ -385,7 +406,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                   average_gflops=res.expected_gflops(flops), seconds=res.seconds, throughput=res.throughput,
                   batch_size=args.batch_size, warmup_batches=res.warmup_batches,
                   warmup_batches_requested=args.warmup_batches,
-                  timer='cuda events' if device.type == 'cuda' else 'wall clock (perf_counter)',
+                  timer='cuda events' if model_device(model, device).type == 'cuda' else 'wall clock (perf_counter)',
                   threads=torch.get_num_threads())
     _logger.info('* Acc@1 %.3f Acc@5 %.3f  exited at the coarse stage: %.1f%%  average GFLOPs: %.4f',
                  res.top1, res.top5, 100 * res.exit_share, res.expected_gflops(flops))

@@ -220,12 +220,14 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     if args.finetune:
         load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
 
-    # aux_head gets no gradient without dense targets; with them every parameter is used
+    # aux_head gets no gradient without dense targets; with them every parameter is used, except
+    # pos_embed_list.1 while selection is off when the non-selective fine stage omits it
     dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
+    all_used = dense_loss and model.fine_pos_embed_without_selection
     criterion, batch_transform = build_objective(args, num_classes, label_size) if not args.eval else (None, None)
     train_or_evaluate(
         args, info, output_dir, model, num_classes, train_set, val_set, criterion, batch_transform,
-        find_unused_parameters=not dense_loss,
+        find_unused_parameters=not all_used,
         summary=f'token labels {label_size}x{label_size} from {args.token_label_data}' if args.token_label
         else 'class labels only',
         ema_eval=args.model_ema and not args.model_ema_force_cpu,  # the release ranked epochs by the EMA

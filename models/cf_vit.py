@@ -288,6 +288,10 @@ class CFVisionTransformer(nn.Module):
             ``blocks.i.ls1.gamma`` / ``ls2.gamma``; DeiT-III); None (the released models): none.
         weight_init: ``''``: timm's ViT initialization; ``'skip'`` (timm's spelling): none, for weights
             that are loaded right after (``models.convert`` builds on the meta device so).
+        half_precision_cls_attn: under ``torch.autocast``, compute the class-token attention row
+            that ranks the patches in the autocast dtype, as the release's AMP training did
+            (training parity). False (default): the row is float32 as documented, also under
+            autocast. Without autocast both are the same.
     """
 
     #: The model has dense (per-token) stage outputs for token labeling (LV-ViT).
@@ -325,6 +329,7 @@ class CFVisionTransformer(nn.Module):
             forward_returns_both_stages: bool = False,
             init_values: Optional[float] = None,
             weight_init: str = '',
+            half_precision_cls_attn: bool = False,
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -369,6 +374,8 @@ class CFVisionTransformer(nn.Module):
                 proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
                 norm_layer=norm_layer, act_layer=act_layer, skip_lam=skip_lam, init_values=init_values)
             for i in range(depth)])
+        for blk in self.blocks:
+            blk.attn.half_precision_cls_attn = bool(half_precision_cls_attn)
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_extra_heads()

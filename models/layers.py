@@ -13,13 +13,50 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models._features_fx import register_notrace_function
 from timm.models.vision_transformer import Block
 
-__all__ = ['ClsAttention', 'CFBlock', 'ConvStemPatchEmbed']
+__all__ = ['cls_attention_row', 'ClsAttention', 'CFBlock', 'ConvStemPatchEmbed']
+
+
+def _cls_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for a float64 model
+    q_cls = q[:, :, :1].to(dtype) * scale  # (B, heads, 1, hd)
+    return (q_cls @ k.to(dtype).transpose(-2, -1)).softmax(dim=-1).squeeze(2)
+
+
+@register_notrace_function  # a graph leaf: the autocast switch below runs when the graph runs
+def cls_attention_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, heads, N, hd) queries and keys -> (B, heads, N) float32 softmax of the class-token query.
+
+    Computed in float32 also under ``torch.autocast``: autocast is switched off here (it would
+    otherwise run the matmul of the upcast q and k in half precision again).
+    """
+    if not torch.jit.is_scripting():  # TorchScript (eval graphs only) has no autocast context to leave
+        if q.device.type in ('cpu', 'cuda', 'xpu', 'mps', 'hpu') and torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                return _cls_row(q, k, scale)
+    return _cls_row(q, k, scale)
+
+
+torch.fx.wrap('cls_attention_row')  # also a leaf of plain torch.fx tracing (TorchScript preparation)
 
 
 class ClsAttention(Attention):
-    """timm's multi-head self-attention that can also return the class-token attention row."""
+    """timm's multi-head self-attention that can also return the class-token attention row.
+
+    The row is computed in float32 from the block's queries and keys, also under ``torch.autocast``
+    (autocast is switched off for it and q, k are upcast): a half-precision row has many ties among
+    the patches and ranks them differently from float32.
+
+    Attributes:
+        half_precision_cls_attn: False (default): the documented float32 row. True reproduces the
+            release under AMP, whose row was computed by the autocast in force (q @ k^T in float16 /
+            bfloat16, softmax as autocast runs it): for training parity with a released AMP run.
+            Without autocast both give the same float32 row.
+    """
+
+    half_precision_cls_attn: bool = False
 
     def forward(  # type: ignore[override]
             self,
@@ -44,8 +81,11 @@ class ClsAttention(Attention):
         cls_attn = None
         if return_cls_attn:
             with torch.no_grad():
-                q_cls = q[:, :, :1].float() * self.scale  # (B, heads, 1, hd)
-                cls_attn = (q_cls @ k.float().transpose(-2, -1)).softmax(dim=-1).squeeze(2)
+                if self.half_precision_cls_attn:  # the release under AMP: the autocast in force decides
+                    cls_attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+                    cls_attn = cls_attn.squeeze(2).float()
+                else:
+                    cls_attn = cls_attention_row(q, k, self.scale)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(

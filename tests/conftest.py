@@ -26,6 +26,26 @@ REPO_GOLDEN_DIR = DATA / 'golden'
 ARCH_TO_MODEL = {'CFVisionTransformer': 'cf_deit_small', 'CF_LV_ViT': 'cf_lvvit_small'}
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'cuda: needs a CUDA GPU (the CUDA tier: `pytest -m cuda tests`); skipped without one')
+
+
+def _no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f'no CUDA device: this torch {torch.__version__} is a CPU-only build'
+    return f'no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda})'
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=_no_cuda_reason())
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
+
+
 def golden_case_files(directory: Path = GOLDEN_DIR) -> List[Path]:
     """Case files (``*.pt`` with a ``config``) of a golden folder; dynamic_evaluate.pt is not a case."""
     return sorted(p for p in directory.glob('*.pt') if p.name != 'dynamic_evaluate.pt')

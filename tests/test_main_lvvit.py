@@ -314,3 +314,18 @@ def test_bad_token_label_input_is_one_clear_message(case, image_folder, label_di
     assert main_lvvit.main(argv) == main_lvvit.EXIT_BAD_INPUT
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert expected in error and 'Traceback' not in error
+
+
+@pytest.mark.parametrize('fine_pos', [True, False])
+def test_ddp_finds_unused_parameters_when_the_fine_position_embedding_is_unused(image_folder, label_dir, monkeypatch,
+                                                                                  fine_pos):
+    """With dense targets every parameter is used, except pos_embed_list.1 while selection is off when
+    fine_pos_embed_without_selection is off: DDP must then look for unused parameters."""
+    seen = {}
+    monkeypatch.setattr(main_lvvit, 'train_or_evaluate',
+                        lambda *a, **kw: seen.update(kw, fine_pos=a[3].fine_pos_embed_without_selection))
+    code = main_lvvit.main(TINY + [str(image_folder), '--token-label', '--token-label-data', str(label_dir),
+                                   '--model-kwargs', f'fine_pos_embed_without_selection={fine_pos}'])
+    assert code == 0
+    assert seen['fine_pos'] is fine_pos
+    assert seen['find_unused_parameters'] is (not fine_pos)

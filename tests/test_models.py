@@ -273,7 +273,7 @@ def test_reset_classifier():
     assert coarse.shape == fine.shape == (1, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+@pytest.mark.cuda
 @pytest.mark.parametrize('name', NAMES)
 @torch.no_grad()
 def test_cuda_matches_cpu(name):

@@ -9,7 +9,8 @@ How the rank is found, first match wins:
 1. ``RANK`` and ``WORLD_SIZE`` in the environment (torchrun and ``torch.distributed.launch`` set
    them); the local rank comes from ``LOCAL_RANK``, else from ``--local_rank``/``--local-rank``.
 2. ``SLURM_PROCID`` with ``SLURM_NTASKS > 1`` (as the DeiT release read it); the local rank is
-   ``SLURM_LOCALID``, else the rank modulo the number of visible GPUs.
+   ``SLURM_LOCALID``, else the rank; the CUDA index is the local rank modulo the number of visible
+   GPUs (clusters that show each task only its own GPU).
 3. Otherwise: one process.
 
 The backend is NCCL when the device is CUDA and gloo otherwise.
@@ -51,7 +52,7 @@ class DistInfo:
     """Where this process sits.
 
     Attributes:
-        distributed: a process group with more than one process is initialized.
+        distributed: a process group is initialized (also for a launcher's single process).
         rank: global rank (0 for one process).
         world_size: number of processes (1 for one process).
         local_rank: rank on this node; selects the CUDA device.
@@ -105,6 +106,7 @@ def init_distributed(
     Raises:
         DistributedSetupError: a launch environment that cannot work (e.g. more processes than GPUs).
     """
+    slurm = False
     rank = _env_int('RANK')
     env_world = _env_int('WORLD_SIZE')
     env_local = _env_int('LOCAL_RANK')
@@ -118,6 +120,7 @@ def init_distributed(
         local = _env_int('SLURM_LOCALID')
         if local is None:
             local = rank % max(torch.cuda.device_count(), 1)
+        slurm = True
         if dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
             raise DistributedSetupError(
                 f'SLURM task {rank} of {world}: set MASTER_ADDR and MASTER_PORT, or pass --dist_url '
@@ -128,17 +131,23 @@ def init_distributed(
     else:
         return DistInfo(False, 0, 1, 0, torch.device(device), None)
 
+    if world < 1:
+        raise DistributedSetupError(f'WORLD_SIZE={world}: a launch needs at least one process')
     from utils.core.safe_io import check_dist_env  # before connecting: a bad rank or address would wait for the timeout
     problem = check_dist_env(rank, world, local, dist_url, source) if world > 1 or rank != 0 else None
     if problem is not None:
         raise DistributedSetupError(problem)
-    if world <= 1:
-        return DistInfo(False, 0, 1, 0, torch.device(device), None)
+    if world == 1 and dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
+        return DistInfo(False, 0, 1, 0, torch.device(device), None)  # RANK=0 WORLD_SIZE=1 without a launcher
+    # a launcher's single process (torchrun --nproc_per_node=1) still gets a process group: one-GPU runs use
+    # NCCL and DistributedDataParallel as multi-GPU runs do
 
     dev = torch.device(device)
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
             raise DistributedSetupError('--device cuda was requested but no GPU is visible; use --device cpu')
+        if slurm:  # as DeiT: clusters that show each task only its own GPU(s) make the local id too high
+            local = local % torch.cuda.device_count()
         if local >= torch.cuda.device_count():
             raise DistributedSetupError(
                 f'local rank {local} but only {torch.cuda.device_count()} GPUs are visible: '
@@ -150,15 +159,17 @@ def init_distributed(
         backend = 'gloo'
     _logger.debug('process group: rank %d/%d, local rank %d, %s on %s', rank, world, local, backend, dist_url)
     timeout = timedelta(minutes=timeout_minutes)
+    bound = {'device_id': dev} if backend == 'nccl' else {}  # NCCL communicators bound to this process's GPU
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '')
     if dist_url == 'env://' and attempt:
         # Restarted by torchrun (--max-restarts): the processes of this attempt meet under their own keys,
         # never reading the addresses that the processes of an earlier attempt (now dead) left in the store.
         store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world, timeout=timeout))
         dist.init_process_group(backend=backend, store=dist.PrefixStore(f'cfvit/attempt_{attempt}', store),
-                                world_size=world, rank=rank, timeout=timeout)
+                                world_size=world, rank=rank, timeout=timeout, **bound)
     else:
-        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout)
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout,
+                                **bound)
     dist.barrier()
     return DistInfo(True, rank, world, local, dev, backend)
 

@@ -46,7 +46,10 @@ def _sdpa_flop(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
 def _custom_mapping() -> Dict:
     """Formulas keyed by aten overload packets (what ``FlopCounterMode`` looks up)."""
     mapping = {aten.native_layer_norm: _layer_norm_flop, aten.upsample_nearest2d: _upsample_flop}
-    for name in ('_native_batch_norm_legit_no_training', '_native_batch_norm_legit', 'native_batch_norm'):
+    # every kernel BatchNorm (LV-ViT's stem) may dispatch to: the CPU ones, and cuDNN's / MIOpen's on GPUs,
+    # so the count does not depend on the device
+    for name in ('_native_batch_norm_legit_no_training', '_native_batch_norm_legit', 'native_batch_norm',
+                 '_batch_norm_no_update', '_batch_norm_with_update', 'cudnn_batch_norm', 'miopen_batch_norm'):
         if hasattr(aten, name):
             mapping[getattr(aten, name)] = _batch_norm_flop
     # the CPU kernel of scaled_dot_product_attention has no formula of its own in torch

@@ -22,7 +22,7 @@ from models.token_ops import coarse_from_fine
 from utils.core.signals import check_stop, stop_at_steps
 
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch',
-           'top_k_hits']
+           'top_k_hits', 'model_device']
 
 _logger = logging.getLogger(__name__)
 
@@ -145,19 +145,34 @@ class ExitResult:
         return self.exit_share * flops[0] + (1 - self.exit_share) * flops[1]
 
 
+def model_device(model: nn.Module, default: torch.device) -> torch.device:
+    """The device of the model's first parameter (or buffer); ``default`` for a model without any (or for a
+    predictor that is no ``nn.Module``, such as onnxruntime's)."""
+    if not isinstance(model, nn.Module):
+        return default
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return default
+
+
 @torch.no_grad()
 @stop_at_steps()
 def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      warmup_batches: int = 2, amp_dtype: Optional[torch.dtype] = None) -> ExitResult:
     """Early-exit inference at ``threshold`` with the model time of every batch measured.
 
-    Only the forward pass is timed: CUDA events on GPU, a wall clock on CPU. The first
+    Only the forward pass is timed: CUDA events on GPU (recorded on the current stream of the
+    model's device, which is also the current device while the forward runs), a wall clock on CPU. The first
     ``warmup_batches`` batches are evaluated but not timed (if the data has no more batches than
     that, every batch is timed and a warning says so).
     """
     model.eval()
     c = model.img_size_list[0]
-    use_events = device.type == 'cuda'
+    time_dev = model_device(model, device)
+    use_events = time_dev.type == 'cuda'
+    on_model_device = (lambda: torch.cuda.device(time_dev)) if use_events else contextlib.nullcontext
     n_images = n_timed = n_exit = n_top1 = n_top5 = skipped = 0
     seconds = 0.0
     batch_seconds: List[float] = []
@@ -179,16 +194,18 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
         x_c = coarse_from_fine(x_f, (c, c))
         timed = i >= warmup_batches
         if use_events:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
+            with on_model_device():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(time_dev)
+                start.record(torch.cuda.current_stream(time_dev))
         else:
             t0 = time.perf_counter()
-        with autocast_context(device, amp_dtype):
+        with on_model_device(), autocast_context(device, amp_dtype):
             out = model.forward_details([x_c, x_f], threshold)
         if use_events:
-            end.record()
-            torch.cuda.synchronize(device)
+            with on_model_device():
+                end.record(torch.cuda.current_stream(time_dev))
+                torch.cuda.synchronize(time_dev)
             dt = start.elapsed_time(end) / 1000.0
         else:
             dt = time.perf_counter() - t0

@@ -56,6 +56,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='the released scripts\' flag; means native --amp')
     g.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=None,
                    help='autocast dtype; default float16 (with a gradient scaler) on CUDA, bfloat16 on CPU')
+    g.add_argument('--tf32', action=bool_flag, default=None,
+                   help='CUDA float32: --tf32 runs matmuls and cuDNN convolutions in TF32 (as the release\'s PyTorch '
+                        '1.10 did on Ampere and newer), --no-tf32 in IEEE float32; default: PyTorch\'s (matmuls '
+                        'IEEE, convolutions TF32). The log says which')
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')

@@ -91,6 +91,8 @@ def capture_rng_state() -> Dict[str, Any]:
                   'has_gauss': int(has_gauss), 'gauss': float(gauss)},
         'torch': torch.get_rng_state(),
         'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own GPU, enough to resume where another number of GPUs is visible per process
+        'cuda_current': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -102,10 +104,13 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
-        if len(state['cuda']) != torch.cuda.device_count():
+        if len(state['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state['cuda'])
+        elif state.get('cuda_current') is not None:  # e.g. written with all GPUs visible, resumed with one per task
+            torch.cuda.set_rng_state(state['cuda_current'])
+        else:  # written before 'cuda_current' was recorded
             raise CheckpointError(f'the mid-epoch checkpoint was written with {len(state["cuda"])} visible GPUs per '
                                   f'process, this run sees {torch.cuda.device_count()}')
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 # ---------------------------------------------------------------------------------------------- --resume auto

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from datasets.folder import DatasetError, unreadable_images
 
 from utils.core.cli import user_message
-from utils.core.dist import PeerFailedError, collective_device, is_main_process, reduce, step_status
+from utils.core.dist import (
+    PeerFailedError, collective_device, is_dist_initialized, is_main_process, reduce, step_status,
+)
 from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 from utils.core.signals import check_stop, step_boundary, stop_at_steps
 from utils.inference.predict import autocast_context, top_k_hits, unpack_batch
@@ -133,6 +135,13 @@ def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: 
         optimizer.step()
 
 
+def _failure_code(failure: Optional[BaseException]) -> int:
+    """The exit status a step's failure means: 0 none, 2 bad input (unreadable data), 1 anything else."""
+    if failure is None:
+        return 0
+    return EXIT_BAD_INPUT if isinstance(failure, (DatasetError, OSError)) else EXIT_FAILED
+
+
 def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
     if mode == 'norm':
         torch.nn.utils.clip_grad_norm_(params, value)
@@ -221,20 +230,33 @@ def train_one_epoch(
             break
         except Exception as e:  # e.g. an unreadable training set: every process stops at this step
             failure = e
+        if is_dist_initialized():
+            # agree on the batches before the forward: DDP's forward broadcasts buffers (CF-LV-ViT's BatchNorm),
+            # a collective that a process without a batch would leave the others waiting in
+            code, _, first = step_status(_failure_code(failure), False,
+                                         '' if failure is None else user_message(failure))
+            if failure is not None:
+                raise failure
+            if code:
+                raise PeerFailedError(f'process {first[0]} stopped the run at epoch {epoch}, step {step}: {first[1]}',
+                                      code)
         if failure is None:
-            images = _to_device(images, device)
-            targets = _to_device(targets, device)
-            if batch_transform is not None:
-                images, targets = batch_transform(images, targets)
+            try:  # any failure here (a CUDA out-of-memory error too) reaches the step agreement below
+                images = _to_device(images, device)
+                targets = _to_device(targets, device)
+                if batch_transform is not None:
+                    images, targets = batch_transform(images, targets)
 
-            with amp.autocast(device):
-                outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
-            losses = criterion(outputs, targets)
-            if isinstance(losses, torch.Tensor):
-                losses = {'loss': losses}
-            loss = losses['loss']
-            loss_value = float(loss.item())
-        code = 0 if failure is None else EXIT_BAD_INPUT if isinstance(failure, (DatasetError, OSError)) else EXIT_FAILED
+                with amp.autocast(device):
+                    outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
+                losses = criterion(outputs, targets)
+                if isinstance(losses, torch.Tensor):
+                    losses = {'loss': losses}
+                loss = losses['loss']
+                loss_value = float(loss.item())
+            except Exception as e:
+                failure = e
+        code = _failure_code(failure)
         if failure is None and not math.isfinite(loss_value):
             code = NON_FINITE
         code, stop, first = step_status(code, stop_asked,

@@ -216,15 +216,16 @@ def weights_digest(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- tests only
 class FaultInjection:
     """``--debug-fault RANK:EPOCH:STEP:KIND`` (tests only): when process RANK is about to fetch batch STEP of
-    epoch EPOCH, ``kill`` SIGKILLs it and ``data`` raises the data error of a training set that cannot be
-    read. Only on a job's first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restart succeeds."""
+    epoch EPOCH, ``kill`` SIGKILLs it, ``data`` raises the data error of a training set that cannot be
+    read, and ``forward`` hands the model a batch one pixel too small, so that its forward fails. Only on a
+    job's first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restart succeeds."""
 
     def __init__(self, spec: str, rank: int) -> None:
         try:
             r, e, s, kind = spec.split(':')
             self.rank, self.epoch, self.step, self.kind = int(r), int(e), int(s), kind
         except ValueError:
-            raise ValueError(f'--debug-fault takes RANK:EPOCH:STEP:kill|data, got {spec!r}') from None
+            raise ValueError(f'--debug-fault takes RANK:EPOCH:STEP:kill|data|forward, got {spec!r}') from None
         self.active = rank == self.rank and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') in ('', '0')
 
     def wrap(self, loader: Any, epoch: int, start_step: int) -> Any:
@@ -247,5 +248,9 @@ class _FailingLoader:
             if i == self.at:
                 if self.kind == 'kill':
                     os.kill(os.getpid(), signal.SIGKILL)
+                if self.kind == 'forward':
+                    images, *rest = batch
+                    yield (images[..., 1:, 1:], *rest)
+                    continue
                 raise DatasetError('32 images in a row could not be read (injected by --debug-fault)')
             yield batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ from datasets.build import build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
 from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
 from utils.core.cli import log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging
+from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.files import remove_stale_temp_files
@@ -61,6 +63,9 @@ EXIT_TRAINING_FAILED = EXIT_FAILED
 
 #: What the training scripts report as bad input (exit 2): every user error, and unreadable data.
 USER_ERRORS = (UserError, DatasetError)
+
+#: cuBLAS's documented setting for deterministic results (``--deterministic`` sets it when the environment has none).
+DETERMINISTIC_CUBLAS_WORKSPACE = ':4096:8'
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -251,6 +256,10 @@ def build_amp(args: argparse.Namespace, device: torch.device) -> AmpConfig:
     amp = AmpConfig()
     if enabled:
         dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
+        try:
+            check_amp_dtype(dtype, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         amp = AmpConfig(dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
     _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
         ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
@@ -279,7 +288,13 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     device = info.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = not args.deterministic
+        set_tf32(getattr(args, 'tf32', None))
+        _logger.info('%s', describe_float32(getattr(args, 'tf32', None)))
     if args.deterministic:
+        if device.type == 'cuda' and not os.environ.get('CUBLAS_WORKSPACE_CONFIG'):
+            # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (later)
+            os.environ['CUBLAS_WORKSPACE_CONFIG'] = DETERMINISTIC_CUBLAS_WORKSPACE
+            _logger.info('--deterministic: CUBLAS_WORKSPACE_CONFIG=%s set for this run', DETERMINISTIC_CUBLAS_WORKSPACE)
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.distributed:
         _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
