@@ -16,7 +16,10 @@ from utils.core import dist as cfdist
 def launch_env(monkeypatch):
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',
                 'SLURM_LOCALID', 'TORCHELASTIC_RESTART_COUNT'):
-        monkeypatch.delenv(key, raising=False)
+        # set, then delete: monkeypatch then restores the variable's absence too, also after the code under
+        # test set it itself (the SLURM path exports RANK/WORLD_SIZE/LOCAL_RANK for the process group)
+        monkeypatch.setenv(key, '')
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
