@@ -430,7 +430,8 @@ FINETUNE_RUN = 'finetune_p16_g7'
 FINETUNE_GOAL_SHARE = 0.60
 
 
-def section_finetune(d: Dict[str, Any], name: str = FINETUNE_RUN) -> str:
+def section_finetune(d: Dict[str, Any], name: str = FINETUNE_RUN,
+                     others: Sequence[Tuple[str, Dict[str, Any]]] = ()) -> str:
     gflops, acc = d['cf_budgeted_batch_classification']
     thresholds = d['cf_thresholds']
     base, base_g = d['baseline_top1'], d['baseline_gflops']
@@ -467,15 +468,32 @@ def section_finetune(d: Dict[str, Any], name: str = FINETUNE_RUN) -> str:
              f"{d['cf_flop'][1] / base_g:.0%}"],
         ]), '',
         verdict, '',
-        'Per fine-tuning epoch (coarse / fine top-1, %): ' + ', '.join(
-            f'{i}: {c:.2f} / {f:.2f}' for i, (c, f) in enumerate(d['cf_top1_per_epoch'])) + '.', '',
+        'Per fine-tuning epoch, as `main_deit.py` evaluates while training (coarse / fine top-1, %; the fine stage '
+        'WITHOUT informative selection, every fine patch, until the epoch selection switches on, with it after): '
+        + ', '.join(f'{i}: {c:.2f} / {f:.2f}' for i, (c, f) in enumerate(d['cf_top1_per_epoch'])) + '.', '',
         table(['threshold', 'GFLOPs/img', 'share', 'top-1 (%)'],
               [[f'{thresholds[i]:.2f}', f'{gflops[i]:.4f}', f'{gflops[i] / base_g:.0%}', f'{acc[i]:.2f}']
                for i in picks]), '',
         f'![curve](benchmarks/results/{name}/curve.png)', '']
     if d.get('note'):
         lines[-2:-2] = [d['note'], '']
+    if others:
+        lines += ['Other fine-tuning recipes from the same plain DeiT (same command with the flags shown; logs and '
+                  'curves in `benchmarks/results/<run>/`):', '',
+                  table(['run', 'flags', 'coarse / both stages top-1 (%)', 'best early-exit top-1 (%) at GFLOPs share',
+                         'GFLOPs to match the plain DeiT'],
+                        [[f'`{n}`', f"`--selection-start-epoch {e['selection_start_epoch']} --lr {e['finetune_lr']}`"
+                          + (' (selection never on in training)' if e['selection_start_epoch'] >= e['finetune_epochs'] - 1
+                             else ''),
+                          f"{e['cf_anytime_classification'][0]:.2f} / {e['cf_anytime_classification'][1]:.2f}",
+                          _best_point(e), _match(e)] for n, e in others]), '']
     return '\n'.join(lines)
+
+
+def _best_point(d: Dict[str, Any]) -> str:
+    gflops, acc = d['cf_budgeted_batch_classification']
+    i = max(range(len(acc)), key=lambda j: (acc[j], -gflops[j]))
+    return f"{acc[i]:.2f} at {gflops[i] / d['baseline_gflops']:.0%}"
 
 
 def render() -> str:
@@ -519,7 +537,8 @@ def render() -> str:
                  '## 7. Early exit against the released code (CPU)\n\nNot run yet.\n')
     finetune = load(FINETUNE_RUN)
     if finetune:
-        parts.append(section_finetune(finetune))
+        others = [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob(f'{FINETUNE_RUN}_*.json'))]
+        parts.append(section_finetune(finetune, others=others))
     return '\n'.join(parts)
 
 
