@@ -62,7 +62,7 @@ from utils.core.cli import (  # noqa: E402
 )
 from utils.core.dist import default_device  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
-from utils.core.files import save_atomic, write_json_atomic  # noqa: E402
+from utils.core.files import save_atomic, sha256_file, write_json_atomic  # noqa: E402
 from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
 from utils.core.run_folder import prepare_output_dir  # noqa: E402
 from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
@@ -261,15 +261,6 @@ class _PendingImages(Dataset):
 
 
 LABELS_LOCK = '.cfvit-labels.lock'
-
-
-def sha256_file(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 #: Entries of token_labels.json that must agree for two runs to write into one folder.

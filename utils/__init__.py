@@ -3,7 +3,7 @@
 
 - :mod:`utils.core`: what every script needs: errors and exit codes, atomic files, checkpoints and their
   schema, flags and the entry point, output folders, signals, distributed set-up, the model a
-  checkpoint holds;
+  checkpoint holds, files and structures from outside checked before use;
 - :mod:`utils.inference`: the evaluation loop of the inference scripts, early exit, FLOPs, CPU tuning,
   ONNX export and runtime;
 - :mod:`utils.vis`: figures and plots;

@@ -20,7 +20,7 @@ import torch
 from utils.core.errors import first_line
 
 __all__ = ['atomic_file', 'save_atomic', 'write_json_atomic', 'copy_atomic', 'append_json_line',
-           'remove_stale_temp_files']
+           'remove_stale_temp_files', 'sha256_file']
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,3 +130,13 @@ def copy_atomic(src: PathLike, dst: PathLike) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and a rename (``dst`` is never half-written)."""
     with open(src, 'rb') as fin, atomic_file(dst) as fout:
         shutil.copyfileobj(fin, fout)
+
+
+def sha256_file(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (export graphs, a teacher checkpoint)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()

@@ -24,7 +24,7 @@ import torch.nn as nn
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
 from utils.core.errors import OutputDirError
-from utils.core.files import atomic_file, write_json_atomic
+from utils.core.files import atomic_file, sha256_file, write_json_atomic
 from utils.core.run_folder import RunLock, check_writable_dir
 from utils.inference.flops import stage_gflops
 
@@ -49,14 +49,6 @@ EXAMPLE_BATCH = 2
 
 class ExportExistsError(OutputDirError):
     """The output folder already holds an export (message meant for a person)."""
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.no_grad()
