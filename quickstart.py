@@ -35,7 +35,7 @@ import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import default_workers, device_name, positive_int, run_entry_point  # noqa: E402
+from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point  # noqa: E402
 from utils.core.files import write_json_atomic  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
 from utils.core.run_folder import prepare_output_dir  # noqa: E402
@@ -57,12 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--output-dir', default='output/quickstart')
     p.add_argument('--data-path', default=None, help='default: the built-in synthetic set (written once)')
-    p.add_argument('--epochs', type=int, default=12)
+    p.add_argument('--epochs', type=positive_int, default=12)
     p.add_argument('--batch-size', type=positive_int, default=64,
                    help='training images per step (default 64; lower it for a --data-path of fewer images)')
     p.add_argument('--device', type=device_name, default='cpu', help='cpu (default) or cuda')
-    p.add_argument('--num-workers', type=int, default=default_workers(2))
-    p.add_argument('--threshold', type=float, default=0.8, help='early-exit threshold of the throughput run')
+    p.add_argument('--num-workers', type=int_at_least(0), default=default_workers(2))
+    p.add_argument('--threshold', type=float_in(0.0, 1.0), default=0.8, help='early-exit threshold of the throughput run')
     return p
 
 

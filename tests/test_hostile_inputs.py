@@ -593,3 +593,19 @@ def test_a_checkpoint_of_another_width_is_blamed_on_the_width(inputs, tmp_path, 
                      capsys, caplog)
     one_line_error(code, text, 'another size (embed_dim 48, depth')
     assert 'class count' not in text
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--epochs', '0'], 'argument --epochs: must be at least 1, got 0'),
+    (['--num-workers', '-1'], 'argument --num-workers: must be at least 0, got -1'),
+    (['--threshold', '2'], 'argument --threshold: must be in [0, 1], got 2'),
+    (['--threshold', 'nan'], 'argument --threshold: must be a finite number, got nan'),
+])
+def test_quickstart_checks_its_own_flags_before_any_work(tmp_path, capsys, caplog, argv, message):
+    """Refused by the quick start's own parser (one error line), not by a training subprocess that printed
+    main_deit.py's whole usage; nothing is written."""
+    import quickstart
+    out = tmp_path / 'out'
+    code, text = run(quickstart, ['--output-dir', out, *argv], capsys, caplog)
+    one_line_error(code, text, message)
+    assert 'main_deit' not in text and not out.exists()
