@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -84,3 +85,22 @@ def script_env() -> Dict[str, str]:
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(key, None)
     return env
+
+
+def run_main(script, argv, capsys, caplog):
+    """``(exit status, everything the run printed or logged)`` of ``script.main(argv)`` in-process;
+    argparse's SystemExit gives its code."""
+    with caplog.at_level(logging.INFO):
+        try:
+            code = script.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    return code, '\n'.join([out, err, caplog.text])
+
+
+def one_line_error(code: int, text: str, message: str) -> None:
+    """Exit status 2, no traceback, and ``message`` on one line of the output."""
+    assert code == 2, text[-3000:]  # EXIT_BAD_INPUT
+    assert 'Traceback' not in text, text[-3000:]
+    assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'

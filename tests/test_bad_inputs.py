@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import signal
 import stat
@@ -35,10 +34,9 @@ import main_lvvit
 import make_token_labels
 import visualize
 from helpers import (
-    BROKEN_FILES, UNREADABLE_FILES, log_lines, make_image_folder, tree_digest, write_broken_images,
+    BROKEN_FILES, UNREADABLE_FILES, log_lines, make_image_folder, one_line_error, run_main, tree_digest, write_broken_images,
 )
 from utils.core.checkpoint import load_checkpoint_file
-from utils.core.errors import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
 
@@ -100,21 +98,9 @@ def run(script, argv: List[str], capsys, caplog):
     """``(exit status, everything the run printed or logged)``; argparse's SystemExit gives its code.
     The script's signal handlers are gone afterwards."""
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    with caplog.at_level(logging.INFO):
-        try:
-            code = script.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
+    result = run_main(script, argv, capsys, caplog)
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
-    out, err = capsys.readouterr()
-    return code, '\n'.join([out, err, caplog.text])
-
-
-def one_line_error(code: int, text: str, message: str) -> None:
-    """Exit status 2, no traceback, and ``message`` on one line of the output."""
-    assert code == EXIT_BAD_INPUT == 2, text[-3000:]
-    assert 'Traceback' not in text, text[-3000:]
-    assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'
+    return result
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -8,14 +8,11 @@ guard turns a hang into a failure instead of a stuck suite.
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
-import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -30,8 +27,7 @@ import torch
 import dynamic_inference
 import main_deit
 import visualize
-from helpers import make_image_folder, script_env, tree_digest
-from utils.core.errors import EXIT_BAD_INPUT
+from helpers import make_image_folder, one_line_error, run_main, script_env, tree_digest
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
 
@@ -75,22 +71,7 @@ def untouched_inputs(inputs):
     assert tree_digest(inputs['root']) == before
 
 
-def run(script, argv: List, capsys, caplog):
-    """``(exit status, everything printed or logged)``; argparse's SystemExit gives its code."""
-    with caplog.at_level(logging.INFO):
-        try:
-            code = script.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    out, err = capsys.readouterr()
-    return code, '\n'.join([out, err, caplog.text])
-
-
-def one_line_error(code: int, text: str, message: str) -> None:
-    """Exit status 2, no traceback, and ``message`` on one line of the output."""
-    assert code == EXIT_BAD_INPUT == 2, text[-3000:]
-    assert 'Traceback' not in text, text[-3000:]
-    assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'
+run = run_main  # every script's main in-process: (exit status, output)
 
 
 def evaluate(inputs, out: Path, *extra) -> List:
