@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
 from utils.core.files import write_json_atomic  # noqa: E402
+from utils.inference.early_exit import threshold_for_count  # noqa: E402
 
 #: The goal of issue 25: images/s of early exit at 50 % exits over DeiT-S's, batch 1024, float16.
 GOAL_SPEEDUP = 1.6
@@ -172,16 +173,8 @@ def mode_steps(run: Run, data: Path, device: str) -> None:
 
 
 def threshold_for(conf: torch.Tensor, share: float) -> float:
-    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours
-    (the rule of benchmarks/bench_vs_release.py)."""
-    n = conf.numel()
-    n_exit = int(round(share * n / 100.0))
-    if n_exit >= n:
-        return 0.0
-    if n_exit <= 0:
-        return 1.01
-    c = conf.sort().values
-    return float((c[n - n_exit - 1] + c[n - n_exit]) / 2)
+    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours."""
+    return threshold_for_count(conf, int(round(share * conf.numel() / 100.0)))
 
 
 def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:

@@ -56,6 +56,8 @@ SELECTION_START_BLOCK = 3
 #: Default early-exit threshold of the eval-mode ``forward``: above any softmax probability (a
 #: float32 softmax can reach exactly 1.0, so 1.0 would still let some images exit): no image exits.
 NEVER_EXIT = math.inf
+#: How the fine stage picks its informative patches (``selection_policy``): the release's, and the paper's ablation.
+SELECTION_POLICIES = ('attention', 'random')
 
 Box = Tuple[int, int, int, int]  # (row0, col0, row1, col1) on a token grid, end-exclusive
 NO_BOX: Box = (0, 0, 0, 0)
@@ -115,6 +117,8 @@ class CoarseState(NamedTuple):
         output: the stage's head output (logits, or the dense training tuple of LV-ViT).
         grid: coarse token grid (h, w).
         mix_box: MixToken box on the coarse grid, or None.
+        scores: (B, N_c) scores that rank the coarse patches when they are not ``cls_attn`` (the
+            ``'random'`` selection policy's draws), else None.
     """
     tokens: torch.Tensor
     embeddings: torch.Tensor
@@ -122,12 +126,18 @@ class CoarseState(NamedTuple):
     output: Any
     grid: Tuple[int, int]
     mix_box: Optional[Box] = None
+    scores: Optional[torch.Tensor] = None
+
+    @property
+    def ranking(self) -> torch.Tensor:
+        """(B, N_c) what the informative patches are chosen by: ``scores``, or the class attention."""
+        return self.cls_attn if self.scores is None else self.scores
 
     def take(self, rows: torch.Tensor) -> 'CoarseState':
         """The state of the samples ``rows`` (a 1-D index tensor) only."""
         return self._replace(
             tokens=self.tokens[rows], embeddings=self.embeddings[rows], cls_attn=self.cls_attn[rows],
-            output=None)
+            output=None, scores=None if self.scores is None else self.scores[rows])
 
 
 class FineState(NamedTuple):
@@ -265,7 +275,16 @@ class CFVisionTransformer(nn.Module):
         norm_layer: normalization constructor (LayerNorm with eps 1e-6 by default).
         act_layer: MLP activation.
         skip_lam: residual scaling of the blocks (1 for DeiT).
-        informative_ratio: share of coarse patches re-split (alpha).
+        informative_ratio: share of coarse patches re-split (alpha); settable on a built model
+            (``model.informative_ratio = 1.0``), e.g. to evaluate a trained model at another alpha.
+        selection_policy: how the fine stage picks its informative patches: ``'attention'`` (the
+            release: the most attended coarse patches) or ``'random'`` (the paper's ablation: the
+            same number of patches, drawn per image from a generator seeded with ``selection_seed``).
+        selection_seed: seed of the ``'random'`` policy's generator (re-seeded by
+            :meth:`reset_selection_generator`).
+        feature_reuse: add the coarse stage's reused features to the fine embeddings (the release).
+            False is the paper's ablation without feature reuse: the fine stage starts from the patch
+            embeddings alone (``reuse_block`` stays in the model, unused, so checkpoints still load).
         attn_ema_beta: decay of the class-attention moving average (beta).
         selection_start_block: first block whose attention enters the average (default 3, the
             paper's; the last block for models of depth 3 or less).
@@ -330,6 +349,9 @@ class CFVisionTransformer(nn.Module):
             init_values: Optional[float] = None,
             weight_init: str = '',
             half_precision_cls_attn: bool = False,
+            selection_policy: str = 'attention',
+            selection_seed: int = 0,
+            feature_reuse: bool = True,
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -348,9 +370,14 @@ class CFVisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.coarse_grid = (self.img_size_list[0] // patch_size,) * 2
         self.fine_grid = (self.img_size_list[1] // patch_size,) * 2
-        num_coarse = self.coarse_grid[0] * self.coarse_grid[1]
-        self.informative_ratio = informative_ratio
-        self.num_informative = num_informative(num_coarse, informative_ratio)
+        self.informative_ratio = informative_ratio  # also sets num_informative
+        if selection_policy not in SELECTION_POLICIES:
+            raise ValueError(f'selection_policy must be one of {", ".join(map(repr, SELECTION_POLICIES))}, '
+                             f'got {selection_policy!r}')
+        self.selection_policy = selection_policy
+        self.selection_seed = int(selection_seed)
+        self._selection_generator: Optional[torch.Generator] = None
+        self.feature_reuse = bool(feature_reuse)
         self.attn_ema_beta = attn_ema_beta
         self.selection_start_block = selection_start_block
         self.informative_selection = informative_selection
@@ -392,6 +419,21 @@ class CFVisionTransformer(nn.Module):
             raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
         if weight_init != 'skip':
             self.init_weights()
+
+    @property
+    def informative_ratio(self) -> float:
+        """Share alpha of the coarse patches the fine stage re-splits; setting it sets ``num_informative``."""
+        return self._informative_ratio
+
+    @informative_ratio.setter
+    def informative_ratio(self, ratio: float) -> None:
+        k = num_informative(self.coarse_grid[0] * self.coarse_grid[1], ratio)  # ValueError outside (0, 1]
+        self._informative_ratio = float(ratio)
+        self.num_informative = k
+
+    def reset_selection_generator(self) -> None:
+        """Restart the ``'random'`` selection policy's draws from ``selection_seed``."""
+        self._selection_generator = None
 
     # ------------------------------------------------------------------ construction helpers
     def _init_extra_heads(self) -> None:
@@ -515,10 +557,20 @@ class CFVisionTransformer(nn.Module):
         cls_attn = attn.mean(dim=1)[:, 1:]  # (B, N_c)
         layout = TokenLayout(grid=grid, coarse_grid=grid, mix_box=box)
         output = self.forward_stage_head(z, stage=0, dense=dense, layout=layout)
-        return CoarseState(z, embeddings, cls_attn, output, grid, box)
+        return CoarseState(z, embeddings, cls_attn, output, grid, box, self.selection_scores(cls_attn))
+
+    def selection_scores(self, cls_attn: torch.Tensor) -> Optional[torch.Tensor]:
+        """The (B, N_c) scores the fine stage ranks coarse patches by, when they are not the class
+        attention itself: seeded uniform numbers under the ``'random'`` policy, else None."""
+        if self.selection_policy == 'attention':
+            return None
+        if self._selection_generator is None:
+            self._selection_generator = torch.Generator(device='cpu').manual_seed(self.selection_seed)
+        scores = torch.rand(cls_attn.shape, generator=self._selection_generator, dtype=torch.float32)
+        return scores.to(cls_attn.device)
 
     def select_patches(self, cls_attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, N_c) class attention -> informative (B, k) and other (B, N_c-k) coarse indices."""
+        """(B, N_c) scores (the class attention) -> informative (B, k) and other (B, N_c-k) coarse indices."""
         return rank_coarse_patches(cls_attn, self.num_informative)
 
     def forward_fine(
@@ -548,13 +600,14 @@ class CFVisionTransformer(nn.Module):
         if state.mix_box is not None:
             box = scale_box(state.mix_box, FINE_SCALE)
         t = self._embed(x_f, fine_grid, box)  # (B, N_f, D)
-        reuse = upsample_tokens(self.reuse_block(state.tokens[:, 1:]), grid)  # (B, N_f, D)
-        x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t + reuse), dim=1)  # (B, 1+N_f, D)
+        if self.feature_reuse:
+            t = t + upsample_tokens(self.reuse_block(state.tokens[:, 1:]), grid)  # (B, N_f, D)
+        x = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)  # (B, 1+N_f, D)
         if selection or self.fine_pos_embed_without_selection:
             x = x + self.pos_embed_list[1]
         important = unimportant = important_fine = None
         if selection:
-            important, unimportant = self.select_patches(state.cls_attn)
+            important, unimportant = self.select_patches(state.ranking)
             important_fine = fine_children(important, grid)  # (B, 4k)
             x = torch.cat((
                 x[:, :1],
@@ -750,7 +803,7 @@ class CFVisionTransformer(nn.Module):
         state = self.forward_coarse(x_c)
         coarse_logits = state.output
         confidence = coarse_logits.float().softmax(dim=-1).max(dim=-1).values  # (B,)
-        important, _ = self.select_patches(state.cls_attn)
+        important, _ = self.select_patches(state.ranking)
         important_fine = fine_children(important, state.grid)
         exited = exit_mask(confidence, threshold)
         selection = None if threshold is None else True

@@ -69,6 +69,9 @@ class CoarseStageGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if getattr(model, 'selection_policy', 'attention') != 'attention':
+            raise ValueError(f"only selection_policy='attention' exports (the graphs hand the class attention "
+                             f"to the fine stage); this model has selection_policy={model.selection_policy!r}")
         self.model = model
         coarse, fine = model.img_size_list
         self.resize = SeparableBilinear(fine, coarse)

@@ -37,7 +37,8 @@ CHECKPOINT_MODEL_KWARGS = frozenset({
     'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate', 'informative_ratio',
     'attn_ema_beta', 'selection_start_block', 'fine_pos_embed_without_selection', 'normalize_coarse_logits',
     'normalize_fine_logits', 'mix_token', 'skip_lam', 'return_dense', 'init_values', 'layer_scale_init_value',
-    'informative_selection', 'aux_weight', 'stem_chans', 'num_classes',
+    'informative_selection', 'aux_weight', 'stem_chans', 'num_classes', 'selection_policy', 'selection_seed',
+    'feature_reuse',
 })
 _PLAIN = (bool, int, float, str, type(None))
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 
-__all__ = ['DEFAULT_THRESHOLDS', 'dynamic_evaluate', 'budgeted_sweep', 'sweep_from_predictions', 'stage_accuracy']
+__all__ = ['DEFAULT_THRESHOLDS', 'dynamic_evaluate', 'budgeted_sweep', 'sweep_from_predictions', 'stage_accuracy',
+           'threshold_for_count', 'threshold_for_share', 'threshold_for_budget']
 
 #: The release's sweep: 0.00, 0.01, ..., 0.99 for the coarse stage.
 DEFAULT_THRESHOLDS: List[float] = [0.01 * p for p in range(100)]
@@ -92,3 +95,35 @@ def stage_accuracy(probs: torch.Tensor, targets: torch.Tensor) -> List[float]:
     """Top-1 (%) of each stage (the released ``anytime_classification``), (S, N, C) -> S floats."""
     pred = probs.argmax(dim=2)
     return [float(v) for v in (pred.eq(targets.view(1, -1)).double().mean(dim=1) * 100.0).tolist()]
+
+
+def threshold_for_count(confidence: torch.Tensor, n_exit: int) -> float:
+    """A threshold at which exactly the ``n_exit`` most confident samples reach it (exit), halfway between
+    the last one that exits and the first that goes on (ties aside); 0.0 lets all exit, 1.01 none."""
+    n = confidence.numel()
+    if n_exit >= n:
+        return 0.0
+    if n_exit <= 0:
+        return 1.01
+    c = confidence.flatten().sort().values
+    return float((c[n - n_exit - 1] + c[n - n_exit]) / 2)
+
+
+def threshold_for_share(confidence: torch.Tensor, share: float) -> float:
+    """A threshold at which ``share`` (0..1, rounded to whole samples) of ``confidence`` exits."""
+    return threshold_for_count(confidence, int(round(share * confidence.numel())))
+
+
+def threshold_for_budget(confidence: torch.Tensor, flops: Sequence[float], budget: float) -> float:
+    """A threshold chosen without labels that spends at most ``budget`` GFLOPs per sample on average.
+
+    With ``flops = [coarse, coarse + fine]`` per sample, the budget needs a share
+    ``1 - (budget - coarse) / fine`` of the samples to exit after the coarse stage; the threshold lets
+    the most confident ``ceil(share * N)`` of them exit (so the realised cost is at most the budget).
+    A budget below the coarse stage's cost is refused; one above both stages' lets none exit.
+    """
+    coarse, total = float(flops[0]), float(flops[1])
+    if budget < coarse:
+        raise ValueError(f'a budget of {budget:.4g} GFLOPs is below the coarse stage alone ({coarse:.4g})')
+    share = min(max(1.0 - (budget - coarse) / (total - coarse), 0.0), 1.0)
+    return threshold_for_count(confidence, math.ceil(share * confidence.numel() - 1e-9))
