@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
 
-from common import RESULTS, ROOT, machine, save
+from common import RESULTS, ROOT, epoch_seconds, machine, save
 
 MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 #: benchmark 5's recipe (both models there), here the baseline's
@@ -54,23 +53,6 @@ def finished(run_dir: Path, epochs: int) -> bool:
     log = run_dir / 'log.txt'
     return (run_dir / 'checkpoint.pth').exists() and log.exists() and \
         json.loads(log.read_text().splitlines()[-1])['epoch'] >= epochs - 1
-
-
-def epoch_seconds(train_out: Path) -> List[float]:
-    """Each epoch's wall time (training and its evaluation) from the timestamps of a training's console log."""
-    start: Dict[int, int] = {}
-    end: Dict[int, int] = {}
-    for line in train_out.read_text().splitlines():
-        m = re.match(r'(\d\d):(\d\d):(\d\d) INFO epoch (\d+)( \[1/| ?:)', line)
-        if not m:
-            continue
-        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
-        e = int(m[4])
-        if m[5].startswith(' [1/'):
-            start.setdefault(e, t)
-        else:
-            end[e] = t
-    return [float((end[e] - start[e]) % 86400) for e in sorted(end) if e in start]
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -63,3 +64,20 @@ def save(name: str, payload: Dict[str, object]) -> Path:
     path = RESULTS / f'{name}.json'
     write_json_atomic(payload, path)
     return path
+
+
+def epoch_seconds(train_out: Path) -> List[float]:
+    """Each epoch's wall time (training and its evaluation) from the timestamps of a training's console log."""
+    start: Dict[int, int] = {}
+    end: Dict[int, int] = {}
+    for line in train_out.read_text().splitlines():
+        m = re.match(r'(\d\d):(\d\d):(\d\d) INFO epoch (\d+)( \[1/| ?:)', line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+        e = int(m[4])
+        if m[5].startswith(' [1/'):
+            start.setdefault(e, t)
+        else:
+            end[e] = t
+    return [float((end[e] - start[e]) % 86400) for e in sorted(end) if e in start]
