@@ -496,6 +496,79 @@ def _best_point(d: Dict[str, Any]) -> str:
     return f"{acc[i]:.2f} at {gflops[i] / d['baseline_gflops']:.0%}"
 
 
+TRADEOFF_RUN = 'tradeoff'
+_RUN_NAMES = {'cf': 'CF-DeiT (7x7 on 112 px -> 14x14 on 224 px, alpha 0.5)', 'plain224': 'plain DeiT, 224 px',
+              'plain160': 'plain DeiT, 160 px', 'plain128': 'plain DeiT, 128 px'}
+
+
+def _ci(d: Dict[str, Any], key: str = 'diff') -> str:
+    return f"{d[key]:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def section_tradeoff(d: Optional[Dict[str, Any]]) -> str:
+    """Benchmark 9: CF-DeiT's early-exit curve against plain DeiTs at three resolutions, trained identically."""
+    out = ['## 9. Does coarse-to-fine pay? CF-DeiT against plain DeiTs of three resolutions (imagenette224)', '',
+           'The protocol, the recipe and the decision rules were committed before any run, in '
+           '[benchmarks/results/tradeoff/PROTOCOL.md](benchmarks/results/tradeoff/PROTOCOL.md). Four models trained from '
+           'scratch with one recipe for the same 40 epochs: CF-DeiT (D=96, 6 blocks, 3 heads, patch 16) and plain '
+           'DeiTs of the same width and depth at 224, 160 and 128 px. Early-exit thresholds are chosen from the coarse '
+           'confidences alone (no labels) to spend fixed budgets; every difference is paired over the same 1,500 '
+           'validation images (95% paired-bootstrap interval, 10,000 resamples; exact McNemar p).', '']
+    if d is None:
+        out += ['NOT RUN YET: the four trainings run with `python benchmarks/bench_tradeoff.py train RUN` (one torch '
+                'thread each, resumable); then `evaluate` and `report`.', '']
+        return '\n'.join(out)
+    ev = d['evaluation']
+    out += [machine_line(ev['machine']) + (f" Load: {ev['load_note']}" if ev.get('load_note') else ''), '']
+    out += ['```', 'python benchmarks/bench_tradeoff.py train cf   # and plain224, plain160, plain128: one thread each',
+            'python benchmarks/bench_tradeoff.py evaluate', 'python benchmarks/bench_tradeoff.py report',
+            'python benchmarks/report.py', '```', '']
+    v = d['verdicts']
+    out += [f"**Validity gate**: {v['validity']}.  ", f"**Match claim** (CF at 60% of plain224's GFLOPs within 2 points "
+            f"of it): **{v['match']}**.  ", f"**Family claim** (CF's curve not below plain ViTs of the same cost; the "
+            f"headline): **{v['family']}**.", '']
+    acc, g = d['accuracy'], d['gflops']
+    train_min = {run: sum(t) / 60 for run, t in ev.get('epoch_seconds', {}).items()}
+    rows = []
+    for key, run, gf in (('plain224', 'plain224', g['plain224']), ('plain160', 'plain160', g['plain160']),
+                         ('plain128', 'plain128', g['plain128']), ('cf_coarse', 'cf', g['cf_coarse']),
+                         ('cf_fine', 'cf', g['cf_both'])):
+        a = acc[key]
+        name = _RUN_NAMES[run] + {'cf_coarse': ': coarse stage alone', 'cf_fine': ': both stages (no exit)'}.get(key, '')
+        rows.append([name, f"{gf:.4f}", f"{gf / g['plain224']:.0%}", f"{a['top1']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]",
+                     f"{train_min.get(run, float('nan')):.0f}"])
+    out += [table(['model (40 epochs)', 'GFLOPs/img', 'share of plain224', 'top-1 % [95% CI]', 'training wall min'], rows),
+            '']
+    rows = []
+    for name, b in d['budgets'].items():
+        rows.append([name, f"{b['budget_gflops']:.4f}", f"{b['threshold']:.4f}", f"{b['exit_share']:.1%}",
+                     f"{b['realised_gflops']:.4f}", f"{b['top1_a']:.2f}", f"{b['versus']} {b['top1_b']:.2f}",
+                     _ci(b), f"{b['mcnemar_p']:.3g}"])
+    out += [table(['budget', 'GFLOPs', 'threshold (label-free)', 'exit at coarse', 'realised GFLOPs', 'CF top-1',
+                   'plain top-1', 'CF - plain, points [95% CI]', 'McNemar p'], rows), '']
+    names = {'random_vs_attention': 'random selection - attention selection (alpha 0.5)',
+             'all_patches_vs_half': 'all 49 patches re-split - half (alpha 1 vs 0.5)',
+             'no_reuse_vs_reuse': 'feature reuse removed at inference - with reuse (trained with it)',
+             'coarse_vs_plain128': 'CF coarse stage alone - plain DeiT 128 px',
+             'both_stages_vs_plain224': 'CF both stages (no exit) - plain DeiT 224 px'}
+    rows = [[names[k], f"{a['top1_a']:.2f} vs {a['top1_b']:.2f}", _ci(a), f"{a['mcnemar_p']:.3g}",
+             f"{a['gflops_a']:.4f} vs {a['gflops_b']:.4f}"] for k, a in d['ablations'].items()]
+    out += ['Ablations and diagnostics on the trained CF-DeiT (no verdict; paired over the same images):', '',
+            table(['comparison', 'top-1 %', 'difference [95% CI]', 'McNemar p', 'GFLOPs/img'], rows), '']
+    lvr = d.get('log_vs_recomputed', {})
+    if lvr:
+        out += ['Check: the per-image outputs reproduce the training logs\' final-epoch top-1 (coarse / fine): ' +
+                '; '.join(f"{run} {x['log'][0]:.2f}/{x['log'][1]:.2f} vs {x['recomputed'][0]:.2f}/{x['recomputed'][1]:.2f}"
+                          for run, x in lvr.items()) + '.', '']
+    out += ['![trade-off curve](benchmarks/results/tradeoff/curve.png)', '',
+            '![learning curves](benchmarks/results/tradeoff/learning_curves.png)', '',
+            'Per-image logits of every model and CF setting: `benchmarks/results/tradeoff/per_image.npz` (keys `targets`, '
+            '`plain224`, `plain160`, `plain128`, `cf_coarse`, `cf_fine`, `cf_fine_random`, `cf_fine_all`, '
+            '`cf_fine_no_reuse`; same image order, the sorted ImageFolder of `val/`); the final weights '
+            '`benchmarks/results/tradeoff/*_final.pth`; every number above is in `benchmarks/results/tradeoff.json`.', '']
+    return '\n'.join(out)
+
+
 def render() -> str:
     """BENCHMARKS.md's text from the result files."""
     parts = [HEADER]
@@ -539,6 +612,7 @@ def render() -> str:
     if finetune:
         others = [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob(f'{FINETUNE_RUN}_*.json'))]
         parts.append(section_finetune(finetune, others=others))
+    parts.append(section_tradeoff(load(TRADEOFF_RUN)))
     return '\n'.join(parts)
 
 
