@@ -112,3 +112,40 @@ def test_random_selection_does_not_export():
     model = timm.create_model('cf_deit_tiny', **TINY, selection_policy='random')
     with pytest.raises(ValueError, match="only selection_policy='attention' exports"):
         CoarseStageGraph(model)
+
+
+def test_training_records_the_switches_and_evaluation_overrides_them(tmp_path, capsys):
+    """main_deit.py trains the ablation (random selection, no reuse); its checkpoint records both; --eval
+    rebuilds them from the record, and dynamic_inference.py --model-kwargs evaluates another setting."""
+    import json
+
+    import dynamic_inference
+    import main_deit
+    from helpers import make_image_folder
+    from utils.core.checkpoint import load_checkpoint_file
+
+    data = make_image_folder(tmp_path / 'data', {'train': 4, 'val': 2}, 3)
+    out = tmp_path / 'run'
+    tiny = ['--model', 'cf_deit_tiny', '--embed-dim', '48', '--depth', '4', '--num-heads', '3',
+            '--coarse-stage-size', '2', '--device', 'cpu', '--no-amp', '--num_workers', '0', '--batch-size', '4',
+            '--epochs', '1', '--lr', '1e-3', '--unscale-lr', '--warmup-epochs', '0', '--print-freq', '1000',
+            '--seed', '3', '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--no-model-ema',
+            '--selection-start-epoch', '-1', '--data-path', str(data)]
+    kwargs = ['--model-kwargs', 'selection_policy=random', 'feature_reuse=False']
+    assert main_deit.main(tiny + kwargs + ['--output', str(out)]) == 0
+    ckpt = load_checkpoint_file(out / 'checkpoint.pth')
+    built, _, _ = build_from_checkpoint(ckpt)
+    assert built.selection_policy == 'random' and built.feature_reuse is False
+    # without reuse the reuse MLP got no gradient: its weights are still the initial ones (fc2 is trunc-normal)
+    assert ckpt['model']['reuse_block.1.fc2.bias'].abs().max() == 0
+    capsys.readouterr()
+    code = dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data), '--batch_size', '3',
+                                   '--checkpoint_path', str(out / 'checkpoint.pth'), '--num-workers', '0',
+                                   '--model-kwargs', 'informative_ratio=1.0', 'selection_policy=attention',
+                                   '--output-dir', str(tmp_path / 'eval')])
+    assert code == 0
+    res = json.loads(next((tmp_path / 'eval').rglob('anytime.json')).read_text())
+    expected = timm.create_model('cf_deit_tiny', coarse_stage_size=2, embed_dim=48, depth=4, num_heads=3, num_classes=3,
+                                 informative_ratio=1.0, feature_reuse=False)  # reuse off kept from the record
+    assert res['flop'] == pytest.approx(stage_gflops(expected))
+    assert res['flop'] != pytest.approx(stage_gflops(built))  # not the recorded alpha = 0.5
