@@ -148,47 +148,59 @@ def evaluate_cf(checkpoint: Any, data: str, num_workers: int, subset: int = 0) -
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Per-image logits of the four final checkpoints, saved as benchmarks/results/tradeoff/per_image.npz."""
+    """Per-image logits of final checkpoints: benchmarks/results/tradeoff/per_image_RUN.npz, one per run (a run
+    can be evaluated as soon as it ends), and what each was measured with in evaluation.json."""
     torch.set_num_threads(args.threads)
     work = (ROOT / args.work_dir).resolve()
     OUT.mkdir(parents=True, exist_ok=True)
-    arrays: Dict[str, np.ndarray] = {}
-    meta: Dict[str, Any] = {'gflops': {}, 'final_epoch': {}, 'log_top1': {}}
-    for run in ('cf', *PLAIN):
+    meta_path = OUT / 'evaluation.json'
+    meta: Dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    for run in args.runs or ('cf', *PLAIN):
         path = work / run / 'checkpoint.pth'
         checkpoint = load_checkpoint_file(path)
         epoch = int(checkpoint.get('epoch', -1))
         if epoch != args.epochs - 1:
             raise SystemExit(f'{path} holds epoch {epoch}, not the final epoch {args.epochs - 1}: train it to the end first')
-        meta['final_epoch'][run] = epoch
         last = json.loads((work / run / 'log.txt').read_text().splitlines()[-1])
-        meta['log_top1'][run] = [last['test_coarse_acc1'], last['test_fine_acc1']]
         print(f'{run}: evaluating epoch {epoch} ...', flush=True)
+        arrays: Dict[str, np.ndarray] = {}
         if run == 'cf':
             r = evaluate_cf(checkpoint, args.data_path, args.num_workers, args.subset)
             for k in ('coarse', *CF_SETTINGS):
                 arrays[f'cf_{k}'] = r[k]
-            meta['gflops']['cf'] = r['gflops']
         else:
             r = evaluate_plain(run, checkpoint, args.data_path, args.num_workers, args.subset)
             arrays[run] = r['logits']
-            meta['gflops'][run] = r['gflops']
-        if 'targets' in arrays and not np.array_equal(arrays['targets'], r['targets']):
-            raise SystemExit('the validation images came in another order for another model')
         arrays['targets'] = r['targets']
+        tmp = OUT / f'per_image_{run}.tmp.npz'
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, OUT / f'per_image_{run}.npz')
         # the final weights alone (no optimizer state): what every number here was computed from
         tmp = OUT / f'{run}_final.pth.tmp'
         torch.save({'model': extract_state_dict(checkpoint), 'args': checkpoint.get('args'), 'epoch': epoch}, tmp)
         os.replace(tmp, OUT / f'{run}_final.pth')
         shutil.copyfile(work / run / 'log.txt', OUT / f'{run}_log.txt')
+        meta.setdefault('gflops', {})[run] = r['gflops']
+        meta.setdefault('final_epoch', {})[run] = epoch
+        meta.setdefault('log_top1', {})[run] = [last['test_coarse_acc1'], last['test_fine_acc1']]
         meta.setdefault('epoch_seconds', {})[run] = epoch_seconds(work / f'{run}_train.out')
-    tmp = OUT / 'per_image.tmp.npz'
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, OUT / 'per_image.npz')
-    meta.update(machine=machine(), date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), load_note=args.load_note,
-                arrays={k: list(v.shape) for k, v in arrays.items()})
-    write_json_atomic(meta, OUT / 'evaluation.json')
-    print(f'wrote {OUT / "per_image.npz"} and {OUT / "evaluation.json"}')
+        meta.setdefault('evaluated', {})[run] = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                                                 'load_note': args.load_note}
+        meta['machine'], meta['load_note'] = machine(), args.load_note
+        write_json_atomic(meta, meta_path)
+        print(f'wrote {OUT / f"per_image_{run}.npz"}', flush=True)
+
+
+def load_per_image() -> Dict[str, np.ndarray]:
+    """The four runs' per-image outputs, merged (the same images in the same order, checked)."""
+    arrays: Dict[str, np.ndarray] = {}
+    for run in ('cf', *PLAIN):
+        with np.load(OUT / f'per_image_{run}.npz') as z:
+            part = {k: z[k] for k in z.files}
+        if 'targets' in arrays and not np.array_equal(arrays['targets'], part['targets']):
+            raise SystemExit(f'per_image_{run}.npz holds other images (or another order) than the other runs')
+        arrays.update(part)
+    return arrays
 
 
 def _confidence(logits: np.ndarray) -> torch.Tensor:
@@ -326,8 +338,7 @@ def plot_learning_curves(logs: Dict[str, List[Dict[str, Any]]], path: Path) -> N
 
 def cmd_report(args: argparse.Namespace) -> None:
     meta = json.loads((OUT / 'evaluation.json').read_text())
-    with np.load(OUT / 'per_image.npz') as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = load_per_image()
     result = analyse(arrays, meta)
     logs = {run: [json.loads(line) for line in (OUT / f'{run}_log.txt').read_text().splitlines()]
             for run in ('cf', *PLAIN)}
@@ -360,7 +371,9 @@ def main() -> None:
     t.add_argument('--work-dir', default='output/tradeoff', help='checkpoints and console logs (not in git)')
     t.add_argument('--threads', type=int, default=1, help='torch threads (OMP_NUM_THREADS)')
     t.add_argument('--num-workers', type=int, default=1)
-    e = sub.add_parser('evaluate', help='per-image outputs of the four final checkpoints')
+    e = sub.add_parser('evaluate', help='per-image outputs of final checkpoints')
+    e.add_argument('runs', nargs='*', choices=[[], *sorted(RUNS)], metavar='RUN',
+                   help=f'which runs ({", ".join(RUNS)}; default: all four)')
     e.add_argument('--data-path', default=default_data())
     e.add_argument('--work-dir', default='output/tradeoff')
     e.add_argument('--threads', type=int, default=1)

@@ -8,6 +8,7 @@ them (each file records the machine, threads, torch version and date of its run)
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -562,11 +563,47 @@ def section_tradeoff(d: Optional[Dict[str, Any]]) -> str:
                           for run, x in lvr.items()) + '.', '']
     out += ['![trade-off curve](benchmarks/results/tradeoff/curve.png)', '',
             '![learning curves](benchmarks/results/tradeoff/learning_curves.png)', '',
-            'Per-image logits of every model and CF setting: `benchmarks/results/tradeoff/per_image.npz` (keys `targets`, '
-            '`plain224`, `plain160`, `plain128`, `cf_coarse`, `cf_fine`, `cf_fine_random`, `cf_fine_all`, '
-            '`cf_fine_no_reuse`; same image order, the sorted ImageFolder of `val/`); the final weights '
+            'Per-image logits of every model and CF setting: `benchmarks/results/tradeoff/per_image_RUN.npz` (keys '
+            '`targets` and `plain224`, `plain160`, `plain128`, or `cf_coarse`, `cf_fine`, `cf_fine_random`, `cf_fine_all`, '
+            '`cf_fine_no_reuse`; the same image order in each, the sorted ImageFolder of `val/`); the final weights '
             '`benchmarks/results/tradeoff/*_final.pth`; every number above is in `benchmarks/results/tradeoff.json`.', '']
     return '\n'.join(out)
+
+
+SUMMARY_START, SUMMARY_END = '<!-- tradeoff-summary:start (benchmarks/report.py writes this block) -->', \
+    '<!-- tradeoff-summary:end -->'
+#: Pages that quote benchmark 9's verdict: the block between the markers is rewritten by ``main``.
+SUMMARY_PAGES = ('README.md', 'docs/tradeoff.md')
+
+
+def tradeoff_summary(d: Optional[Dict[str, Any]]) -> str:
+    """Benchmark 9's verdicts and budget table, as the README and docs/tradeoff.md quote them."""
+    if d is None:
+        return ('Benchmark 9 (CF-DeiT against plain DeiTs of three resolutions, trained identically) has not '
+                'finished yet: see BENCHMARKS.md, section 9, for its pre-registered protocol.')
+    v, acc = d['verdicts'], d['accuracy']
+    rows = [[f"{name} ({b['budget_gflops']:.4f} GFLOPs, {b['realised_gflops'] / d['gflops']['plain224']:.0%} of "
+             f"plain224)", f"{b['top1_a']:.2f}", f"{b['versus']}: {b['top1_b']:.2f}", _ci(b), f"{b['mcnemar_p']:.3g}"]
+            for name, b in d['budgets'].items()]
+    return '\n'.join([
+        f"On imagenette224 (1,500 val images), 40 epochs from scratch with one recipe for all four models "
+        f"(one seed): plain DeiT 224 / 160 / 128 px reach {acc['plain224']['top1']:.2f} / {acc['plain160']['top1']:.2f} / "
+        f"{acc['plain128']['top1']:.2f}%; CF-DeiT's coarse stage {acc['cf_coarse']['top1']:.2f}%, both stages "
+        f"{acc['cf_fine']['top1']:.2f}%. Early exit at label-free thresholds, paired over the same images:", '',
+        table(['budget', 'CF early exit top-1', 'plain of that cost', 'CF - plain, points [95% CI]', 'McNemar p'], rows),
+        '', f"Validity gate: {v['validity']}. **Match claim** (within 2 points of plain224 at 60% of its GFLOPs): "
+            f"**{v['match']}**. **Family claim** (not below plain ViTs of the same cost): **{v['family']}**. "
+            'At this budget only (40 epochs, 5,000 training images, one seed); the paper trained 300 epochs on '
+            'ImageNet. Protocol, ablations and figures: BENCHMARKS.md, section 9.'])
+
+
+def replace_summary(text: str, summary: str) -> str:
+    """``text`` with the block between the summary markers replaced (unchanged if it has no markers)."""
+    if SUMMARY_START not in text:
+        return text
+    head, rest = text.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    return f'{head}{SUMMARY_START}\n{summary}\n{SUMMARY_END}{tail}'
 
 
 def render() -> str:
@@ -619,6 +656,16 @@ def render() -> str:
 def main() -> None:
     (ROOT / 'BENCHMARKS.md').write_text(render())
     print(f'wrote {ROOT / "BENCHMARKS.md"}')
+    if os.environ.get('CFVIT_BENCH_RESULTS'):  # results from elsewhere never reach the user-facing pages
+        return
+    summary = tradeoff_summary(load(TRADEOFF_RUN))
+    for page in SUMMARY_PAGES:
+        path = ROOT / page
+        text = path.read_text()
+        new = replace_summary(text, summary)
+        if new != text:
+            path.write_text(new)
+            print(f'wrote the benchmark 9 summary into {path}')
 
 
 if __name__ == '__main__':

@@ -236,6 +236,20 @@ def test_benchmarks_md_is_generated_from_the_committed_results():
     assert (ROOT / 'BENCHMARKS.md').read_text() == report.render()
 
 
+def test_pages_quote_the_committed_tradeoff_verdict():
+    """README.md and docs/tradeoff.md quote benchmark 9's verdict between markers that benchmarks/report.py
+    rewrites from benchmarks/results/tradeoff.json: never a number typed by hand."""
+    import os
+    if os.environ.get('CFVIT_BENCH_RESULTS'):
+        pytest.skip('CFVIT_BENCH_RESULTS points the benchmarks elsewhere')
+    import report
+    summary = report.tradeoff_summary(report.load(report.TRADEOFF_RUN))
+    for page in report.SUMMARY_PAGES:
+        text = (ROOT / page).read_text()
+        assert text.count(report.SUMMARY_START) == 1 and text.count(report.SUMMARY_END) == 1, page
+        assert report.replace_summary(text, summary) == text, f'{page}: run python benchmarks/report.py'
+
+
 def test_model_kwargs_may_repeat_what_the_checkpoint_fixes_but_not_contradict_it(checkpoint, tmp_path, capsys):
     """--model-kwargs num_classes=5 for a 5-class head is fine; num_classes=7 is one line, exit 2."""
     import dynamic_inference
