@@ -169,19 +169,117 @@ def test_runner_registers_the_cf_models_inside_a_timm_script(tmp_path, training_
         in proc.stdout
     code, out, _ = _runner(['validate.py', '--model', 'cf_deit_tiny', '--exit', '3'], tmp_path, monkeypatch, capsys)
     assert code == 3 and 'CREATED' in out
-    # a checkpoint of another grid: one line before the script starts, with the flag it needs
+    # a checkpoint of another architecture: one line before the script starts (the rest: the tests below)
     code, out, err = _runner(['validate.py', '--model', 'cf_deit_tiny', '--checkpoint', str(training_checkpoint),
                               '--exit', '0'], tmp_path, monkeypatch, capsys)
-    assert code == 2 and 'CREATED' not in out
-    assert err.strip().splitlines() == [
-        f'run_timm_script.py: error: {training_checkpoint} holds a 3x3 coarse grid, the models default to 7x7: '
-        'add --model-kwargs coarse_stage_size=3']
-    code, out, _ = _runner(['validate.py', '--model', 'cf_deit_tiny', '--checkpoint', str(training_checkpoint),
-                            '--model-kwargs', 'coarse_stage_size=3', '--exit', '0'], tmp_path, monkeypatch, capsys)
-    assert code == 0 and 'CREATED' in out
+    assert code == 2 and 'CREATED' not in out and len(err.strip().splitlines()) == 1
     code, _, err = _runner(['benchmark.py', '--model', 'cf_deit_tiny'], tmp_path, monkeypatch, capsys)
-    assert code == 2 and 'pytorch-image-models/tree/v1.0.31' in err
+    assert code == 2 and 'pytorch-image-models/tree/v1.0.31' in err and 'docs/timm.md' in err
     assert _runner([], tmp_path, monkeypatch, capsys)[0] == 2
+
+
+# issue 32 item 1: a stand-in for timm's validate.py as far as the runner's check goes: its argparse flags (with
+# --checkpoint-key beside --checkpoint, as timm's scripts), timm's ParseKwargs, create_model and a strict load_checkpoint
+TIMM_LIKE_VALIDATE = '''
+import argparse, ast
+import timm
+from timm.models import load_checkpoint
+
+
+class ParseKwargs(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = {}
+        for value in values:
+            key, value = value.split('=')
+            try:
+                kw[key] = ast.literal_eval(value)
+            except ValueError:
+                kw[key] = str(value)
+        setattr(namespace, self.dest, kw)
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument('data', nargs='?')
+parser.add_argument('--model', '-m', default='dpn92')
+parser.add_argument('--checkpoint', default='', type=str)
+parser.add_argument('--checkpoint-key', default='', type=str)
+parser.add_argument('--initial-seed', default=0, type=int)
+parser.add_argument('--num-classes', type=int, default=None)
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+parser.add_argument('--amp', action='store_true', default=False)
+
+
+if __name__ == '__main__':
+    args = parser.parse_args()
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    load_checkpoint(model, args.checkpoint)  # strict
+    print('LOADED', args.checkpoint, model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads)
+'''
+
+
+def _advice(err: str) -> list:
+    """The flags the runner's one-line error says to run with."""
+    (line,) = err.strip().splitlines()
+    return line.split('run it with ', 1)[1].split(' (')[0].split()
+
+
+def test_runner_names_every_flag_a_recorded_checkpoint_needs_and_following_it_works(tmp_path, training_checkpoint,
+                                                                                    monkeypatch, capsys):
+    (tmp_path / 'validate.py').write_text(TIMM_LIKE_VALIDATE)
+    command = ['validate.py', 'DATA', '--model', 'cf_deit_tiny', '--checkpoint', str(training_checkpoint), '--amp']
+    code, out, err = _runner(command, tmp_path, monkeypatch, capsys)
+    assert code == 2 and 'LOADED' not in out
+    assert err.strip() == (
+        f'run_timm_script.py: error: {training_checkpoint} holds cf_deit_tiny (a 3x3 coarse grid, embed_dim 48, '
+        'depth 2, num_heads 3, 6 classes; recorded in the checkpoint), which the model this command builds does not '
+        'fit: run it with --model-kwargs embed_dim=48 depth=2 num_heads=3 coarse_stage_size=3 --num-classes 6')
+    advice = _advice(err)
+    code, out, err = _runner(command + advice, tmp_path, monkeypatch, capsys)  # followed as written: it works
+    assert code == 0 and f'LOADED {training_checkpoint} 48 2 3' in out, err[-2000:]
+    # the grid alone (the old advice) is not enough, nor the right shapes with another number of heads
+    for kwargs in (['coarse_stage_size=3'], ['embed_dim=48', 'depth=2', 'num_heads=6', 'coarse_stage_size=3']):
+        code, _, err = _runner(command + ['--num-classes', '6', '--model-kwargs', *kwargs], tmp_path, monkeypatch,
+                               capsys)
+        assert code == 2 and _advice(err) == advice[:-2], err  # --num-classes was right already
+        assert "in place of the command's --model-kwargs" in err
+    # another model named: the recorded one is named back; the command's other kwargs are kept
+    code, _, err = _runner(['validate.py', '-m', 'cf_deit_small', '--checkpoint', str(training_checkpoint),
+                            '--model-kwargs', 'exit_threshold=0.5'], tmp_path, monkeypatch, capsys)
+    assert code == 2 and _advice(err) == ['--model', 'cf_deit_tiny', '--model-kwargs', 'exit_threshold=0.5',
+                                          'embed_dim=48', 'depth=2', 'num_heads=3', 'coarse_stage_size=3',
+                                          '--num-classes', '6']
+
+
+def test_runner_reads_the_checkpoint_flag_as_argparse_does(tmp_path, training_checkpoint, monkeypatch, capsys):
+    """The file checked is the file the script loads: abbreviations, ``--flag=value``, the last of a repeated flag."""
+    (tmp_path / 'validate.py').write_text(TIMM_LIKE_VALIDATE)
+    fits = ['--model', 'cf_deit_tiny', '--num-classes', '6', '--model-kwargs', 'embed_dim=48', 'depth=2',
+            'num_heads=3', 'coarse_stage_size=3']
+    other = tmp_path / 'other.pth'
+    save_atomic({'model': _tiny(embed_dim=96).state_dict()}, other)  # a released layout of another width
+    for given in (['--checkpoint', str(other), '--checkpoint', str(training_checkpoint)],
+                  [f'--checkpoint={other}', f'--checkpoint={training_checkpoint}'],
+                  ['--checkpoint', str(tmp_path / 'missing.pth'), '--checkpoint', str(training_checkpoint)]):
+        code, out, err = _runner(['validate.py', *given, *fits], tmp_path, monkeypatch, capsys)
+        assert code == 0 and f'LOADED {training_checkpoint}' in out, (given, err)
+    code, out, err = _runner(['validate.py', '--checkpoint', str(training_checkpoint), '--checkpoint', str(other),
+                              *fits], tmp_path, monkeypatch, capsys)
+    assert code == 2 and 'LOADED' not in out
+    assert f'{other} holds cf_deit_tiny (a 3x3 coarse grid, embed_dim 96, depth 2, 6 classes; read from its weights)' \
+        in err and _advice(err) == ['--model-kwargs', 'embed_dim=96', 'depth=2', 'num_heads=3', 'coarse_stage_size=3']
+    code, _, err = _runner(['validate.py', '--checkpoint', str(other), *fits[:5]], tmp_path, monkeypatch, capsys)
+    assert _advice(err) == ['--model-kwargs', 'embed_dim=96', 'depth=2', 'num_heads=H', 'coarse_stage_size=3']
+    assert "H: its number of heads, which the weights do not show" in err
+    # --checkpoin is ambiguous in this script (--checkpoint, --checkpoint-key): its own argparse says so
+    code, _, err = _runner(['validate.py', '--checkpoin', str(other), *fits], tmp_path, monkeypatch, capsys)
+    assert code == 2 and 'ambiguous option: --checkpoin' in err and 'run_timm_script.py' not in err
+    # where an abbreviation is unique, it is the checkpoint flag, checked as such
+    (tmp_path / 'no_key.py').write_text(TIMM_LIKE_VALIDATE.replace(
+        "parser.add_argument('--checkpoint-key', default='', type=str)\n", ''))
+    code, _, err = _runner(['no_key.py', '--checkp', str(other), *fits], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.startswith(f'run_timm_script.py: error: {other} holds cf_deit_tiny'), err
+    code, out, _ = _runner(['no_key.py', '--check', str(training_checkpoint), *fits], tmp_path, monkeypatch, capsys)
+    assert code == 0 and 'LOADED' in out
 
 
 # ------------------------------------------------------------------ defect 9: export without the exporter's chatter
