@@ -50,7 +50,7 @@ class _ParseError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # noqa: D401  (never exit: the script reports its own usage errors)
+    def error(self, message):  # never exit: the script reports its own usage errors
         raise _ParseError(message)
 
 

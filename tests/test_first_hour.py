@@ -332,3 +332,19 @@ def test_the_log_names_the_image_folder_not_imnet(data, caplog):
     build_dataset(False, argparse.Namespace(data_path=str(data), data_set='IMNET', subset=None))
     assert f'validation split {data / "val"} (ImageFolder): 12 images, 6 classes' in caplog.text
     assert 'IMNET' not in caplog.text
+
+
+# ------------------------------------------------------------------ issue 32 item 6: the epoch line says selection on/off
+def test_the_epoch_line_says_whether_the_fine_stage_selected(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    code = main_deit.main(TINY + ['--data-path', str(data), '--device', 'cpu', '--num_workers', '0', '--batch-size',
+                                  '4', '--epochs', '2', '--warmup-epochs', '0', '--selection-start-epoch', '0',
+                                  '--output', str(tmp_path / 'run')])
+    assert code == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith('epoch 0: selection off | coarse top-1 ') for line in lines), lines
+    assert any(line.startswith('epoch 1: selection on | coarse top-1 ') for line in lines), lines
+    (note,) = [line for line in lines if line.startswith('informative selection from epoch 1: ')]
+    assert '"selection off"' in note and '--eval' in note
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'log.txt').read_text().splitlines()]
+    assert [r['informative_selection'] for r in records] == [False, True]
