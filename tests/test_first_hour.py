@@ -348,3 +348,83 @@ def test_the_epoch_line_says_whether_the_fine_stage_selected(data, tmp_path, cap
     assert '"selection off"' in note and '--eval' in note
     records = [json.loads(line) for line in (tmp_path / 'run' / 'log.txt').read_text().splitlines()]
     assert [r['informative_selection'] for r in records] == [False, True]
+    assert "holds an earlier run's checkpoint" not in caplog.text
+    caplog.clear()  # a new run into the same folder replaces the checkpoint, and says so
+    assert main_deit.main(TINY + ['--data-path', str(data), '--device', 'cpu', '--num_workers', '0', '--batch-size',
+                                  '4', '--epochs', '1', '--warmup-epochs', '0', '--output', str(tmp_path / 'run')]) == 0
+    assert f"{tmp_path / 'run'} holds an earlier run's checkpoint: this new run starts over and replaces it" \
+        in caplog.text
+
+
+# ------------------------------------------------------------------ issue 32 item 7: one rule for default output folders
+def test_visualize_makes_a_new_folder_per_run_as_dynamic_inference_does(training_checkpoint, data, tmp_path,
+                                                                        monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    common = ['--resume', str(training_checkpoint), '--data-path', str(data), '--num-workers', '0', '--no-progress',
+              '--num-images', '2']
+    assert visualize.main(common) == 0
+    assert visualize.main(common) == 0  # the same second, most likely: still a folder of its own
+    folders = sorted((tmp_path / 'output' / 'visualize').iterdir())
+    assert len(folders) == 2, folders
+    for folder in folders:
+        assert folder.name.startswith('cf_deit_tiny_g3_'), folder.name
+        assert (folder / 'summary.json').is_file() and (folder / 'confidence_histogram.png').is_file()
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert visualize.main(common + ['--output-dir', str(folders[0])]) == 0  # named: used as given, and it says so
+    assert "holds an earlier run's pictures: this run replaces them" in caplog.text
+    assert dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data), '--checkpoint_path',
+                                   str(training_checkpoint), '--num-workers', '0']) == 0
+    assert dynamic_inference.main(['--eval-mode', '0', '--data_url', str(data), '--checkpoint_path',
+                                   str(training_checkpoint), '--num-workers', '0']) == 0
+    assert len(list((tmp_path / 'output' / 'dynamic_inference').iterdir())) == 2
+
+
+def test_new_run_folder_never_returns_an_existing_folder(tmp_path):
+    from utils.core.run_folder import new_run_folder
+    first = new_run_folder('visualize', 'm_g3', root=tmp_path)
+    first.mkdir(parents=True)
+    second = new_run_folder('visualize', 'm_g3', root=tmp_path)
+    assert second != first and not second.exists() and second.parent == first.parent
+    assert second.name.startswith('m_g3_')
+
+
+# ------------------------------------------------------------------ issue 32 item 11: the small mismatches
+def test_img_path_names_classes_as_data_path_does(tmp_path):
+    """--img-path takes the names of the data the checkpoint was trained on as --data-path shows them: a
+    classes.txt at its root ('ring'), not the folder name ('1_ring')."""
+    from datasets.synthetic import SYNTHETIC_CLASSES
+    synthetic = visualize._trained_classes({'args': argparse.Namespace(data_set='IMNET', data_path='')})
+    assert synthetic[1] == ['circle', 'ring', 'square', 'frame', 'triangle', 'cross']
+    root = tmp_path / 'shapes'
+    for c in SYNTHETIC_CLASSES:
+        (root / 'val' / c).mkdir(parents=True)
+    args = argparse.Namespace(data_set='IMNET', data_path=str(root))
+    assert visualize._trained_classes({'args': args})[1] == list(SYNTHETIC_CLASSES)  # no classes.txt: the folders
+    (root / 'classes.txt').write_text('# folder\tindex\tname\n' + ''.join(
+        f'{c}\t{i}\t{c[2:]}\n' for i, c in enumerate(SYNTHETIC_CLASSES)))  # as datasets/synthetic.py writes it
+    assert visualize._trained_classes({'args': args})[1][1] == 'ring'
+
+
+def test_quickstart_passes_each_flag_once_and_says_where_the_data_came_from():
+    import quickstart
+    assert quickstart.RECIPE_ARGS.count('--batch-size') == 0  # the quick start's --batch-size is passed once
+    source = (ROOT / 'quickstart.py').read_text()
+    assert "'reused: written by an earlier run' if reused else 'written now'" in source
+
+
+def test_the_synthetic_data_line_is_logged_once_per_run(tmp_path, monkeypatch, caplog):
+    from datasets.build import build_dataset
+    monkeypatch.setenv('CFVIT_DATA_DIR', str(tmp_path))
+    caplog.set_level(logging.INFO)
+    args = argparse.Namespace(data_path='', data_set='IMNET', subset=8)
+    from datasets.synthetic import make_synthetic_dataset
+    monkeypatch.setattr('datasets.synthetic.make_synthetic_dataset',
+                        lambda: make_synthetic_dataset(tmp_path / "tiny", n_train=24, n_val=60))
+    build_dataset(True, args)
+    build_dataset(False, args)
+    assert caplog.text.count('no --data-path given: using the built-in synthetic shapes dataset') == 1
+
+
+def test_dynamic_inference_help_keeps_its_line_break():
+    assert '--batch_size N \\\n        --model cf_deit_small' in dynamic_inference.__doc__

@@ -33,7 +33,7 @@ from utils.core.checkpoint import load_model_weights
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import OutputDirError
 from utils.train.checkpointing import (
-    TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
+    CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
     write_epoch_outputs,
 )
 from utils.train.engine import AmpConfig, evaluate, format_eval, train_one_epoch
@@ -115,6 +115,9 @@ def fit(run: TrainingRun) -> None:
     resume_from = resolve_resume(args, info, output_dir)
     if resume_from:
         start_epoch, best_metric, mid_epoch = resume(args, resume_from, run, info)
+    elif output_dir is not None and info.rank == 0 and (output_dir / CHECKPOINT_NAME).is_file():
+        _logger.warning('%s holds an earlier run\'s checkpoint: this new run starts over and replaces it '
+                        '(--resume %s or --resume auto continues it instead)', output_dir, output_dir / CHECKPOINT_NAME)
     if lr_scheduler is not None and start_epoch > 0:
         step_scheduler(lr_scheduler, args, start_epoch - 1)
     metric_name = run.eval_metric or 'fine top-1'
