@@ -428,3 +428,37 @@ def test_the_synthetic_data_line_is_logged_once_per_run(tmp_path, monkeypatch, c
 
 def test_dynamic_inference_help_keeps_its_line_break():
     assert '--batch_size N \\\n        --model cf_deit_small' in dynamic_inference.__doc__
+
+
+# ------------------------------------------------------------------ issue 32 item 12: a clean test summary
+PROVOKED = '''
+import warnings
+
+import torch
+
+
+def test_provokes_the_framework_warnings_and_one_of_ours():
+    warnings.warn('`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`.',
+                  FutureWarning)
+    warnings.warn('You are using the legacy TorchScript-based ONNX export. Starting in PyTorch 2.9, ...',
+                  DeprecationWarning)
+    warnings.warn('Converting a tensor to a Python boolean might cause the trace to be incorrect.',
+                  torch.jit.TracerWarning)
+    warnings.warn('# The axis name: batch will not be used, since it shares the same shape constraints', UserWarning)
+    warnings.warn('NOTE: The nodes obtained by tracing the model in train mode are a subsequence', UserWarning)
+    warnings.warn('the whole run is learning-rate warm-up (a warning of this project)', UserWarning)
+    warnings.warn('TorchScript is fine here, this one is ours too', FutureWarning)
+'''
+
+
+def test_pytest_filters_framework_warnings_and_keeps_the_projects(tmp_path):
+    (tmp_path / 'test_provoked.py').write_text(PROVOKED)
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-c',
+                           str(ROOT / 'pytest.ini'), '--rootdir', str(tmp_path), str(tmp_path / 'test_provoked.py')],
+                          cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert '1 passed, 2 warnings' in proc.stdout, proc.stdout[-3000:]
+    assert 'a warning of this project' in proc.stdout and 'this one is ours too' in proc.stdout
+    for framework in ('is deprecated. Please switch', 'legacy TorchScript-based', 'Converting a tensor',
+                      'The axis name', 'The nodes obtained'):
+        assert framework not in proc.stdout
