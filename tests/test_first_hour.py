@@ -462,3 +462,20 @@ def test_pytest_filters_framework_warnings_and_keeps_the_projects(tmp_path):
     for framework in ('is deprecated. Please switch', 'legacy TorchScript-based', 'Converting a tensor',
                       'The axis name', 'The nodes obtained'):
         assert framework not in proc.stdout
+
+
+# ------------------------------------------------------------------ issue 32 item 2: shared cores
+def test_a_cpu_run_on_busy_cores_hints_at_fewer_threads(monkeypatch):
+    from utils.core import cli
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(cli, 'available_cores', lambda: 2)
+    hint = cli.busy_cpu_hint('cpu', threads=2, load=3.0)
+    assert hint.startswith('the CPUs are busy with other work (load average 3.0 on 2 cores) and torch runs 2 threads')
+    assert 'OMP_NUM_THREADS=1' in hint and 'docs/training.md, "On shared CPUs"' in hint
+    assert cli.busy_cpu_hint('cpu', threads=2, load=0.5) is None  # idle cores: nothing to say
+    assert cli.busy_cpu_hint('cpu', threads=1, load=3.0) is None  # one thread already
+    assert cli.busy_cpu_hint('cuda', threads=2, load=3.0) is None
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    assert cli.busy_cpu_hint('cpu', threads=2, load=3.0) is None  # the user chose
+    doc = (ROOT / 'docs' / 'training.md').read_text()
+    assert '## On shared CPUs' in doc and 'OMP_NUM_THREADS=1' in doc
