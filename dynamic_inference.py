@@ -1,6 +1,6 @@
 """Evaluate a CF-ViT checkpoint: the released four evaluation modes, on CPU or GPU.
 
-    python dynamic_inference.py --eval-mode {0,1,2,3} --data_url PATH --batch_size N \
+    python dynamic_inference.py --eval-mode {0,1,2,3} --data_url PATH --batch_size N \\
         --model cf_deit_small --checkpoint_path CKPT --coarse-stage-size {7,9} [--threshold T]
 
 Modes (numbers or names):
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -39,7 +38,7 @@ from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_st
 from utils.core.errors import BadInputError
 from utils.core.files import save_atomic, write_json_atomic
 from utils.core.model_builder import build_from_checkpoint
-from utils.core.run_folder import prepare_output_dir
+from utils.core.run_folder import new_run_folder, prepare_output_dir
 from utils.core.safe_io import refuse_overwriting_inputs
 from utils.core.signals import quiet_worker_signals
 from utils.inference.cpu import (
@@ -139,8 +138,7 @@ def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = 
     if args.output_dir:
         out = Path(args.output_dir)
     else:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        out = Path('output') / 'dynamic_inference' / f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}_{stamp}'
+        out = new_run_folder('dynamic_inference', f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}')
     prepare_output_dir(out, [args.data_url], '--output-dir', unwritable='output folder {path} is not writable')
     return out
 

@@ -32,7 +32,7 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the CF models with timm)
-from datasets.synthetic import load_boxes, make_synthetic_dataset  # noqa: E402
+from datasets.synthetic import default_synthetic_root, load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
 from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point  # noqa: E402
@@ -50,7 +50,7 @@ MODEL_ARGS = ['--model', 'cf_deit_tiny', '--embed-dim', '96', '--depth', '6', '-
               '--model-kwargs', 'patch_size=8', '--coarse-stage-size', '4']
 RECIPE_ARGS = ['--warmup-epochs', '0', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0',
                '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--no-model-ema', '--drop-path', '0.0',
-               '--crop-scale', '0.6', '1', '--batch-size', '64', '--print-freq', str(PRINT_FREQ)]
+               '--crop-scale', '0.6', '1', '--print-freq', str(PRINT_FREQ)]  # --batch-size: the quick start's own flag
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -144,9 +144,16 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     device = torch.device(args.device)
 
+    if (out / 'summary.json').is_file():
+        say(f'{out} holds an earlier quick start: this run replaces its results (--output-dir DIR keeps both)')
     _step('1/5 data')
-    data = Path(args.data_path) if args.data_path else make_synthetic_dataset()
-    say(f'dataset: {data}')
+    if args.data_path:
+        data, how = Path(args.data_path), 'given with --data-path'
+    else:
+        reused = (default_synthetic_root() / 'params.json').is_file()
+        data = make_synthetic_dataset()
+        how = 'reused: written by an earlier run' if reused else 'written now'
+    say(f'dataset: {data} ({how})')
 
     _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1}); '
           f'a line every {PRINT_FREQ} steps and an evaluation line per epoch')

@@ -10,6 +10,8 @@ threshold) and draws, in an output folder:
 - ``confidence_histogram.png``: coarse confidences with the threshold;
 - ``summary.json``: counts, exit share, accuracies, the files shown.
 
+The folder: ``--output-dir``, or by default a new one per run, ``output/visualize/MODEL_gG_TIME``.
+
 Each image is shown as a pair: the input, and the same input with the coarse patches that stay
 coarse faded and the re-split ones outlined on the fine grid.
 
@@ -40,10 +42,10 @@ from utils.core.cli import (
     MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
     setup_logging,
 )
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.files import write_json_atomic
 from utils.core.model_builder import build_model, resolve_architecture
-from utils.core.run_folder import prepare_output_dir, same_file
+from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file
 from utils.core.safe_io import refuse_overwriting_inputs
 from utils.core.signals import quiet_worker_signals
 from utils.vis.figures import (
@@ -111,7 +113,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='class names (and folder -> class index): text, one class a line, or '
                         'tab-separated like imagenette\'s classes.txt, or JSON; a classes.txt at the dataset root '
                         'is used for the names only (folders keep their sorted order as labels, as in training)')
-    p.add_argument('--output-dir', '--output_dir', default='output/visualize', metavar='DIR')
+    p.add_argument('--output-dir', '--output_dir', default=None, metavar='DIR',
+                   help='where the pictures go (default: a new folder per run, '
+                        'output/visualize/MODEL_gG_YYYYmmdd-HHMMSS; a folder given here is used as it is, an '
+                        'earlier run\'s pictures in it replaced)')
     p.add_argument('--threshold', type=float_in(0, 1), default=DEFAULT_THRESHOLD,
                    help='early-exit threshold on the coarse max-softmax probability (default: %(default)s, '
                         'as the released visualization)')
@@ -168,7 +173,8 @@ def _trained_classes(checkpoint: Any) -> Optional[Tuple[str, List[str]]]:
         return None
     if not get('data_path'):
         from datasets.synthetic import SYNTHETIC_CLASSES
-        return 'the built-in synthetic shapes set', list(SYNTHETIC_CLASSES)
+        # the names of its classes.txt, as --data-path shows them ('ring' for the folder 1_ring)
+        return 'the built-in synthetic shapes set', [c.split('_', 1)[1] for c in SYNTHETIC_CLASSES]
     for split in ('val', 'train'):
         folder = Path(str(get('data_path'))) / split
         try:
@@ -176,8 +182,22 @@ def _trained_classes(checkpoint: Any) -> Optional[Tuple[str, List[str]]]:
         except OSError:
             continue
         if names:
-            return str(folder), names
+            return str(folder), _names_of_classes_txt(folder.parent / 'classes.txt', names)
     return None
+
+
+def _names_of_classes_txt(path: Path, folders: List[str]) -> List[str]:
+    """The display names a ``classes.txt`` at the dataset root gives the class folders (as ``--data-path``
+    shows them), else the folder names."""
+    if not path.is_file():
+        return folders
+    try:
+        index = _display_names_only(read_class_index(path, len(folders)), folders, len(folders), path)
+    except (UserError, ValueError, OSError):
+        return folders
+    if index is None:
+        return folders
+    return [index.names.get(i, f) for i, f in enumerate(folders)]
 
 
 def _class_index_file(args: argparse.Namespace, folder: Optional[Path]) -> Optional[Path]:
@@ -304,8 +324,12 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
     device = _device(args.device)
-    out_dir = prepare_output_dir(args.output_dir, [args.data_path, args.img_path], '--output-dir',
-                                 unwritable='cannot write to --output-dir {path}')
+    inputs = [args.data_path, args.img_path]
+    out_dir = prepare_output_dir(args.output_dir, inputs, '--output-dir', unwritable='cannot write to --output-dir '
+                                 '{path}') if args.output_dir is not None else None
+    if out_dir is not None and any((out_dir / n).exists() for n in OUTPUT_NAMES):
+        log.info('%s holds an earlier run\'s pictures: this run replaces them (without --output-dir every run gets '
+                 'a new folder)', out_dir)
 
     folders: Optional[List[str]] = None
     folder: Optional[Path] = None
@@ -324,6 +348,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         source = str(folder)
 
     state_dict, ckpt_classes, trained_classes = _checkpoint_weights(args)
+    if out_dir is None:  # the default: a new folder per run, as dynamic_inference.py
+        out_dir = prepare_output_dir(new_run_folder('visualize', f'{args.model}_g{args.coarse_stage_size}'), inputs,
+                                     '--output-dir', unwritable='cannot write to the output folder {path}')
+        log.info('output folder: %s', out_dir)
     if ckpt_classes is not None:
         if args.num_classes is not None and args.num_classes != ckpt_classes:
             log.warning('--num-classes %d ignored: the checkpoint\'s head has %d classes', args.num_classes,

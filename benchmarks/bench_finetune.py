@@ -25,7 +25,7 @@ from typing import List
 
 import torch
 
-from common import RESULTS, ROOT, epoch_seconds, machine, save
+from common import RESULTS, ROOT, clean_logs, epoch_seconds, machine, save
 
 MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 #: benchmark 5's recipe (both models there), here the baseline's
@@ -152,6 +152,7 @@ def main() -> None:
                    + (f' --cf-run {args.cf_run} --name {args.name}' if args.cf_run != 'cf_deit_finetuned' else ''),
         'date_finished': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
     }
+    clean_logs(out, [args.data_path])  # committed logs: no machine paths, no progress-bar frames
     save(args.name, result)
     print(json.dumps({k: v for k, v in result.items() if k != 'cf_budgeted_batch_classification'}, indent=1))
 

@@ -23,7 +23,7 @@ from typing import List
 
 import torch
 
-from common import RESULTS, ROOT, machine, save
+from common import RESULTS, ROOT, clean_logs, machine, save
 
 MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 RECIPE = ['--warmup-epochs', '2', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0', '--mixup', '0',
@@ -138,6 +138,7 @@ def main() -> None:
         'cf_gflops_to_match_baseline': match_gflops,
         'cf_gflops_to_match_baseline_share': match_gflops / base_gflops if match_gflops else None,
     }
+    clean_logs(out, [args.data_path])  # committed logs: no machine paths, no progress-bar frames
     save(args.name, result)
     print(json.dumps({k: v for k, v in result.items() if k != 'cf_budgeted_batch_classification'}, indent=1))
 

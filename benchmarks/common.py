@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -64,6 +64,45 @@ def save(name: str, payload: Dict[str, object]) -> Path:
     path = RESULTS / f'{name}.json'
     write_json_atomic(payload, path)
     return path
+
+
+def clean_log_text(text: str, replace: Dict[str, str]) -> str:
+    """A console log as a file should hold it: of each carriage-return-separated line only what a terminal
+    would show last (no progress-bar frames; lines left blank dropped), and every prefix in ``replace``
+    (absolute paths of the machine) replaced, longest first (``{'/abs/clone/': ''}`` makes paths relative to
+    the repository)."""
+    lines = []
+    for line in text.split('\n'):
+        if '\r' in line:
+            line = line.rstrip('\r').split('\r')[-1].rstrip()
+            if not line:
+                continue
+        lines.append(line)
+    out = '\n'.join(lines)
+    for old in sorted(replace, key=len, reverse=True):
+        out = out.replace(old, replace[old])
+    return out
+
+
+def clean_logs(folder: Path, data_paths: Sequence[object] = ()) -> List[Path]:
+    """Rewrite the console logs (``*.out``) of ``folder`` with :func:`clean_log_text`: this clone's root made
+    relative, each of ``data_paths``' parent folder written ``$DATA``. The files a benchmark commits then
+    carry no path of the machine that made them and no progress-bar noise. Returns the files changed."""
+    replace = {f'{ROOT}/': '', str(ROOT): '.'}
+    for data in data_paths:
+        if data:
+            parent = Path(str(data)).expanduser().resolve().parent
+            replace[f'{parent}/'] = '$DATA/'
+    changed = []
+    for path in sorted(Path(folder).glob('*.out')):
+        with open(path, encoding='utf-8', errors='replace', newline='') as f:  # keep the carriage returns
+            text = f.read()
+        clean = clean_log_text(text, replace)
+        if clean != text:
+            with open(path, 'w', encoding='utf-8', newline='') as f:
+                f.write(clean)
+            changed.append(path)
+    return changed
 
 
 def epoch_seconds(train_out: Path) -> List[float]:

@@ -39,7 +39,7 @@ DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR100', 'INAT', 'INAT19')
 _INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
 
 
-def resolve_data_path(args: argparse.Namespace) -> Path:
+def resolve_data_path(args: argparse.Namespace, announce: bool = True) -> Path:
     """The dataset root of ``--data-path``.
 
     Without ``--data-path`` (and ``--data-set IMNET``) the built-in synthetic shapes set is
@@ -53,7 +53,8 @@ def resolve_data_path(args: argparse.Namespace) -> Path:
             raise DatasetError(f'--data-set {args.data_set} needs --data-path PATH')
         from .synthetic import make_synthetic_dataset
         path = make_synthetic_dataset()
-        _logger.info('no --data-path given: using the built-in synthetic shapes dataset in %s', path)
+        if announce:  # build_dataset: with the validation split only, so a run says it once
+            _logger.info('no --data-path given: using the built-in synthetic shapes dataset in %s', path)
         return path
     path = Path(args.data_path).expanduser()
     if not path.is_dir():
@@ -180,7 +181,7 @@ def build_dataset(is_train: bool, args: argparse.Namespace,
     Raises:
         DatasetError: missing or empty folders, absent files, an unknown ``--data-set``.
     """
-    root = resolve_data_path(args)
+    root = resolve_data_path(args, announce=not is_train)  # every run builds the validation split
     name = args.data_set.upper()
     if name == 'IMNET':
         dataset = _image_folder(root, 'train' if is_train else 'val')

@@ -54,3 +54,24 @@ def test_histogram_threshold_line_never_crosses_the_legend(tmp_path, monkeypatch
     _legend_outside_axes(monkeypatch, lambda: draw_confidence_histogram(
         conf, 0.9, tmp_path / 'h.png', conf > 0.5, title='t'))
     assert Image.open(tmp_path / 'h.png').size == (640, 400)
+
+
+def test_curve_legend_says_the_point_labels_are_thresholds(tmp_path, monkeypatch):
+    """Issue 32 item 9: the small numbers beside the curve are explained in the legend."""
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        seen['legend'] = [t.get_text() for t in fig.legends[0].get_texts()]
+        seen['labels'] = [t.get_text() for t in fig.axes[0].texts]
+        real_savefig(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', savefig)
+    gflops, acc = [0.01 * (1 + i / 10) for i in range(100)], [50 + i / 5 for i in range(100)]
+    plot_budgeted_curve(gflops, acc, tmp_path / 'c.png', thresholds=[i / 100 for i in range(100)])
+    assert seen['labels'][:3] == ['0.1', '0.2', '0.3']
+    assert seen['legend'][0] == ('early exit, one point per threshold (small numbers: the exit threshold of that '
+                                 'point)')
+    plot_budgeted_curve(gflops, acc, tmp_path / 'd.png')  # no labels drawn: nothing to explain
+    assert seen['labels'] == [] and seen['legend'][0] == 'early exit, one point per threshold'
+    plt.close('all')

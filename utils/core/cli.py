@@ -29,7 +29,7 @@ from utils.core.run_folder import release_locks
 from utils.core.signals import StopRequested, exit_status, handle_stop_signals, stop_requested
 
 __all__ = [
-    'available_cores', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
+    'available_cores', 'busy_cpu_hint', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
     'finite_float', 'device_name', 'setup_logging', 'remove_log_handler', 'user_message', 'parse_model_kwargs',
     'log_thread_os_errors', 'run_entry_point', 'LOG_FORMATS', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR',
     'MAX_COUNT', 'MAX_SEED',
@@ -121,6 +121,35 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def busy_cpu_hint(device: Union[str, torch.device] = 'cpu', threads: Optional[int] = None,
+                  load: Optional[float] = None) -> Optional[str]:
+    """A one-line hint when a CPU run starts on cores other work already keeps busy, else None.
+
+    torch runs its intra-op threads on every core it may use (``torch.get_num_threads()``); when other
+    processes keep those cores busy, its threads spin while their siblings wait, and a run can take several
+    times longer than the load explains (issue 32 measured a CPU smoke run beside two busy loops: 48.8 s wall
+    with the default threads, 26.4 s with ``OMP_NUM_THREADS=1``). Nothing is changed: the hint says what to
+    set. None when the device is not the CPU, ``OMP_NUM_THREADS`` is set already, torch uses one thread, or
+    the 1-minute load average is under half the cores.
+    """
+    if torch.device(device).type != 'cpu' or os.environ.get('OMP_NUM_THREADS'):
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1:
+        return None
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+    cores = available_cores()
+    if load < cores / 2:
+        return None
+    return (f'the CPUs are busy with other work (load average {load:.1f} on {cores} cores) and torch runs '
+            f'{threads} threads: on shared cores a run is often much faster with fewer, e.g. OMP_NUM_THREADS=1 '
+            f'before the command (docs/training.md, "On shared CPUs")')
 
 
 def default_workers(wanted: int) -> int:

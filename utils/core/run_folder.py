@@ -1,6 +1,8 @@
 """Output folders: created, proven writable, placed outside the inputs, locked for one run.
 
 - :func:`prepare_output_dir`: all of the below, in this order, for every script;
+- :func:`new_run_folder`: the default output folder of a script whose runs are results to compare
+  (``output/<script>/<name>_<time>``, a new one per run, never an earlier run's);
 - :func:`make_dirs` / :func:`check_writable_dir`: the folder is created (remembering what this process
   created, so a run that fails before writing anything leaves no empty folder behind) and a
   temporary file proves that it can be written;
@@ -23,6 +25,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
@@ -30,7 +33,7 @@ from utils.core.errors import OutputDirError
 from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
 
 __all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file', 'make_dirs',
-           'remove_created_empty_dirs', 'check_writable_dir', 'prepare_output_dir']
+           'remove_created_empty_dirs', 'check_writable_dir', 'prepare_output_dir', 'new_run_folder']
 
 _logger = logging.getLogger(__name__)
 
@@ -105,6 +108,20 @@ def prepare_output_dir(path: PathLike, inputs: Iterable[Optional[PathLike]], fla
     if lock:
         RunLock(out, lock)
     return out
+
+
+def new_run_folder(script: str, name: str, root: PathLike = 'output') -> Path:
+    """The default output folder of one run of ``script``: ``root/script/name_YYYYmmdd-HHMMSS``, relative to
+    the current folder; ``-2``, ``-3``, ... appended when a run of the same second already made that folder,
+    so a run never writes into an earlier run's folder. The rule for every script whose runs are results
+    (dynamic_inference.py, visualize.py); a script whose output is reused by its path (export_onnx.py,
+    a training run) has a fixed default and refuses to replace it instead (docs/safety.md)."""
+    base = Path(root) / script / f'{name}_{time.strftime("%Y%m%d-%H%M%S")}'
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f'{base.name}-{n}')
+    return folder
 
 
 def check_outside_inputs(output: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = '--output') -> None:

@@ -33,7 +33,7 @@ from utils.core.checkpoint import load_model_weights
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import OutputDirError
 from utils.train.checkpointing import (
-    TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
+    CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
     write_epoch_outputs,
 )
 from utils.train.engine import AmpConfig, evaluate, format_eval, train_one_epoch
@@ -115,6 +115,9 @@ def fit(run: TrainingRun) -> None:
     resume_from = resolve_resume(args, info, output_dir)
     if resume_from:
         start_epoch, best_metric, mid_epoch = resume(args, resume_from, run, info)
+    elif output_dir is not None and info.rank == 0 and (output_dir / CHECKPOINT_NAME).is_file():
+        _logger.warning('%s holds an earlier run\'s checkpoint: this new run starts over and replaces it '
+                        '(--resume %s or --resume auto continues it instead)', output_dir, output_dir / CHECKPOINT_NAME)
     if lr_scheduler is not None and start_epoch > 0:
         step_scheduler(lr_scheduler, args, start_epoch - 1)
     metric_name = run.eval_metric or 'fine top-1'
@@ -127,6 +130,12 @@ def fit(run: TrainingRun) -> None:
     end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
     _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
                  end_epoch - 1, args.epochs, len(run.train_loader), metric_name, ' of the EMA' if run.ema_eval else '')
+    if start_epoch <= args.selection_start_epoch:
+        first = args.selection_start_epoch + 1
+        _logger.info('informative selection %s: until then each epoch\'s evaluation runs the fine stage on every fine '
+                     'patch (its line says "selection off"), so its fine top-1 is not what --eval and '
+                     'dynamic_inference.py measure (they always select)',
+                     f'from epoch {first}' if first < end_epoch else f'not in these epochs (from epoch {first})')
     started = time.time()
     try:
         for epoch in range(start_epoch, end_epoch):
@@ -161,8 +170,9 @@ def fit(run: TrainingRun) -> None:
                 step_scheduler(lr_scheduler, args, epoch, metric)
             is_best = metric > best_metric
             best_metric = max(best_metric, metric)
-            _logger.info('epoch %d: %s%s | best %s %.3f', epoch, format_eval(test_stats),
-                         f' | EMA: {format_eval(ema_stats)}' if ema_stats else '', metric_name, best_metric)
+            _logger.info('epoch %d: selection %s | %s%s | best %s %.3f', epoch, 'on' if selection else 'off',
+                         format_eval(test_stats), f' | EMA: {format_eval(ema_stats)}' if ema_stats else '',
+                         metric_name, best_metric)
 
             record: Dict[str, Any] = {
                 'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},

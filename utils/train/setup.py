@@ -39,7 +39,9 @@ from models.convert import (
 from datasets.build import build_dataset, check_same_classes
 from datasets.folder import DatasetError, collate_skipping
 from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
-from utils.core.cli import log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging
+from utils.core.cli import (
+    busy_cpu_hint, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging,
+)
 from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
@@ -298,6 +300,9 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
         torch.use_deterministic_algorithms(True, warn_only=True)
     if info.distributed:
         _logger.info('distributed: %d processes, %s backend', info.world_size, info.backend)
+    hint = busy_cpu_hint(device) if info.rank == 0 else None
+    if hint:
+        _logger.info('%s', hint)
     output_dir: Optional[Path] = Path(args.output_dir) if args.output_dir else None
     problem = None
     if output_dir is not None and info.rank == 0:

@@ -36,7 +36,8 @@ def plot_budgeted_curve(
         thresholds: Optional[Sequence[float]] = None,
         operating_point: Optional[Tuple[float, float, str]] = None,
 ) -> None:
-    """Accuracy (%) against expected GFLOPs per image, one point per threshold.
+    """Accuracy (%) against expected GFLOPs per image, one point per threshold; a few points carry their
+    threshold as a small number, which the legend explains.
 
     Args:
         gflops, accuracy: the sweep (``budgeted_batch_classification``).
@@ -51,10 +52,12 @@ def plot_budgeted_curve(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120, layout='constrained')
-    ax.plot(gflops, accuracy, '-', color='tab:blue', lw=1.5, label='early exit, one point per threshold')
+    labelled = label_positions(thresholds, gflops, accuracy) if thresholds is not None else []
+    ax.plot(gflops, accuracy, '-', color='tab:blue', lw=1.5, label='early exit, one point per threshold' + (
+        ' (small numbers: the exit threshold of that point)' if labelled else ''))
     ax.plot(gflops, accuracy, '.', color='tab:blue', ms=3)
-    if thresholds is not None:
-        for t, x, y in label_positions(thresholds, gflops, accuracy):
+    if labelled:
+        for t, x, y in labelled:
             ax.annotate(f'{t:.1f}', (x, y), textcoords='offset points', xytext=(4, -10), fontsize=7,
                         color='tab:blue')
     if stage_points:
