@@ -285,6 +285,8 @@ class CFVisionTransformer(nn.Module):
         feature_reuse: add the coarse stage's reused features to the fine embeddings (the release).
             False is the paper's ablation without feature reuse: the fine stage starts from the patch
             embeddings alone (``reuse_block`` stays in the model, unused, so checkpoints still load).
+        device, dtype: where and in which dtype the parameters are made (timm's ``create_model(...,
+            device=, dtype=)``); default: the CPU in torch's default dtype.
         attn_ema_beta: decay of the class-attention moving average (beta).
         selection_start_block: first block whose attention enters the average (default 3, the
             paper's; the last block for models of depth 3 or less).
@@ -352,6 +354,8 @@ class CFVisionTransformer(nn.Module):
             selection_policy: str = 'attention',
             selection_seed: int = 0,
             feature_reuse: bool = True,
+            device: Optional[Any] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
@@ -419,6 +423,8 @@ class CFVisionTransformer(nn.Module):
             raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
         if weight_init != 'skip':
             self.init_weights()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @property
     def informative_ratio(self) -> float:

@@ -149,3 +149,13 @@ def test_training_records_the_switches_and_evaluation_overrides_them(tmp_path, c
                                  informative_ratio=1.0, feature_reuse=False)  # reuse off kept from the record
     assert res['flop'] == pytest.approx(stage_gflops(expected))
     assert res['flop'] != pytest.approx(stage_gflops(built))  # not the recorded alpha = 0.5
+
+
+def test_timm_device_and_dtype_arguments():
+    """timm 1.0.31 passes device= / dtype= to model constructors (its own test_models.py does)."""
+    model = timm.create_model('cf_deit_tiny', **TINY, device='cpu', dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {p.device.type for p in model.parameters()} == {'cpu'}
+    lv = timm.create_model('cf_lvvit_small', coarse_stage_size=2, embed_dim=48, depth=2, num_heads=3, num_classes=3,
+                           device='meta')
+    assert {p.device.type for p in lv.parameters()} == {'meta'}
