@@ -87,9 +87,39 @@ def train_command(run: str, data: str, work: Path, num_workers: int, extra: List
             '--num_workers', str(num_workers), '--resume', 'auto', '--output', str(work / run), *extra]
 
 
+#: Where an unfinished run's resume state is committed, so that a run cut by the end of a session goes on in
+#: the next (``snapshot``); ``train`` starts from it when its work folder holds no checkpoint.
+IN_PROGRESS = OUT / 'in_progress'
+
+
+def cmd_snapshot(args: argparse.Namespace) -> None:
+    """Copy each unfinished run's checkpoint.pth, log.txt and console log into benchmarks/results/tradeoff/in_progress/."""
+    work = (ROOT / args.work_dir).resolve()
+    for run in RUNS:
+        src = work / run
+        if not (src / 'checkpoint.pth').is_file():
+            continue
+        dst = IN_PROGRESS / run
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, source in (('checkpoint.pth', src / 'checkpoint.pth'), ('log.txt', src / 'log.txt'),
+                             ('train.out', work / f'{run}_train.out')):
+            if source.is_file():
+                shutil.copyfile(source, dst / f'{name}.tmp')
+                os.replace(dst / f'{name}.tmp', dst / name)
+        epochs = len((src / 'log.txt').read_text().splitlines()) if (src / 'log.txt').is_file() else 0
+        print(f'{run}: {epochs} of {EPOCHS} epochs saved in {dst}')
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     work = (ROOT / args.work_dir).resolve()
     (work / args.run).mkdir(parents=True, exist_ok=True)
+    seed = IN_PROGRESS / args.run
+    if not (work / args.run / 'checkpoint.pth').exists() and (seed / 'checkpoint.pth').is_file():
+        for name in ('checkpoint.pth', 'log.txt'):
+            shutil.copyfile(seed / name, work / args.run / name)
+        if (seed / 'train.out').is_file():
+            shutil.copyfile(seed / 'train.out', work / f'{args.run}_train.out')
+        print(f'continuing from the committed state in {seed}', flush=True)
     cmd = train_command(args.run, args.data_path, work, args.num_workers, args.extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE='1', MPLBACKEND='Agg')
     print(' '.join(cmd[1:]), flush=True)
@@ -382,6 +412,8 @@ def main() -> None:
     e.add_argument('--epochs', type=int, default=EPOCHS, help=argparse.SUPPRESS)  # dry runs of the pipeline only
     e.add_argument('--subset', type=int, default=0, help=argparse.SUPPRESS)
     sub.add_parser('report', help='budgets, intervals, verdicts and figures from the per-image outputs')
+    n = sub.add_parser('snapshot', help="commit-ready copies of unfinished runs' resume state (in_progress/)")
+    n.add_argument('--work-dir', default='output/tradeoff')
     argv = sys.argv[1:]
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     args = p.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
@@ -391,6 +423,8 @@ def main() -> None:
         sys.exit(cmd_train(args))
     elif args.command == 'evaluate':
         cmd_evaluate(args)
+    elif args.command == 'snapshot':
+        cmd_snapshot(args)
     else:
         cmd_report(args)
 
