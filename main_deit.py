@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
         attach_transform(train_set, build_transform(True, args, model))
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
-        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load, model_kwargs=args.model_kwargs)
     criterion, mixup_fn = build_criterion(args, num_classes) if not args.eval else (None, None)
     # find_unused_parameters: while selection is off, the released CF-DeiT's fine stage leaves
     # pos_embed_list.1 out of the graph (SPEC 4.4), so some parameters get no gradient.

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
         train_set = build_train_set(args, model, train_set, num_classes)
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
-        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load, model_kwargs=args.model_kwargs)
 
     # aux_head gets no gradient without dense targets; with them every parameter is used, except
     # pos_embed_list.1 while selection is off when the non-selective fine stage omits it

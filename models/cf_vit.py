@@ -435,6 +435,50 @@ class CFVisionTransformer(nn.Module):
         """Restart the ``'random'`` selection policy's draws from ``selection_seed``."""
         self._selection_generator = None
 
+    #: Constructor arguments that change what a built model computes but not its weights' shapes. They are
+    #: attributes, which code may change on a built model (conversion turns on
+    #: ``fine_pos_embed_without_selection``; ablations set the selection ones), so a training checkpoint
+    #: records their values (:meth:`switches`) and builders set them back (:meth:`set_switches`).
+    RECORDED_SWITCHES: Tuple[str, ...] = (
+        'fine_pos_embed_without_selection', 'informative_ratio', 'attn_ema_beta', 'selection_start_block',
+        'selection_policy', 'selection_seed', 'feature_reuse', 'mix_token')
+
+    def switches(self) -> Dict[str, Any]:
+        """``{name: value}`` of :attr:`RECORDED_SWITCHES` as the model is now (plain numbers, text, booleans)."""
+        return {name: getattr(self, name) for name in self.RECORDED_SWITCHES}
+
+    def set_switches(self, **values: Any) -> None:
+        """Set switches of :attr:`RECORDED_SWITCHES` on the built model, checked as the constructor checks
+        them; nothing is set when one is refused.
+
+        Raises:
+            ValueError: an unknown name or a value of the wrong type or range (one line).
+        """
+        checks = {
+            'fine_pos_embed_without_selection': lambda v: isinstance(v, bool),
+            'feature_reuse': lambda v: isinstance(v, bool),
+            'mix_token': lambda v: isinstance(v, bool),
+            'normalize_coarse_logits': lambda v: isinstance(v, bool),
+            'normalize_fine_logits': lambda v: isinstance(v, bool),
+            'selection_policy': lambda v: v in SELECTION_POLICIES,
+            'selection_seed': lambda v: isinstance(v, int) and not isinstance(v, bool),
+            'selection_start_block': lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(
+                self.blocks),
+            'attn_ema_beta': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+            'aux_weight': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            'informative_ratio': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+        }
+        for name, value in values.items():
+            if name not in self.RECORDED_SWITCHES:
+                raise ValueError(f'{name} is not a switch of {type(self).__name__} '
+                                 f'(its switches: {", ".join(self.RECORDED_SWITCHES)})')
+            if not checks[name](value):
+                raise ValueError(f'{name}={value!r} is not a valid value')
+        for name, value in values.items():
+            setattr(self, name, value)
+        if {'selection_policy', 'selection_seed'} & set(values):
+            self.reset_selection_generator()
+
     # ------------------------------------------------------------------ construction helpers
     def _init_extra_heads(self) -> None:
         """Hook for variants with more heads (LV-ViT's ``aux_head``)."""

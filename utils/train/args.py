@@ -10,9 +10,12 @@ from datasets.build import DATA_SETS
 from utils.core.checkpoint import load_checkpoint_file
 from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import (
-    MAX_LR, default_workers, device_name, finite_float, float_in, grid_side, int_at_least, positive_int,
+    MAX_LR, default_workers, device_name, finite_float, float_in, grid_side, int_at_least, parse_model_kwargs,
+    positive_int,
 )
 from utils.core.dist import default_device
+from utils.core.errors import ConfigError
+from utils.core.model_builder import check_against_record
 
 __all__ = ['LR_REFERENCE_BATCH', 'SCHED_STEPS', 'get_args_parser', 'flags_given', 'adopt_recorded_architecture']
 
@@ -202,8 +205,8 @@ def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozen
     recorded = architecture_from_checkpoint(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
     if not recorded.get('model'):
         return
-    if 'model' in given and args.model != recorded['model']:
-        return  # another model asked for by name: its sizes are the flags' too
+    if 'model' in given and args.model.split('.', 1)[0] != recorded['model'].split('.', 1)[0]:
+        return  # another model asked for by name (a pretrained tag names the same one): its sizes are the flags' too
     taken: List[str] = []
     for dest in ('model', 'coarse_stage_size'):
         if dest not in given and recorded.get(dest) is not None and getattr(args, dest) != recorded[dest]:
@@ -216,7 +219,14 @@ def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozen
             setattr(args, dest, value)
             taken.append(f'--{dest.replace("_", "-")} {value}')
     kwargs = {k: v for k, v in kwargs.items() if k not in ('drop_rate', 'drop_path_rate')}  # training only
-    if kwargs and 'model_kwargs' not in given:
+    if 'model_kwargs' in given:  # the record, and the flags where they may differ from it (else one line)
+        try:
+            explicit = parse_model_kwargs(args.model_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_against_record(kwargs, explicit, f'--resume {args.resume}', evaluation=True, error=ConfigError)
+        kwargs.update(explicit)
+    if kwargs and [f'{k}={v!r}' for k, v in kwargs.items()] != list(args.model_kwargs):
         args.model_kwargs = [f'{k}={v!r}' for k, v in kwargs.items()]
         taken.append('--model-kwargs ' + ' '.join(args.model_kwargs))
     if taken:

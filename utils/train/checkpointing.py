@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader
 
 from utils.core.checkpoint import load_checkpoint_file, load_model_weights
 from utils.core.checkpoint_schema import check_optimizer_state
+from utils.core.cli import parse_model_kwargs
 from utils.core.dist import DistInfo, all_agree, broadcast_object, gather_objects
 from utils.core.errors import CheckpointError, ConfigError, OutputDirError
 from utils.core.files import append_json_line, copy_atomic, save_atomic
+from utils.core.model_builder import adopt_recorded_switches, with_recorded_switches
 from utils.core.safe_io import check_scheduler_state, check_step_checkpoint
 from utils.core.signals import StopRequested
 from utils.train.engine import AmpConfig, MetricMeter
@@ -184,7 +186,7 @@ def training_state(run: TrainingRun, epoch: int, best_metric: float) -> Dict[str
         'epoch': epoch,
         'model_ema': run.model_ema.module.state_dict() if run.model_ema is not None else None,
         'scaler': run.amp.scaler.state_dict() if run.amp.scaler is not None else None,
-        'args': run.args,
+        'args': with_recorded_switches(run.args, run.model_without_ddp),  # the switches set in memory too
         'max_fine_acc1': best_metric,
     }
 
@@ -281,6 +283,8 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
     if path.startswith(('http://', 'https://')):
         raise ConfigError('--resume takes a local file; download it first (nothing is downloaded at run time)')
     checkpoint = load_model_weights(model, path, unsafe=args.unsafe_load)
+    adopt_recorded_switches([model, model_ema.module if model_ema is not None else None], checkpoint,
+                            parse_model_kwargs(args.model_kwargs), f'--resume {path}')
     if not all(checkpoint.get(k) is not None for k in ('optimizer', 'epoch')):
         _logger.info('resumed the weights of %s (no training state in it): starting at epoch %d',
                      path, args.start_epoch)

@@ -30,6 +30,8 @@ from torch.utils.data import Dataset
 
 from datasets.folder import DatasetError
 from utils.core.checkpoint import load_model_weights
+from utils.core.cli import parse_model_kwargs
+from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import OutputDirError
 from utils.train.checkpointing import (
@@ -89,7 +91,9 @@ def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, va
     stages with informative selection, log the result and print it as one JSON line."""
     _, val_loader = build_loaders(args, info, None, val_set)
     if args.resume:
-        load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+        checkpoint = load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+        adopt_recorded_switches([model], checkpoint, parse_model_kwargs(args.model_kwargs), f'--resume {args.resume}',
+                                evaluation=True)
     else:
         _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
                         else 'randomly initialized weights')
