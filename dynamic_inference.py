@@ -33,6 +33,7 @@ from datasets.folder import find_image_folder
 from utils.core.checkpoint import load_checkpoint_file
 from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import (
+    worker_count,
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
 )
 from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state
@@ -95,7 +96,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(4),
+    p.add_argument('--num-workers', '--num_workers', type=worker_count, default=default_workers(4),
                    help='loader processes (default: 4, capped by the cores)')
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',

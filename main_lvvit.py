@@ -45,7 +45,7 @@ from datasets.token_label import (  # noqa: E402
     keep_zero_bit_posterize,
 )
 from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
-from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int  # noqa: E402
+from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
 from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
 from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
@@ -79,7 +79,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
     g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
-    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
+    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=worker_count,
                    default=default_workers(8),
                    help='data loading processes per training process')
     g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=LVVIT_LR,

@@ -58,6 +58,7 @@ from datasets.token_label import (  # noqa: E402
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
 from utils.core.cli import (  # noqa: E402
+    worker_count,
     default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
 )
 from utils.core.dist import default_device  # noqa: E402
@@ -106,7 +107,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
     g.add_argument('-b', '--batch-size', type=positive_int, default=64)
-    g.add_argument('-j', '--workers', type=int_at_least(0), default=default_workers(4),
+    g.add_argument('-j', '--workers', type=worker_count, default=default_workers(4),
                    help='image decoding processes (default: 4, capped by the cores)')
     g.add_argument('--write-threads', type=int_at_least(1), default=4, help='threads writing files')
     g.add_argument('--device', type=device_name, default=default_device())

@@ -37,6 +37,7 @@ from datasets.folder import ImageList, collate_skipping, find_image_folder, list
 from datasets.transforms import data_config, eval_transform
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
 from utils.core.cli import (
+    worker_count,
     MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
     setup_logging,
 )
@@ -120,7 +121,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--max-images', '--max_images', type=int_at_least(1), default=None,
                    help='run the model on at most this many images, a random subset (default: all)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(2))
+    p.add_argument('--num-workers', '--num_workers', type=worker_count, default=default_workers(2))
     p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--panel-size', '--panel_size', type=int_at_least(64, MAX_PANEL_SIZE), default=None,
                    help='pixel side of each picture in the grids (default: the model\'s input size)')

@@ -30,7 +30,8 @@ from utils.core.signals import StopRequested, exit_status, handle_stop_signals, 
 
 __all__ = [
     'available_cores', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
-    'finite_float', 'device_name', 'setup_logging', 'remove_log_handler', 'user_message', 'parse_model_kwargs',
+    'finite_float', 'device_name', 'worker_count', 'MAX_WORKERS', 'setup_logging', 'remove_log_handler',
+    'user_message', 'parse_model_kwargs',
     'log_thread_os_errors', 'run_entry_point', 'LOG_FORMATS', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR',
     'MAX_COUNT', 'MAX_SEED',
 ]
@@ -152,6 +153,23 @@ MAX_LR = 1e3
 MAX_COUNT = 2 ** 31 - 1
 #: Largest seed (torch.manual_seed takes 64-bit values).
 MAX_SEED = 2 ** 63 - 1
+
+
+#: Most loader worker processes a flag takes: each is a process with its own copy of the dataset state, and
+#: --num-workers 2147483647 forked until the process limit, then hung. 256 is far above any useful count.
+MAX_WORKERS = 256
+
+
+def worker_count(text: str) -> int:
+    """argparse type: loader worker processes, 0 to :data:`MAX_WORKERS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number of worker processes, got {text!r}') from None
+    if not 0 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f'must be in [0, {MAX_WORKERS}] (this machine has {available_cores()} cores), got {value}')
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -33,7 +33,7 @@ from utils.core.checkpoint import load_model_weights
 from utils.core.cli import parse_model_kwargs
 from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
-from utils.core.errors import OutputDirError
+from utils.core.errors import ConfigError, OutputDirError
 from utils.train.checkpointing import (
     TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
     write_epoch_outputs,
@@ -124,11 +124,11 @@ def fit(run: TrainingRun) -> None:
     metric_name = run.eval_metric or 'fine top-1'
     fault = FaultInjection(args.debug_fault, info.rank) if args.debug_fault else None
 
+    end_epoch = end_epoch_of(args, start_epoch, resume_from)
     writer = None
     if output_dir is not None and info.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
-    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
     _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
                  end_epoch - 1, args.epochs, len(run.train_loader), metric_name, ' of the EMA' if run.ema_eval else '')
     started = time.time()
@@ -197,6 +197,18 @@ def fit(run: TrainingRun) -> None:
         digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
                   'model_ema': weights_digest(model_ema.module) if model_ema is not None else None}
         Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+
+
+def end_epoch_of(args: argparse.Namespace, start_epoch: int, resume_from: str) -> int:
+    """The epoch the run stops before (``--epochs``, ``--stop-at-epoch``). A run that would train nothing
+    (and write nothing, and report "best -1") is refused: :class:`ConfigError`, one line."""
+    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
+    stop = f', --stop-at-epoch {args.stop_at_epoch}' if args.stop_at_epoch is not None else ''
+    if start_epoch >= end_epoch:
+        raise ConfigError(f'nothing to train: the run would start at epoch {start_epoch}'
+                          f'{f" (after {resume_from})" if resume_from else ""} and end before epoch {end_epoch} '
+                          f'(--epochs {args.epochs}{stop})')
+    return end_epoch
 
 
 def sync_batchnorm_statistics(run: TrainingRun) -> None:

@@ -287,6 +287,9 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     agreed by all processes). Shared by the training scripts."""
     if args.save_interval_steps < 0:
         raise ConfigError(f'--save-interval-steps must be >= 0, got {args.save_interval_steps}')
+    if not args.eval and not args.resume and args.start_epoch >= args.epochs:
+        raise ConfigError(f'nothing to train: --start_epoch {args.start_epoch} is not below --epochs {args.epochs} '
+                          '(epochs count from 0)')
     if args.resume == 'auto' and (args.eval or not args.output_dir):
         raise ConfigError('--resume auto continues a training run in its --output_dir: give --output_dir '
                           '(and no --eval)')
