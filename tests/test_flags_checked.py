@@ -42,8 +42,8 @@ BAD_FLAGS = [
     (['--dist-timeout', '0'], 'argument --dist-timeout: must be in (0, 10080]'),
     (['--dist_url', 'bogus://'], "expected env://, tcp://HOST:PORT or file:///PATH, got 'bogus://'"),
     (['--dist_url', 'tcp://'], "got 'tcp://'"),
-    (['--num-workers', '2147483647'], 'must be in [0, 256]'),
-    (['--num-workers', '-1'], 'must be in [0, 256]'),
+    (['--num-workers', '2147483647'], 'must be at most 256 loader processes'),
+    (['--num-workers', '-1'], 'must be at least 0, got -1'),
 ]
 
 

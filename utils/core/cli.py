@@ -166,9 +166,11 @@ def worker_count(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected a number of worker processes, got {text!r}') from None
-    if not 0 <= value <= MAX_WORKERS:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
+    if value > MAX_WORKERS:
         raise argparse.ArgumentTypeError(
-            f'must be in [0, {MAX_WORKERS}] (this machine has {available_cores()} cores), got {value}')
+            f'must be at most {MAX_WORKERS} loader processes (this machine has {available_cores()} cores), got {value}')
     return value
 
 
