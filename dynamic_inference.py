@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,12 +34,12 @@ from datasets.folder import find_image_folder
 from utils.core.checkpoint import load_checkpoint_file
 from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import (
-    worker_count,
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
+    worker_count,
 )
 from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state
 from utils.core.errors import BadInputError
-from utils.core.files import save_atomic, write_json_atomic
+from utils.core.files import NAME_MAX, save_atomic, write_json_atomic
 from utils.core.model_builder import build_from_checkpoint
 from utils.core.run_folder import prepare_output_dir
 from utils.core.safe_io import refuse_overwriting_inputs
@@ -207,15 +208,21 @@ def abbreviate(value: Any, keep: int = 3, digits: Optional[int] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- modes
+def results_checkpoint_name(checkpoint_path: str) -> str:
+    """``<stem>_with_results.pth``, the stem cut so that the name stays a legal file name (:data:`NAME_MAX`
+    bytes): a long checkpoint name never makes the run fail when it saves, after the whole evaluation."""
+    suffix = '_with_results.pth'
+    return os.fsdecode(os.fsencode(Path(checkpoint_path).stem)[:NAME_MAX - len(suffix)]) + suffix
+
+
 def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out: Path) -> Dict[str, Any]:
     """Mode 3: print the released results stored in a checkpoint and plot its curve."""
     keys = ('flop', 'anytime_classification', 'budgeted_batch_classification')
     missing = [k for k in keys if k not in checkpoint]
     if len(missing) == len(keys):
-        stem = Path(args.checkpoint_path).stem
         raise BadInputError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}): mode 3 reads a '
-                            f'released checkpoint, or the {stem}_with_results.pth that --eval-mode 1 ... '
-                            f'--write-checkpoint writes into its output folder')
+                            f'released checkpoint, or the {results_checkpoint_name(args.checkpoint_path)} that '
+                            '--eval-mode 1 ... --write-checkpoint writes into its output folder')
     result = {k: checkpoint.get(k) for k in keys}
     for k in keys:
         _logger.info('%s : %s', k, format_stored(k, result[k]))
@@ -394,7 +401,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if args.write_checkpoint:
                 new = dict(checkpoint, flop=flops, anytime_classification=anytime,
                            budgeted_batch_classification=[gflops, acc])
-                target = out / f'{Path(args.checkpoint_path).stem}_with_results.pth'
+                target = out / results_checkpoint_name(args.checkpoint_path)
                 save_atomic(new, target)
                 result['written_checkpoint'] = str(target)
                 _logger.info('checkpoint with results: %s', target)

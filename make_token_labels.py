@@ -58,8 +58,7 @@ from datasets.token_label import (  # noqa: E402
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
 from utils.core.cli import (  # noqa: E402
-    worker_count,
-    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
+    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging, worker_count,
 )
 from utils.core.dist import default_device  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)

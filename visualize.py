@@ -37,9 +37,8 @@ from datasets.folder import ImageList, collate_skipping, find_image_folder, list
 from datasets.transforms import data_config, eval_transform
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
 from utils.core.cli import (
-    worker_count,
     MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
-    setup_logging,
+    setup_logging, shown_name, worker_count,
 )
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.files import write_json_atomic
@@ -270,7 +269,9 @@ def _title(d: Details, i: int, names: Sequence[str], threshold: float, path: str
     target = int(d.targets[i])
 
     def named(prefix: str, name: str, suffix: str = '') -> str:
-        """``prefix + name + suffix`` with the name shortened (never the mark) to fit."""
+        """``prefix + name + suffix`` with the name shortened (never the mark) to fit; bytes that are not
+        UTF-8 escaped (``\\xNN``), never handed to matplotlib."""
+        name = shown_name(name)
         if _text_px(prefix + name + suffix, dpi) <= width:
             return prefix + name + suffix
         while len(name) > 1 and _text_px(prefix + name + '\u2026' + suffix, dpi) > width:

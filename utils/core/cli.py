@@ -31,7 +31,7 @@ from utils.core.signals import StopRequested, exit_status, handle_stop_signals, 
 __all__ = [
     'available_cores', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
     'finite_float', 'device_name', 'worker_count', 'MAX_WORKERS', 'setup_logging', 'remove_log_handler',
-    'user_message', 'parse_model_kwargs',
+    'user_message', 'parse_model_kwargs', 'shown_name',
     'log_thread_os_errors', 'run_entry_point', 'LOG_FORMATS', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR',
     'MAX_COUNT', 'MAX_SEED',
 ]
@@ -70,7 +70,7 @@ def setup_logging(is_main: bool = True, level: int = logging.INFO, stream: Optio
     fmt, datefmt = LOG_FORMATS[style]
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler._cfvit_level = root.level  # type: ignore[attr-defined]  (restored on removal)
-    handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+    handler.setFormatter(_EscapingFormatter(fmt, datefmt=datefmt))
     root.addHandler(handler)
     root.setLevel(level if is_main else logging.WARNING)
 
@@ -82,6 +82,20 @@ def remove_log_handler() -> None:
         if hasattr(handler, '_cfvit_level'):
             root.removeHandler(handler)
             root.setLevel(handler._cfvit_level)  # type: ignore[attr-defined]
+
+
+def shown_name(text: str) -> str:
+    """``text`` as it can be printed, drawn or logged: bytes of a name that is not UTF-8 (decoded by Python
+    with ``surrogateescape``) become ``\\xNN`` escapes instead of reaching matplotlib or a stream that
+    refuses them."""
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+class _EscapingFormatter(logging.Formatter):
+    """A log line with names that are not UTF-8 escaped (:func:`shown_name`): never a logging error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown_name(super().format(record))
 
 
 def user_message(error: BaseException) -> str:
