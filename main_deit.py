@@ -30,6 +30,10 @@ from typing import Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import stop_while_starting
+    stop_while_starting('main_deit.py')
+
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
