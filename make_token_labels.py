@@ -174,11 +174,17 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
 
 
 def teacher_input_size(model: nn.Module, override: Optional[int]) -> int:
-    """The side images are resized to: ``--input-size``, else the teacher's own input size."""
+    """The side images are resized to: ``--input-size``, else the teacher's own input size. A CF teacher
+    takes its fine size only: another ``--input-size`` is one line (:class:`ModelBuildError`)."""
+    if hasattr(model, 'img_size_list'):  # CF models: the fine input, fixed by the grid
+        fine = int(model.img_size_list[1])
+        if override and int(override) != fine:
+            raise ModelBuildError(f'--input-size {override}: the CF teacher takes {fine} px images (its fine stage, '
+                                  f'{model.fine_grid[0]}x{model.fine_grid[1]} patches); drop --input-size or pass '
+                                  f'{fine}')
+        return fine
     if override:
         return int(override)
-    if hasattr(model, 'img_size_list'):  # CF models: the fine input
-        return int(model.img_size_list[1])
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if img_size is not None and not getattr(model, 'dynamic_img_size', False):
         return int(img_size[0])

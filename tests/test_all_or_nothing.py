@@ -1,4 +1,4 @@
-"""Issue 31, cause 4: an output of several files is all or nothing.
+"""Issue 31, cause 4: an output of several files is all or nothing (and cause 8: what round 3 left).
 
 ``export_onnx.py`` builds its graphs and manifest in a staging folder and moves them into place, the
 manifest last. Tested for real: a file-size limit (RLIMIT_FSIZE, the kernel refusing the write with
@@ -89,3 +89,40 @@ def test_the_leftovers_of_a_crashed_export_are_recognised_and_replaced(checkpoin
     code, text = run_main(export_onnx, ['--checkpoint_path', checkpoint, *ARCH, '--output-dir', out], capsys, caplog)
     one_line_error(code, text, 'already holds manifest.json, coarse.onnx, fine.onnx')
     assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------- cause 8
+def test_a_manifest_whose_graph_entry_is_a_list_is_one_line(checkpoint, tmp_path, capsys, caplog):
+    import dynamic_inference
+    out = tmp_path / 'export'
+    code, text = run_main(export_onnx, ['--checkpoint_path', checkpoint, *ARCH, '--output-dir', out], capsys, caplog)
+    assert code == 0, text[-3000:]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest['graphs']['coarse'] = ['coarse.onnx']
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code, text = run_main(dynamic_inference, ['--backend', 'onnxruntime', out, '--eval-mode', '3', '--output-dir',
+                                              tmp_path / 'o'], capsys, caplog)
+    assert 'Traceback' not in text, text[-3000:]  # mode 3 prints the manifest as it is
+    code, text = run_main(dynamic_inference, ['--backend', 'onnxruntime', out, '--eval-mode', '2', '--data_url',
+                                              tmp_path / 'nothing', '--output-dir', tmp_path / 'o2'], capsys, caplog)
+    one_line_error(code, text, 'names no coarse graph')
+
+
+def test_model_kwargs_that_load_weights_are_one_line(checkpoint, tmp_path, capsys, caplog):
+    overlay = '{"pretrained": true, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}'
+    code, text = run_main(export_onnx, ['--checkpoint_path', checkpoint, '--model', 'cf_deit_tiny',
+                                        '--coarse-stage-size', '2', '--model-kwargs', overlay, '--output-dir',
+                                        tmp_path / 'e'], capsys, caplog)
+    one_line_error(code, text, '--model-kwargs pretrained, pretrained_cfg_overlay: a model argument may not choose '
+                               'the weights')
+
+
+def test_label_maps_at_another_size_than_a_cf_teacher_takes_are_one_line(checkpoint, tmp_path, capsys, caplog):
+    import make_token_labels
+    from helpers import make_image_folder
+    data = make_image_folder(tmp_path / 'data', {'train': 1}, 3)
+    code, text = run_main(make_token_labels, [data, '--teacher', 'cf_deit_tiny', '--checkpoint', checkpoint,
+                                              '--coarse-stage-size', '2', '--model-kwargs', 'embed_dim=48', 'depth=2',
+                                              'num_heads=3', '--input-size', '48', '--output', tmp_path / 'maps',
+                                              '-j', '0'], capsys, caplog)
+    one_line_error(code, text, '--input-size 48: the CF teacher takes 64 px images')

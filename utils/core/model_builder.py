@@ -38,6 +38,11 @@ EVALUATION_OVERRIDES = frozenset({
     'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate', 'mix_token'})
 
 
+#: ``create_model`` arguments that load weights: the builders of a checkpoint's model refuse them in flags.
+WEIGHT_SOURCES = frozenset({'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir',
+                            'pretrained_strict'})
+
+
 def check_against_record(recorded: Mapping[str, Any], given: Mapping[str, Any], source: str, evaluation: bool,
                          error: type = ModelBuildError) -> None:
     """Refuse (``error``, one line naming both values) a flag value ``given`` that contradicts a model argument
@@ -137,6 +142,10 @@ def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coar
             given.update(parse_model_kwargs(model_kwargs))
         except ValueError as e:
             raise ModelBuildError(str(e)) from None
+    loading = sorted(k for k in given if k in WEIGHT_SOURCES)
+    if loading:  # the weights come from the checkpoint (or the script's own --pretrained), never a model argument
+        raise ModelBuildError(f'--model-kwargs {", ".join(loading)}: a model argument may not choose the weights; '
+                              'they come from the checkpoint (or the script\'s --pretrained)')
     check_against_record(kwargs, given, 'the checkpoint', evaluation=True)
     kwargs.update(given)
     return name, g, kwargs
