@@ -227,7 +227,8 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     # aux_head gets no gradient without dense targets; with them every parameter is used, except
     # pos_embed_list.1 while selection is off when the non-selective fine stage omits it
     dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
-    all_used = dense_loss and model.fine_pos_embed_without_selection
+    # (a resumed checkpoint may record fine_pos_embed_without_selection=False, set back after this point)
+    all_used = dense_loss and model.fine_pos_embed_without_selection and not args.resume
     criterion, batch_transform = build_objective(args, num_classes, label_size) if not args.eval else (None, None)
     train_or_evaluate(
         args, info, output_dir, model, num_classes, train_set, val_set, criterion, batch_transform,
