@@ -42,6 +42,8 @@ BAD_FLAGS = [
     (['--dist-timeout', '0'], 'argument --dist-timeout: must be in (0, 10080]'),
     (['--dist_url', 'bogus://'], "expected env://, tcp://HOST:PORT or file:///PATH, got 'bogus://'"),
     (['--dist_url', 'tcp://'], "got 'tcp://'"),
+    (['--lr-noise', '0.2', '0.5', '0.9'], 'argument --lr-noise: takes START or START END, got 3 values'),
+    (['--lr-noise', '0.5', '0.2'], 'argument --lr-noise: START [END]: non-negative, END above START'),
     (['--num-workers', '2147483647'], 'must be at most 256 loader processes'),
     (['--num-workers', '-1'], 'must be at least 0, got -1'),
 ]
@@ -59,7 +61,8 @@ def test_a_bad_flag_value_is_one_line_when_parsed(script, flags, message, tmp_pa
     ['--opt', 'lookahead_adamw'], ['--opt', 'SGD'], ['--sched', 'none'], ['--sched', 'step'],
     ['--aa', 'augmix-m5-w4-d2'], ['--aa', 'original'], ['--aa', 'v0'], ['--aa', 'rand-m9-mstd0.5-inc1'],
     ['--opt-betas', '0.9', '0.999'], ['--cutmix-minmax', '0.1', '0.9'], ['--dist_url', 'tcp://127.0.0.1:1234'],
-    ['--dist_url', 'file:///tmp/x'], ['--num-workers', '256'], ['--train-interpolation', 'random']])
+    ['--dist_url', 'file:///tmp/x'], ['--num-workers', '256'], ['--train-interpolation', 'random'], ['--lr-noise', '0.4'],
+    ['--lr-noise', '0.4', '0.9']])
 def test_the_values_their_consumers_take_still_parse(flags):
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(flags)
     assert args is not None

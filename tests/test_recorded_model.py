@@ -180,3 +180,19 @@ def test_geometry_is_read_from_the_file_not_guessed():
     assert (geometry.grid, geometry.class_slot) == ((4, 4), False)
     cf = convert_vit(vit)
     assert math.isclose(float(cf.pos_embed_list[1][0, 0].abs().sum()), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- cause 9
+def test_a_checkpoint_whose_head_is_nan_is_refused_not_evaluated(data, tmp_path, capsys, caplog):
+    import dynamic_inference
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=2, patch_size=16, num_classes=3, **DIMS)
+    state = model.state_dict()
+    state['head.weight'] = torch.full_like(state['head.weight'], float('nan'))
+    torch.save({'model': state}, tmp_path / 'nan.pth')
+    code, text = run_main(dynamic_inference, ['--eval-mode', '0', '--data_url', data, '--checkpoint_path',
+                                              tmp_path / 'nan.pth', '--model', 'cf_deit_tiny', '--coarse-stage-size',
+                                              '2', '--model-kwargs', 'patch_size=16', 'embed_dim=48', 'depth=2',
+                                              'num_heads=3', '--num-workers', '0', '--output-dir', tmp_path / 'o'],
+                          capsys, caplog)
+    one_line_error(code, text, 'holds non-finite weights (head.weight: 144 of 144 values are NaN or infinite)')
+    assert not (tmp_path / 'o' / 'anytime.json').exists()

@@ -18,7 +18,7 @@ from utils.core.errors import ConfigError
 from utils.core.model_builder import check_against_record
 
 __all__ = ['LR_REFERENCE_BATCH', 'SCHED_STEPS', 'get_args_parser', 'flags_given', 'adopt_recorded_architecture',
-           'timm_optimizer', 'timm_scheduler', 'auto_augment', 'dist_url', 'OrderedPair']
+           'timm_optimizer', 'timm_scheduler', 'auto_augment', 'dist_url', 'OrderedPair', 'NoiseRange']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,6 +96,19 @@ class OrderedPair(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         if values[0] >= values[1]:
             raise argparse.ArgumentError(self, f'MIN must be below MAX, got {values[0]:g} {values[1]:g}')
+        setattr(namespace, self.dest, list(values))
+
+
+class NoiseRange(argparse.Action):
+    """``--lr-noise START [END]``: timm's noise range, one or two increasing non-negative epochs (or
+    fractions of the run); a third value was silently ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            raise argparse.ArgumentError(self, f'takes START or START END, got {len(values)} values')
+        if any(v < 0 for v in values) or (len(values) == 2 and values[0] >= values[1]):
+            raise argparse.ArgumentError(self, 'START [END]: non-negative, END above START, got '
+                                         f'{" ".join(f"{v:g}" for v in values)}')
         setattr(namespace, self.dest, list(values))
 
 
@@ -178,7 +191,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=5e-4,
                    help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
-    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
+    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None, action=NoiseRange,
+                   metavar=('START', 'END'), help='epochs (or fractions of the run) of learning-rate noise')
     g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
     g.add_argument('--lr-noise-std', type=float_in(0), default=1.0)
     g.add_argument('--warmup-lr', type=float_in(0, MAX_LR), default=1e-6)
