@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import stop_while_starting
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
     stop_while_starting('dynamic_inference.py')
 
 import torch  # noqa: E402

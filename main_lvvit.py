@@ -37,7 +37,8 @@ from typing import Any, Optional, Sequence
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import stop_while_starting
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
     stop_while_starting('main_lvvit.py')
 
 import torch.nn as nn  # noqa: E402

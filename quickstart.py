@@ -30,7 +30,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
 if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import stop_while_starting
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
     stop_while_starting('quickstart.py')
 
 import torch  # noqa: E402

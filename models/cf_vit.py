@@ -547,6 +547,20 @@ class CFVisionTransformer(nn.Module):
             raise ValueError(
                 f'expected the {name} images as (B, C, {side}, {side}) for img_size_list='
                 f'{self.img_size_list}, got {tuple(x.shape)}')
+        self._check_dtype(x)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Images are normalized floats in the weights' dtype (any float under autocast): a uint8 or float64
+        batch is one line naming the conversion, not a convolution's dtype error."""
+        weight = self.cls_token
+        if weight.device.type == 'meta' or torch.jit.is_tracing():
+            return
+        if not x.is_floating_point():
+            raise ValueError(f'expected normalized floating-point images, got {x.dtype} (convert and normalize '
+                             'them: timm.data.create_transform(**timm.data.resolve_data_config({}, model=model)))')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'expected {weight.dtype} images like the weights, got {x.dtype}: pass '
+                             f'x.to({weight.dtype}) (or convert the model)')
 
     # ------------------------------------------------------------------ MixToken
     def _draw_mix_box(self, grid: Tuple[int, int]) -> Box:

@@ -196,3 +196,15 @@ def test_a_checkpoint_whose_head_is_nan_is_refused_not_evaluated(data, tmp_path,
                           capsys, caplog)
     one_line_error(code, text, 'holds non-finite weights (head.weight: 144 of 144 values are NaN or infinite)')
     assert not (tmp_path / 'o' / 'anytime.json').exists()
+
+
+def test_float64_and_byte_images_from_python_are_one_line():
+    """Decided (issue 31, cause 9): images are normalized floats in the weights' dtype (any float under
+    autocast); float64 or uint8 batches are refused with the conversion to make, not a convolution's error."""
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=2, patch_size=16, num_classes=3, **DIMS).eval()
+    with pytest.raises(ValueError, match=r'expected torch.float32 images like the weights, got torch.float64: pass '
+                                         r'x.to\(torch.float32\)'):
+        model(torch.zeros(2, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match='expected normalized floating-point images, got torch.uint8'):
+        model([torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, 3, 64, 64, dtype=torch.uint8)])
+    assert model.double()(torch.zeros(2, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64

@@ -48,3 +48,24 @@ def test_a_stop_signal_while_starting_is_one_line(script, signum, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f'{script}: interrupted'), err[-3000:]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_figures_are_drawn_whatever_mplbackend_says(tmp_path):
+    """Decided (issue 31, cause 9): the scripts write PNG files only, with matplotlib's Agg backend;
+    ``MPLBACKEND=bogus`` (which makes importing matplotlib raise) changes nothing."""
+    import timm
+    import torch
+
+    import models  # noqa: F401
+    from helpers import make_image_folder
+    data = make_image_folder(tmp_path / 'data', {'val': 1}, 2)
+    torch.manual_seed(0)
+    model = timm.create_model('cf_deit_tiny', coarse_stage_size=2, num_classes=2, embed_dim=48, depth=2, num_heads=3)
+    torch.save({'model': model.state_dict()}, tmp_path / 'm.pth')
+    proc = subprocess.run([sys.executable, str(ROOT / 'dynamic_inference.py'), '--eval-mode', '1', '--data_url',
+                           str(data), '--checkpoint_path', str(tmp_path / 'm.pth'), '--model', 'cf_deit_tiny',
+                           '--coarse-stage-size', '2', '--model-kwargs', 'embed_dim=48', 'depth=2', 'num_heads=3',
+                           '--num-workers', '0', '--output-dir', str(tmp_path / 'out')],
+                          env=dict(script_env(), MPLBACKEND='bogus'), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / 'out' / 'budgeted_batch_classification.png').stat().st_size > 0

@@ -6,13 +6,14 @@ with 143 and no line. :func:`stop_while_starting`, called by every script first 
 ``if __name__ == '__main__':`` (this module imports nothing slow), ends the process at once with one line
 and 128 + the signal number: nothing has been written yet. The entry point
 (:func:`utils.core.cli.run_entry_point`) replaces the handler with the run's own while it runs.
+:func:`draw_to_files` makes their figures independent of ``MPLBACKEND``.
 """
 from __future__ import annotations
 
 import os
 import signal
 
-__all__ = ['stop_while_starting']
+__all__ = ['stop_while_starting', 'draw_to_files']
 
 
 def stop_while_starting(script: str) -> None:
@@ -24,3 +25,10 @@ def stop_while_starting(script: str) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+
+
+def draw_to_files() -> None:
+    """The scripts draw PNG files only, never on a screen: matplotlib's non-interactive Agg backend whatever
+    ``MPLBACKEND`` says (``MPLBACKEND=bogus`` made the import of matplotlib raise, a traceback in the middle
+    of a run; a display backend needs a display). Called before anything imports matplotlib."""
+    os.environ['MPLBACKEND'] = 'agg'
