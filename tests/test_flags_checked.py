@@ -91,3 +91,24 @@ def test_a_run_that_would_train_nothing_says_so(data, tmp_path, capsys, caplog):
     one_line_error(code, text, '--stop-at-epoch 1')
     assert (out / 'checkpoint.pth').read_bytes() == before
     assert load_checkpoint_file(out / 'checkpoint.pth')['epoch'] == 0
+
+
+def test_class_folders_renamed_since_training_are_refused_on_resume_and_eval(data, tmp_path, capsys, caplog):
+    """Decided (issue 31, cause 9): a training checkpoint records its class folders in label order; resuming
+    or evaluating it on folders renamed since (same count, so nothing else would notice) is one line."""
+    import shutil
+    moved = tmp_path / 'data'
+    shutil.copytree(data, moved)
+    out = tmp_path / 'out'
+    code, text = run_main(main_deit, [*TRAIN, '--data-path', moved, '--epochs', '2', '--stop-at-epoch', '1',
+                                      '--output', out], capsys, caplog)
+    assert code == 0, text[-3000:]
+    assert load_checkpoint_file(out / 'checkpoint.pth')['classes'] == ['class0', 'class1', 'class2']
+    for split in ('train', 'val'):  # class0 renamed: it now sorts last, every label shifts
+        (moved / split / 'class0').rename(moved / split / 'class9')
+    resume = [*TRAIN, '--data-path', moved, '--epochs', '2', '--output', out, '--resume', out / 'checkpoint.pth']
+    code, text = run_main(main_deit, resume, capsys, caplog)
+    one_line_error(code, text, "trained with label 0 = class folder 'class0', but in this data set label 0 is 'class1'")
+    code, text = run_main(main_deit, [*TRAIN, '--data-path', moved, '--eval', '--resume', out / 'checkpoint.pth'],
+                          capsys, caplog)
+    one_line_error(code, text, "trained with label 0 = class folder 'class0'")

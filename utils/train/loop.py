@@ -21,13 +21,14 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import distribute_bn
 from torch.utils.data import Dataset
 
+from datasets.build import unwrap_subset
 from datasets.folder import DatasetError
 from utils.core.checkpoint import load_model_weights
 from utils.core.cli import parse_model_kwargs
@@ -35,8 +36,8 @@ from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import ConfigError, OutputDirError
 from utils.train.checkpointing import (
-    TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
-    write_epoch_outputs,
+    TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state, resolve_resume, resume,
+    training_state, write_epoch_outputs,
 )
 from utils.train.engine import AmpConfig, evaluate, format_eval, train_one_epoch
 from utils.train.setup import (
@@ -82,7 +83,13 @@ def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Opti
     fit(TrainingRun(args, info, output_dir, model, model_without_ddp, model_ema, optimizer,
                     build_scheduler(args, optimizer), amp, criterion, batch_transform, train_loader, val_loader,
                     n_parameters, ema_eval=ema_eval, metric_key=metric_key, eval_metric=eval_metric,
-                    dist_bn=dist_bn))
+                    dist_bn=dist_bn, classes=class_names(train_set)))
+
+
+def class_names(dataset: Optional[Dataset]) -> Optional[List[str]]:
+    """The class folder names of an ImageFolder-like data set in label order (None for others)."""
+    classes = getattr(unwrap_subset(dataset), 'classes', None) if dataset is not None else None
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
 
 
 def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, val_set: Dataset,
@@ -92,6 +99,7 @@ def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, va
     _, val_loader = build_loaders(args, info, None, val_set)
     if args.resume:
         checkpoint = load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+        check_same_class_labels(checkpoint.get('classes'), class_names(val_set), args.resume)
         adopt_recorded_switches([model], checkpoint, parse_model_kwargs(args.model_kwargs), f'--resume {args.resume}',
                                 evaluation=True)
     else:
