@@ -20,34 +20,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('dynamic_inference.py')
 
-import models
-from datasets import collate_skipping, eval_transform, open_image_folder
-from datasets.folder import find_image_folder
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.cli import (
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from datasets import collate_skipping, eval_transform, open_image_folder  # noqa: E402
+from datasets.folder import find_image_folder  # noqa: E402
+from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
+from utils.core.checkpoint_schema import architecture_from_checkpoint  # noqa: E402
+from utils.core.cli import (  # noqa: E402
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
+    worker_count,
 )
-from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state
-from utils.core.errors import BadInputError
-from utils.core.files import save_atomic, write_json_atomic
-from utils.core.model_builder import build_from_checkpoint
-from utils.core.run_folder import new_run_folder, prepare_output_dir
-from utils.core.safe_io import refuse_overwriting_inputs
-from utils.core.signals import quiet_worker_signals
-from utils.inference.cpu import (
+from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state  # noqa: E402
+from utils.core.errors import BadInputError  # noqa: E402
+from utils.core.files import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
+from utils.core.model_builder import build_from_checkpoint  # noqa: E402
+from utils.core.run_folder import new_run_folder, prepare_output_dir  # noqa: E402
+from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.core.signals import quiet_worker_signals  # noqa: E402
+from utils.inference.cpu import (  # noqa: E402
     AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,
 )
-from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
-from utils.inference.flops import stage_gflops
-from utils.inference.predict import model_device, predict_stages, timed_early_exit
-from utils.vis.plots import plot_budgeted_curve
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions  # noqa: E402
+from utils.inference.flops import stage_gflops  # noqa: E402
+from utils.inference.predict import model_device, predict_stages, timed_early_exit  # noqa: E402
+from utils.vis.plots import plot_budgeted_curve  # noqa: E402
 
 _logger = logging.getLogger('dynamic_inference')
 
@@ -94,7 +101,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(4),
+    p.add_argument('--num-workers', '--num_workers', type=worker_count, default=default_workers(4),
                    help='loader processes (default: 4, capped by the cores)')
     p.add_argument('--output-dir', '--output_dir', default=None)
     p.add_argument('--write-checkpoint', action='store_true',
@@ -204,15 +211,21 @@ def abbreviate(value: Any, keep: int = 3, digits: Optional[int] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- modes
+def results_checkpoint_name(checkpoint_path: str) -> str:
+    """``<stem>_with_results.pth``, the stem cut so that the name stays a legal file name (:data:`NAME_MAX`
+    bytes): a long checkpoint name never makes the run fail when it saves, after the whole evaluation."""
+    suffix = '_with_results.pth'
+    return os.fsdecode(os.fsencode(Path(checkpoint_path).stem)[:NAME_MAX - len(suffix)]) + suffix
+
+
 def report_checkpoint(args: argparse.Namespace, checkpoint: Dict[str, Any], out: Path) -> Dict[str, Any]:
     """Mode 3: print the released results stored in a checkpoint and plot its curve."""
     keys = ('flop', 'anytime_classification', 'budgeted_batch_classification')
     missing = [k for k in keys if k not in checkpoint]
     if len(missing) == len(keys):
-        stem = Path(args.checkpoint_path).stem
         raise BadInputError(f'{args.checkpoint_path} stores no evaluation results ({", ".join(keys)}): mode 3 reads a '
-                            f'released checkpoint, or the {stem}_with_results.pth that --eval-mode 1 ... '
-                            f'--write-checkpoint writes into its output folder')
+                            f'released checkpoint, or the {results_checkpoint_name(args.checkpoint_path)} that '
+                            '--eval-mode 1 ... --write-checkpoint writes into its output folder')
     result = {k: checkpoint.get(k) for k in keys}
     for k in keys:
         _logger.info('%s : %s', k, format_stored(k, result[k]))
@@ -391,7 +404,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if args.write_checkpoint:
                 new = dict(checkpoint, flop=flops, anytime_classification=anytime,
                            budgeted_batch_classification=[gflops, acc])
-                target = out / f'{Path(args.checkpoint_path).stem}_with_results.pth'
+                target = out / results_checkpoint_name(args.checkpoint_path)
                 save_atomic(new, target)
                 result['written_checkpoint'] = str(target)
                 _logger.info('checkpoint with results: %s', target)

@@ -23,18 +23,23 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('export_onnx.py')
 
-import models
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.cli import grid_side, positive_int, run_entry_point, setup_logging
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
-from utils.core.model_builder import build_from_checkpoint
-from utils.core.safe_io import refuse_overwriting_inputs
-from utils.inference.onnx_export import (
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
+from utils.core.cli import grid_side, positive_int, run_entry_point, setup_logging  # noqa: E402
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: E402, F401 (export_onnx.EXIT_BAD_INPUT)
+from utils.core.model_builder import build_from_checkpoint  # noqa: E402
+from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.inference.onnx_export import (  # noqa: E402
     DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, export_early_exit,
 )
-from utils.inference.onnx_runtime import OnnxEarlyExit
+from utils.inference.onnx_runtime import OnnxEarlyExit  # noqa: E402
 
 _logger = logging.getLogger('export_onnx')
 

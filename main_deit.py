@@ -30,6 +30,11 @@ from typing import Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('main_deit.py')
+
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
         attach_transform(train_set, build_transform(True, args, model))
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
-        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load, model_kwargs=args.model_kwargs)
     criterion, mixup_fn = build_criterion(args, num_classes) if not args.eval else (None, None)
     # find_unused_parameters: while selection is off, the released CF-DeiT's fine stage leaves
     # pos_embed_list.1 out of the graph (SPEC 4.4), so some parameters get no gradient.

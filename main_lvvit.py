@@ -36,6 +36,11 @@ from typing import Any, Optional, Sequence
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('main_lvvit.py')
+
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 
@@ -45,7 +50,7 @@ from datasets.token_label import (  # noqa: E402
     keep_zero_bit_posterize,
 )
 from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
-from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int  # noqa: E402
+from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
 from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
 from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
@@ -79,7 +84,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group('LV-ViT recipe (TokenLabeling spellings)')
     g.add_argument('-b', '--batch-size', '--batch_size', dest='batch_size', type=positive_int, default=64,
                    help='images per process and step')
-    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=int_at_least(0),
+    g.add_argument('-j', '--workers', '--num-workers', '--num_workers', dest='num_workers', type=worker_count,
                    default=default_workers(8),
                    help='data loading processes per training process')
     g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=LVVIT_LR,
@@ -218,13 +223,15 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
         train_set = build_train_set(args, model, train_set, num_classes)
     attach_transform(val_set, build_transform(False, args, model))
     if args.finetune:
-        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load)
+        load_finetune_weights(model, args.finetune, unsafe=args.unsafe_load, model_kwargs=args.model_kwargs)
 
     # aux_head gets no gradient without dense targets; with them every parameter is used, except
     # pos_embed_list.1 while selection is off when the non-selective fine stage omits it
     dense_loss = args.token_label and label_size > 1 and args.dense_weight > 0
-    # (and reuse_block with feature_reuse=False, the paper's ablation)
-    all_used = dense_loss and model.fine_pos_embed_without_selection and getattr(model, 'feature_reuse', True)
+    # (a resumed checkpoint may record fine_pos_embed_without_selection=False, set back after this point;
+    # reuse_block is unused with feature_reuse=False, the paper's ablation)
+    all_used = (dense_loss and model.fine_pos_embed_without_selection and getattr(model, 'feature_reuse', True)
+                and not args.resume)
     criterion, batch_transform = build_objective(args, num_classes, label_size) if not args.eval else (None, None)
     train_or_evaluate(
         args, info, output_dir, model, num_classes, train_set, val_set, criterion, batch_transform,

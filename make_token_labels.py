@@ -41,6 +41,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('make_token_labels.py')
+
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -58,7 +63,7 @@ from datasets.token_label import (  # noqa: E402
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
 from utils.core.cli import (  # noqa: E402
-    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
+    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging, worker_count,
 )
 from utils.core.dist import default_device  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
@@ -106,7 +111,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='average the logits to this H = W (default: the teacher\'s own grid)')
     g = parser.add_argument_group('run')
     g.add_argument('-b', '--batch-size', type=positive_int, default=64)
-    g.add_argument('-j', '--workers', type=int_at_least(0), default=default_workers(4),
+    g.add_argument('-j', '--workers', type=worker_count, default=default_workers(4),
                    help='image decoding processes (default: 4, capped by the cores)')
     g.add_argument('--write-threads', type=int_at_least(1), default=4, help='threads writing files')
     g.add_argument('--device', type=device_name, default=default_device())
@@ -170,11 +175,17 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
 
 
 def teacher_input_size(model: nn.Module, override: Optional[int]) -> int:
-    """The side images are resized to: ``--input-size``, else the teacher's own input size."""
+    """The side images are resized to: ``--input-size``, else the teacher's own input size. A CF teacher
+    takes its fine size only: another ``--input-size`` is one line (:class:`ModelBuildError`)."""
+    if hasattr(model, 'img_size_list'):  # CF models: the fine input, fixed by the grid
+        fine = int(model.img_size_list[1])
+        if override and int(override) != fine:
+            raise ModelBuildError(f'--input-size {override}: the CF teacher takes {fine} px images (its fine stage, '
+                                  f'{model.fine_grid[0]}x{model.fine_grid[1]} patches); drop --input-size or pass '
+                                  f'{fine}')
+        return fine
     if override:
         return int(override)
-    if hasattr(model, 'img_size_list'):  # CF models: the fine input
-        return int(model.img_size_list[1])
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if img_size is not None and not getattr(model, 'dynamic_img_size', False):
         return int(img_size[0])

@@ -29,6 +29,11 @@ from typing import Any, Dict, Optional, Sequence
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('quickstart.py')
+
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the CF models with timm)

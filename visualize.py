@@ -32,23 +32,28 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
+if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
+    from utils.core.startup import draw_to_files, stop_while_starting
+    draw_to_files()
+    stop_while_starting('visualize.py')
 
-import models
-from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
-from datasets.transforms import data_config, eval_transform
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
-from utils.core.cli import (
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images  # noqa: E402
+from datasets.transforms import data_config, eval_transform  # noqa: E402
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
+from utils.core.cli import (  # noqa: E402
     MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
-    setup_logging,
+    setup_logging, shown_name, worker_count,
 )
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
-from utils.core.files import write_json_atomic
-from utils.core.model_builder import build_model, resolve_architecture
-from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file
-from utils.core.safe_io import refuse_overwriting_inputs
-from utils.core.signals import quiet_worker_signals
-from utils.vis.figures import (
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
+from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
+from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file  # noqa: E402
+from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.core.signals import quiet_worker_signals  # noqa: E402
+from utils.vis.figures import (  # noqa: E402
     FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )
@@ -125,7 +130,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--max-images', '--max_images', type=int_at_least(1), default=None,
                    help='run the model on at most this many images, a random subset (default: all)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
-    p.add_argument('--num-workers', '--num_workers', type=int_at_least(0), default=default_workers(2))
+    p.add_argument('--num-workers', '--num_workers', type=worker_count, default=default_workers(2))
     p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--panel-size', '--panel_size', type=int_at_least(64, MAX_PANEL_SIZE), default=None,
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
@@ -289,7 +294,9 @@ def _title(d: Details, i: int, names: Sequence[str], threshold: float, path: str
     target = int(d.targets[i])
 
     def named(prefix: str, name: str, suffix: str = '') -> str:
-        """``prefix + name + suffix`` with the name shortened (never the mark) to fit."""
+        """``prefix + name + suffix`` with the name shortened (never the mark) to fit; bytes that are not
+        UTF-8 escaped (``\\xNN``), never handed to matplotlib."""
+        name = shown_name(name)
         if _text_px(prefix + name + suffix, dpi) <= width:
             return prefix + name + suffix
         while len(name) > 1 and _text_px(prefix + name + '\u2026' + suffix, dpi) > width:

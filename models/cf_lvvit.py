@@ -52,6 +52,8 @@ class CFLVViT(CFVisionTransformer):
     """
 
     return_dense = True
+    RECORDED_SWITCHES = CFVisionTransformer.RECORDED_SWITCHES + (
+        'aux_weight', 'normalize_coarse_logits', 'normalize_fine_logits')
 
     def __init__(
             self,

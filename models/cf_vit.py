@@ -441,6 +441,50 @@ class CFVisionTransformer(nn.Module):
         """Restart the ``'random'`` selection policy's draws from ``selection_seed``."""
         self._selection_generator = None
 
+    #: Constructor arguments that change what a built model computes but not its weights' shapes. They are
+    #: attributes, which code may change on a built model (conversion turns on
+    #: ``fine_pos_embed_without_selection``; ablations set the selection ones), so a training checkpoint
+    #: records their values (:meth:`switches`) and builders set them back (:meth:`set_switches`).
+    RECORDED_SWITCHES: Tuple[str, ...] = (
+        'fine_pos_embed_without_selection', 'informative_ratio', 'attn_ema_beta', 'selection_start_block',
+        'selection_policy', 'selection_seed', 'feature_reuse', 'mix_token')
+
+    def switches(self) -> Dict[str, Any]:
+        """``{name: value}`` of :attr:`RECORDED_SWITCHES` as the model is now (plain numbers, text, booleans)."""
+        return {name: getattr(self, name) for name in self.RECORDED_SWITCHES}
+
+    def set_switches(self, **values: Any) -> None:
+        """Set switches of :attr:`RECORDED_SWITCHES` on the built model, checked as the constructor checks
+        them; nothing is set when one is refused.
+
+        Raises:
+            ValueError: an unknown name or a value of the wrong type or range (one line).
+        """
+        checks = {
+            'fine_pos_embed_without_selection': lambda v: isinstance(v, bool),
+            'feature_reuse': lambda v: isinstance(v, bool),
+            'mix_token': lambda v: isinstance(v, bool),
+            'normalize_coarse_logits': lambda v: isinstance(v, bool),
+            'normalize_fine_logits': lambda v: isinstance(v, bool),
+            'selection_policy': lambda v: v in SELECTION_POLICIES,
+            'selection_seed': lambda v: isinstance(v, int) and not isinstance(v, bool),
+            'selection_start_block': lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(
+                self.blocks),
+            'attn_ema_beta': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+            'aux_weight': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            'informative_ratio': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+        }
+        for name, value in values.items():
+            if name not in self.RECORDED_SWITCHES:
+                raise ValueError(f'{name} is not a switch of {type(self).__name__} '
+                                 f'(its switches: {", ".join(self.RECORDED_SWITCHES)})')
+            if not checks[name](value):
+                raise ValueError(f'{name}={value!r} is not a valid value')
+        for name, value in values.items():
+            setattr(self, name, value)
+        if {'selection_policy', 'selection_seed'} & set(values):
+            self.reset_selection_generator()
+
     # ------------------------------------------------------------------ construction helpers
     def _init_extra_heads(self) -> None:
         """Hook for variants with more heads (LV-ViT's ``aux_head``)."""
@@ -509,6 +553,20 @@ class CFVisionTransformer(nn.Module):
             raise ValueError(
                 f'expected the {name} images as (B, C, {side}, {side}) for img_size_list='
                 f'{self.img_size_list}, got {tuple(x.shape)}')
+        self._check_dtype(x)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Images are normalized floats in the weights' dtype (any float under autocast): a uint8 or float64
+        batch is one line naming the conversion, not a convolution's dtype error."""
+        weight = self.cls_token
+        if weight.device.type == 'meta' or torch.jit.is_tracing():
+            return
+        if not x.is_floating_point():
+            raise ValueError(f'expected normalized floating-point images, got {x.dtype} (convert and normalize '
+                             'them: timm.data.create_transform(**timm.data.resolve_data_config({}, model=model)))')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'expected {weight.dtype} images like the weights, got {x.dtype}: pass '
+                             f'x.to({weight.dtype}) (or convert the model)')
 
     # ------------------------------------------------------------------ MixToken
     def _draw_mix_box(self, grid: Tuple[int, int]) -> Box:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ from .cf_vit import CFVisionTransformer, checkpoint_filter_fn
 __all__ = [
     'ConversionError', 'convert_vit', 'convert_state_dict', 'load_plain_vit', 'pretrained_filter_fn',
     'plain_vit_state_dict', 'is_cf_state_dict', 'cf_kwargs_from_vit', 'pretrained_overlay', 'CONVERTED_SWITCHES',
+    'ViTGeometry', 'plain_vit_geometry', 'states_no_embed_class', 'NO_CLASS_SLOT_FAMILIES',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -130,19 +131,67 @@ def _refuse_unsupported(state_dict: Mapping[str, Any]) -> None:
         raise ConversionError('a ViT without an absolute position embedding (pos_embed) cannot be converted')
 
 
-def _with_class_slot(pos_embed: torch.Tensor) -> torch.Tensor:
+class ViTGeometry(NamedTuple):
+    """A plain ViT's token layout as its weights state it (:func:`plain_vit_geometry`)."""
+    patch_size: int
+    grid: Tuple[int, int]
+    class_slot: bool  # pos_embed has a slot for the class token (False: no_embed_class, DeiT-III)
+
+
+#: CF models whose plain family's position embedding has no class-token slot (timm's ``no_embed_class=True``).
+NO_CLASS_SLOT_FAMILIES = ('cf_deit3_',)
+
+
+def states_no_embed_class(model: nn.Module) -> bool:
+    """Whether the plain ViTs that convert into ``model`` keep no class-token slot in ``pos_embed`` (the CF
+    variants of DeiT-III, by their registered name); every other model takes timm's default layout (a slot)."""
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''
+    return name.startswith(NO_CLASS_SLOT_FAMILIES)
+
+
+def plain_vit_geometry(state_dict: Mapping[str, Any], no_embed_class: bool = False) -> ViTGeometry:
+    """The patch size, grid and class-token slot of a plain ViT's weights, from what they state: the patch
+    projection's kernel, the class token, and the position embedding's length read in the layout the
+    caller knows (``no_embed_class``: the in-memory ViT's own attribute, or the target CF family's). The one
+    place every conversion route (``--finetune``, ``--pretrained FILE``, ``pretrained_cfg_overlay``,
+    :func:`convert_vit`) decides the geometry: what cannot be proven square is refused, never guessed.
+
+    Raises:
+        ConversionError: no ViT, a non-square or empty grid, an embedding that is not a real (1, N, D) tensor.
+    """
+    _refuse_unsupported(state_dict)
+    proj, pos, cls = state_dict['patch_embed.proj.weight'], state_dict['pos_embed'], state_dict['cls_token']
+    for name, t in (('patch_embed.proj.weight', proj), ('pos_embed', pos), ('cls_token', cls)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConversionError(f'{name} is {kind}, not a real floating-point tensor: not a ViT\'s weights')
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2] or proj.shape[-1] < 1:
+        raise ConversionError(f'patch_embed.proj.weight {list(proj.shape)} is not a square patch projection')
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != cls.shape[-1] or pos.shape[2] != proj.shape[0]:
+        raise ConversionError(f'pos_embed must be (1, tokens, {proj.shape[0]}) like the class token and the patch '
+                              f'embedding, got {list(pos.shape)}')
+    n = pos.shape[1]
+    patches = n if no_embed_class else n - 1
+    layout = 'no class token slot' if no_embed_class else 'a class token'
+    if patches < 1:
+        raise ConversionError(f'pos_embed holds {n} tokens: no positions for patches (with {layout})')
+    side = math.isqrt(patches)
+    if side * side != patches:
+        hint = ''
+        if not no_embed_class and math.isqrt(n) ** 2 == n:
+            hint = ('; a ViT whose position embedding has no class-token slot (no_embed_class, DeiT-III) converts '
+                    'into the cf_deit3_* models or through convert_vit, which know that layout')
+        raise ConversionError(
+            f'pos_embed holds {n} tokens: {patches} patch positions and {layout}: not a square grid (a non-square '
+            f'input or extra prefix tokens), which the CF grids cannot hold{hint}')
+    return ViTGeometry(int(proj.shape[-1]), (side, side), not no_embed_class)
+
+
+def _with_class_slot(pos_embed: torch.Tensor, geometry: ViTGeometry) -> torch.Tensor:
     """(1, [1+]h*w, D) -> (1, 1+h*w, D): a zero class-token slot added where there is none (DeiT-III)."""
-    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
-        raise ConversionError(f'pos_embed must be (1, tokens, D), got {list(pos_embed.shape)}')
-    n = pos_embed.shape[1]
-    if math.isqrt(n) ** 2 == n:  # no class slot (n = 1 + h*w and n both squares only for n = 1)
-        return torch.cat((pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed), dim=1)
-    side = math.isqrt(n - 1)
-    if n > 1 and side * side == n - 1:
+    if geometry.class_slot:
         return pos_embed
-    raise ConversionError(
-        f'pos_embed holds {n} tokens: no square grid with or without a class token (a non-square input or '
-        'extra prefix tokens), which the CF grids cannot hold')
+    return torch.cat((pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed), dim=1)
 
 
 def _reuse_state(model: CFVisionTransformer) -> Dict[str, torch.Tensor]:
@@ -154,7 +203,8 @@ def _reuse_state(model: CFVisionTransformer) -> Dict[str, torch.Tensor]:
     return out
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], model: CFVisionTransformer) -> Dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: Mapping[str, Any], model: CFVisionTransformer,
+                       no_embed_class: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """The weights of ``model`` (a CF-DeiT/ViT) made from a plain ViT's ``state_dict``.
 
     Args:
@@ -162,6 +212,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: CFVisionTransformer
             ``module.`` or this project's baseline ``model.`` prefix).
         model: the CF model the weights are for; its grids, patch size and width decide. Its
             ``reuse_block`` LayerNorm and fc1 are taken as they are (fresh), fc2 set to zero.
+        no_embed_class: the ViT's ``pos_embed`` has no class-token slot; None: as ``model``'s family says
+            (:func:`states_no_embed_class`). The geometry is :func:`plain_vit_geometry`'s.
 
     Returns:
         A state dict with every key of ``model``. The head is copied whatever its class count: a caller
@@ -175,15 +227,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: CFVisionTransformer
         raise ConversionError(
             f'a plain ViT converts into a CF-DeiT/ViT (CFVisionTransformer), not into {type(model).__name__}')
     state_dict = _unwrap(state_dict)
-    _refuse_unsupported(state_dict)
-    proj = state_dict['patch_embed.proj.weight']
-    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
-        raise ConversionError(f'patch_embed.proj.weight {list(proj.shape)} is not a square patch projection')
-    if proj.shape[-1] != model.patch_size:
+    geometry = plain_vit_geometry(state_dict, states_no_embed_class(model) if no_embed_class is None
+                                  else no_embed_class)
+    if geometry.patch_size != model.patch_size:
         raise ConversionError(
-            f'the ViT has {proj.shape[-1]} px patches but the CF model {model.patch_size} px ones: build the CF '
-            f'model with patch_size={proj.shape[-1]} (its grids hold patch-sized tokens only)')
-    pos = _with_class_slot(state_dict['pos_embed'])
+            f'the ViT has {geometry.patch_size} px patches but the CF model {model.patch_size} px ones: build the CF '
+            f'model with patch_size={geometry.patch_size} (its grids hold patch-sized tokens only)')
+    pos = _with_class_slot(state_dict['pos_embed'], geometry)
     out = {k: v for k, v in state_dict.items() if k != 'pos_embed'}
     out['pos_embed_list.1'] = resample_abs_pos_embed(pos, new_size=list(model.fine_grid), num_prefix_tokens=1)
     out['pos_embed_list.0'] = resample_abs_pos_embed(pos, new_size=list(model.coarse_grid), num_prefix_tokens=1)
@@ -325,7 +375,7 @@ def convert_vit(vit: nn.Module, coarse_stage_size: Optional[int] = None, **kwarg
         if isinstance(module, nn.LayerNorm):
             module.reset_parameters()
     named_apply(init_weights_vit_timm, model.reuse_block)
-    state_dict = convert_state_dict(vit.state_dict(), model)
+    state_dict = convert_state_dict(vit.state_dict(), model, no_embed_class=bool(getattr(vit, 'no_embed_class', False)))
     # copies: the CF model never shares storage with the ViT (the reuse block is its own already)
     state_dict = {k: (v if k.startswith('reuse_block.') else v.clone()) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -344,6 +394,9 @@ def pretrained_overlay(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
     model of that class count keeps the head and one of another count gets a fresh one (timm's rule)."""
     state_dict = _unwrap(checkpoint)
     head = state_dict.get('head.weight')
-    if not is_cf_state_dict(state_dict) and not _looks_like_vit(state_dict):
-        _refuse_unsupported(state_dict)  # not a ViT: say so before timm does
+    if not is_cf_state_dict(state_dict):  # not a ViT, or no square grid in either layout: say so before timm does
+        try:
+            plain_vit_geometry(state_dict, no_embed_class=True)
+        except ConversionError:
+            plain_vit_geometry(state_dict)  # the model's filter decides the layout (convert_state_dict)
     return dict(state_dict=state_dict, num_classes=int(head.shape[0]) if head is not None and head.dim() == 2 else 0)

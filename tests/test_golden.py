@@ -19,9 +19,24 @@ def test_golden_cases_present():
     assert files, f'no golden case files in {GOLDEN_DIR}'
 
 
+#: How far the coarse image may be from the stored one: float32 rounding of the bilinear resize. PyTorch's CPU
+#: kernel rounds differently on one thread than on several (up to 4.8e-7 here, values |x| <= 4); the cases were
+#: made on several threads, and every thread count from 2 on gives them bit for bit.
+COARSE_IMAGE_ATOL = 1e-6
+
+
 def test_coarse_image_is_derived_bit_for_bit(golden_case):
+    """The contract under any thread count (``OMP_NUM_THREADS=1`` included): within float32 rounding; on the
+    thread count the cases were made with (pinned here to 2), bit for bit."""
     case, model, x_c, x_f = golden_case
-    assert torch.equal(models.coarse_from_fine(x_f, x_c.shape[-2:]), x_c)
+    derived = models.coarse_from_fine(x_f, x_c.shape[-2:])
+    torch.testing.assert_close(derived, x_c, rtol=0, atol=COARSE_IMAGE_ATOL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(models.coarse_from_fine(x_f, x_c.shape[-2:]), x_c)
+    finally:
+        torch.set_num_threads(threads)
     assert x_c.shape[0] == x_f.shape[0] == case['batch_size']
 
 
@@ -40,7 +55,8 @@ def test_logits(golden_case, selection):
 def test_single_tensor_input_derives_the_coarse_image(golden_case):
     case, model, x_c, x_f = golden_case
     model.set_informative_selection(True)
-    a = model.forward_stages([x_c, x_f])
+    # the coarse image derived in this process (the stored one may differ by float32 rounding on one thread)
+    a = model.forward_stages([models.coarse_from_fine(x_f, x_c.shape[-2:]), x_f])
     b = model.forward_stages(x_f)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)

@@ -184,8 +184,23 @@ def load_model_weights(model: nn.Module, source: Union[PathLike, Mapping[str, An
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
         where = f' {source}' if not isinstance(source, Mapping) else ''
         raise CheckpointError(f'checkpoint{where} does not fit {name}: {problem}')
+    bad = _non_finite_parameter(model, state_dict)
+    if bad is not None:
+        where = f' {source}' if not isinstance(source, Mapping) else ''
+        raise CheckpointError(f'checkpoint{where} holds non-finite weights ({bad}): the run that wrote it diverged, '
+                              'and every prediction of this model would be meaningless')
     model.load_state_dict(state_dict, strict=True)
     return checkpoint
+
+
+def _non_finite_parameter(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """``'NAME: n of N values are NaN or infinite'`` for the first parameter of ``model`` whose weights in
+    ``state_dict`` are not all finite, else None (buffers may hold infinities on purpose: not checked)."""
+    for name, _ in model.named_parameters():
+        t = state_dict.get(name)
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f'{name}: {int((~torch.isfinite(t)).sum())} of {t.numel()} values are NaN or infinite'
+    return None
 
 
 

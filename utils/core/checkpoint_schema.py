@@ -185,6 +185,9 @@ def check_checkpoint(checkpoint: Any, where: str) -> Any:
             raise CheckpointError(f'{where}: {key} is a {type(v).__name__}, expected a state_dict')
     if checkpoint.get('args') is not None:
         _check_args(checkpoint['args'], where)
+    classes = checkpoint.get('classes')
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f'{where}: classes is {_short(classes)}, expected the class folder names')
     return checkpoint
 
 

@@ -30,7 +30,8 @@ from utils.core.signals import StopRequested, exit_status, handle_stop_signals, 
 
 __all__ = [
     'available_cores', 'busy_cpu_hint', 'default_workers', 'describe_os_error', 'positive_int', 'int_at_least', 'float_in',
-    'finite_float', 'device_name', 'setup_logging', 'remove_log_handler', 'user_message', 'parse_model_kwargs',
+    'finite_float', 'device_name', 'worker_count', 'MAX_WORKERS', 'setup_logging', 'remove_log_handler',
+    'user_message', 'parse_model_kwargs', 'shown_name',
     'log_thread_os_errors', 'run_entry_point', 'LOG_FORMATS', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR',
     'MAX_COUNT', 'MAX_SEED',
 ]
@@ -69,7 +70,7 @@ def setup_logging(is_main: bool = True, level: int = logging.INFO, stream: Optio
     fmt, datefmt = LOG_FORMATS[style]
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler._cfvit_level = root.level  # type: ignore[attr-defined]  (restored on removal)
-    handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+    handler.setFormatter(_EscapingFormatter(fmt, datefmt=datefmt))
     root.addHandler(handler)
     root.setLevel(level if is_main else logging.WARNING)
 
@@ -81,6 +82,20 @@ def remove_log_handler() -> None:
         if hasattr(handler, '_cfvit_level'):
             root.removeHandler(handler)
             root.setLevel(handler._cfvit_level)  # type: ignore[attr-defined]
+
+
+def shown_name(text: str) -> str:
+    """``text`` as it can be printed, drawn or logged: bytes of a name that is not UTF-8 (decoded by Python
+    with ``surrogateescape``) become ``\\xNN`` escapes instead of reaching matplotlib or a stream that
+    refuses them."""
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+class _EscapingFormatter(logging.Formatter):
+    """A log line with names that are not UTF-8 escaped (:func:`shown_name`): never a logging error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown_name(super().format(record))
 
 
 def user_message(error: BaseException) -> str:
@@ -181,6 +196,25 @@ MAX_LR = 1e3
 MAX_COUNT = 2 ** 31 - 1
 #: Largest seed (torch.manual_seed takes 64-bit values).
 MAX_SEED = 2 ** 63 - 1
+
+
+#: Most loader worker processes a flag takes: each is a process with its own copy of the dataset state, and
+#: --num-workers 2147483647 forked until the process limit, then hung. 256 is far above any useful count.
+MAX_WORKERS = 256
+
+
+def worker_count(text: str) -> int:
+    """argparse type: loader worker processes, 0 to :data:`MAX_WORKERS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number of worker processes, got {text!r}') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f'must be at most {MAX_WORKERS} loader processes (this machine has {available_cores()} cores), got {value}')
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import torch
 from utils.core.errors import first_line
 
 __all__ = ['atomic_file', 'save_atomic', 'write_json_atomic', 'copy_atomic', 'append_json_line',
-           'remove_stale_temp_files', 'sha256_file']
+           'remove_stale_temp_files', 'sha256_file', 'temp_prefix', 'NAME_MAX']
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,15 +30,30 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+#: Longest file name (bytes) of the file systems Linux uses (NAME_MAX): a temporary name never exceeds it.
+NAME_MAX = 255
+#: What a temporary name adds to its file's: the dot before, the dot after, mkstemp's 8 characters, '.tmp'.
+_TEMP_OVERHEAD = 14
+
+
+def temp_prefix(name: str) -> str:
+    """``.<name>.``, the prefix of :func:`atomic_file`'s temporary names beside ``name``, with ``name`` cut to
+    the bytes that leave the whole temporary name within :data:`NAME_MAX` (a legal 250-byte name still gets
+    a temporary file). Names that are not UTF-8 (``surrogateescape``) keep their bytes."""
+    raw = os.fsencode(name)[:NAME_MAX - _TEMP_OVERHEAD]
+    return f'.{os.fsdecode(raw)}.'
+
+
 @contextlib.contextmanager
 def atomic_file(path: PathLike, mode: str = 'wb') -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+    """Open a temporary file beside ``path`` (its name at most :data:`NAME_MAX` bytes, :func:`temp_prefix`);
+    on success fsync it and rename it over ``path``.
 
     On any error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -68,7 +84,7 @@ def remove_stale_temp_files(folder: PathLike, names: Sequence[str],
     kept = {os.path.realpath(k) for k in keep if k}
     removed = []
     for name in names:
-        for tmp in Path(folder).glob(f'.{name}.*.tmp'):
+        for tmp in Path(folder).glob(f'{glob.escape(temp_prefix(name))}*.tmp'):
             if os.path.realpath(tmp) in kept:
                 continue
             try:

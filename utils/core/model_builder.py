@@ -12,7 +12,9 @@ its head.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+import argparse
+import logging
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,9 +22,92 @@ import torch.nn as nn
 from utils.core.checkpoint import extract_state_dict, load_model_weights
 from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import parse_model_kwargs
-from utils.core.errors import BadInputError, ModelBuildError
+from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
 
-__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model', 'build_from_checkpoint', 'create_model_checked']
+__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model', 'build_from_checkpoint', 'create_model_checked',
+           'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
+           'check_flag_switches']
+
+_logger = logging.getLogger(__name__)
+
+#: Recorded model arguments that a flag may change when a checkpoint is only evaluated: the paper's
+#: ablations of a trained model (issue 30) and the rates that act in training only. Any other flag that
+#: contradicts what a checkpoint records is refused; in training (resume, fine-tuning) every one is.
+EVALUATION_OVERRIDES = frozenset({
+    'informative_ratio', 'selection_policy', 'selection_seed', 'feature_reuse', 'drop_rate', 'drop_path_rate',
+    'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate', 'mix_token'})
+
+
+#: ``create_model`` arguments that load weights: the builders of a checkpoint's model refuse them in flags.
+WEIGHT_SOURCES = frozenset({'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir',
+                            'pretrained_strict'})
+
+
+def check_against_record(recorded: Mapping[str, Any], given: Mapping[str, Any], source: str, evaluation: bool,
+                         error: type = ModelBuildError) -> None:
+    """Refuse (``error``, one line naming both values) a flag value ``given`` that contradicts a model argument
+    ``recorded`` by ``source``; when ``evaluation``, :data:`EVALUATION_OVERRIDES` are allowed, with a log line."""
+    for key in sorted(set(recorded) & set(given)):
+        if recorded[key] == given[key]:
+            continue
+        if evaluation and key in EVALUATION_OVERRIDES:
+            _logger.info('%s records %s=%r; the flags override it with %s=%r', source, key, recorded[key], key,
+                         given[key])
+            continue
+        raise error(f'{source} records {key}={recorded[key]!r}, but the flags give {key}={given[key]!r}: the model '
+                    f'would not be the one the checkpoint holds; drop the flag (the record is used)')
+
+
+def with_recorded_switches(args: argparse.Namespace, model: nn.Module) -> argparse.Namespace:
+    """A copy of ``args`` whose ``model_kwargs`` also name the switches ``model`` holds now (its
+    ``switches()``: e.g. ``fine_pos_embed_without_selection`` that a conversion turned on in memory), so the
+    checkpoint that saves it records every argument the model computes with. ``args`` itself is unchanged."""
+    switches = getattr(model, 'switches', None)
+    if switches is None:  # a plain baseline: its flags say everything
+        return args
+    own = switches()
+    try:
+        given = parse_model_kwargs(getattr(args, 'model_kwargs', None) or [])
+    except ValueError:
+        given = {}
+    items = [f'{k}={v!r}' for k, v in given.items() if k not in own] + [f'{k}={v!r}' for k, v in own.items()]
+    return argparse.Namespace(**{**vars(args), 'model_kwargs': items})
+
+
+def check_flag_switches(model: nn.Module, explicit: Mapping[str, Any], why: str) -> None:
+    """Refuse (:class:`ConfigError`) ``--model-kwargs`` switches that ``model`` does not hold after ``why``
+    (e.g. a conversion that needs ``fine_pos_embed_without_selection=True``)."""
+    own = model.switches() if hasattr(model, 'switches') else {}
+    for key in sorted(set(own) & set(explicit)):
+        if own[key] != explicit[key]:
+            raise ConfigError(f'--model-kwargs {key}={explicit[key]!r} contradicts {why}, which gives {key}='
+                              f'{own[key]!r}: drop it from --model-kwargs')
+
+
+def adopt_recorded_switches(targets: Iterable[Optional[nn.Module]], checkpoint: Any, explicit: Mapping[str, Any],
+                            source: str, evaluation: bool = False) -> Dict[str, Any]:
+    """Set on each model of ``targets`` (the model and its EMA) the switches ``checkpoint`` records where they
+    differ; a flag (``explicit``: the parsed ``--model-kwargs``) that contradicts the record is refused
+    (:func:`check_against_record`). Returns what was set (also logged).
+
+    Raises:
+        ConfigError: a flag that contradicts the record. CheckpointError: a recorded value the model refuses.
+    """
+    models_ = [m for m in targets if m is not None and hasattr(m, 'switches')]
+    if not models_ or not isinstance(checkpoint, Mapping):
+        return {}
+    own = models_[0].switches()
+    recorded = {k: v for k, v in architecture_from_checkpoint(checkpoint).get('kwargs', {}).items() if k in own}
+    check_against_record(recorded, explicit, source, evaluation, ConfigError)
+    changes = {k: v for k, v in recorded.items() if k not in explicit and own[k] != v}
+    if changes:
+        try:
+            for m in models_:
+                m.set_switches(**changes)
+        except ValueError as e:
+            raise CheckpointError(f'{source}: the recorded model arguments cannot be used: {e}') from e
+        _logger.info('%s records %s: the model uses them', source, ', '.join(f'{k}={v!r}' for k, v in changes.items()))
+    return changes
 
 
 def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coarse_stage_size: Optional[int] = None,
@@ -47,16 +132,28 @@ def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coar
     recorded = architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, Mapping) else {}
     name = model_name or recorded.get('model', default_model)
     g = coarse_stage_size or recorded.get('coarse_stage_size', default_grid)
-    kwargs: Dict[str, Any] = dict(recorded.get('kwargs', {})) if recorded.get('model', name) == name else {}
-    kwargs.update(sizes or {})
+    same = _base_name(recorded.get('model', name)) == _base_name(name)  # a pretrained tag names the same model
+    kwargs: Dict[str, Any] = dict(recorded.get('kwargs', {})) if same else {}
+    given = dict(sizes or {})
     if isinstance(model_kwargs, Mapping):
-        kwargs.update(model_kwargs)
+        given.update(model_kwargs)
     else:
         try:
-            kwargs.update(parse_model_kwargs(model_kwargs))
+            given.update(parse_model_kwargs(model_kwargs))
         except ValueError as e:
             raise ModelBuildError(str(e)) from None
+    loading = sorted(k for k in given if k in WEIGHT_SOURCES)
+    if loading:  # the weights come from the checkpoint (or the script's own --pretrained), never a model argument
+        raise ModelBuildError(f'--model-kwargs {", ".join(loading)}: a model argument may not choose the weights; '
+                              'they come from the checkpoint (or the script\'s --pretrained)')
+    check_against_record(kwargs, given, 'the checkpoint', evaluation=True)
+    kwargs.update(given)
     return name, g, kwargs
+
+
+def _base_name(name: Optional[str]) -> Optional[str]:
+    """A model name without its pretrained tag (``cf_deit_small_patch16_224.fb_in1k`` -> ``cf_deit_small_patch16_224``)."""
+    return name.split('.', 1)[0] if isinstance(name, str) else name
 
 
 def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:

@@ -4,8 +4,9 @@ An export folder holds ``coarse.onnx``, ``fine.onnx`` (see ``models.export`` for
 out of each) and ``manifest.json``: the model name, grid, class count, input sizes, the data
 config (normalization, crop, interpolation), each stage's GFLOPs, the exporter and opset, and the
 SHA-256 of each graph so that the runtime (``utils.inference.onnx_runtime``) can refuse a foreign graph.
-Both graphs have a dynamic batch axis. Every file is written atomically; an existing export is
-never overwritten unless asked.
+Both graphs have a dynamic batch axis. The export is all or nothing: its files are built in a staging
+folder and moved into place, the manifest last, so a folder with graphs but no manifest is an export
+that was interrupted, and the next export replaces it; a complete one is never overwritten unless asked.
 
 ``export_graph`` is the one exporter call, also used for plain models (the benchmark's DeiT-S).
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -24,13 +28,15 @@ import torch.nn as nn
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
 from utils.core.errors import OutputDirError
-from utils.core.files import atomic_file, sha256_file, write_json_atomic
+from utils.core.files import atomic_file, sha256_file
 from utils.core.run_folder import RunLock, check_writable_dir
 from utils.inference.flops import stage_gflops
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
            'DEFAULT_OPSET', 'ExportExistsError', 'export_graph', 'quantize_dynamic_bytes', 'export_early_exit',
-           'sha256_file']
+           'sha256_file', 'STAGING_PREFIX', 'STAGING_SUFFIX']
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,6 +49,8 @@ GRAPH_FILES = {'coarse': 'coarse.onnx', 'fine': 'fine.onnx'}
 EXPORTERS = ('dynamo', 'torchscript')
 QUANTIZE_MODES = ('none', 'dynamic')
 DEFAULT_OPSET = 18
+#: Name of the folder an export is built in (inside the export folder) before its files move into place.
+STAGING_PREFIX, STAGING_SUFFIX = '.export-', '.tmp'
 #: Rows of the example batch the graphs are traced with (>1, so that the batch axis stays symbolic).
 EXAMPLE_BATCH = 2
 
@@ -129,11 +137,57 @@ def export_early_exit(model: nn.Module, out_dir: PathLike, exporter: str = 'dyna
         return _export_locked(model, out, exporter, opset, quantize, overwrite, extra)
 
 
+def _clear_for_export(out: Path, overwrite: bool) -> None:
+    """Refuse a complete export (its manifest is there) unless ``overwrite``; remove what an interrupted one
+    left (graphs without a manifest, staging folders): the manifest is written last, so without it the graphs
+    are no export. Links are removed, never followed."""
+    for entry in out.iterdir():
+        if entry.name.startswith(STAGING_PREFIX) and entry.name.endswith(STAGING_SUFFIX):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            _logger.warning('removed %s, left by an export that was interrupted', entry)
+    present = [n for n in (MANIFEST_NAME, *GRAPH_FILES.values()) if os.path.lexists(out / n)]
+    if os.path.lexists(out / MANIFEST_NAME):
+        if not overwrite:
+            raise ExportExistsError(f'{out} already holds {", ".join(present)}: choose another folder or pass '
+                                    '--overwrite')
+    elif present:
+        for name in present:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                raise ExportExistsError(f'{path} is a folder, not a graph of an export: move it away')
+            path.unlink()
+        _logger.warning('%s held %s without %s: an export that was interrupted before it finished; replacing it',
+                        out, ', '.join(present), MANIFEST_NAME)
+
+
+def _publish(out: Path, files: Dict[str, bytes]) -> None:
+    """Write ``files`` into a staging folder inside ``out``, then move them into place, the manifest last (and
+    an old manifest removed first): a failure while writing (a full disk) leaves ``out`` as it was, and a
+    crash while moving leaves graphs without a manifest, which the next export recognises and replaces."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=STAGING_SUFFIX, dir=out))
+    try:
+        for name, data in files.items():
+            with atomic_file(staging / name) as f:
+                f.write(data)
+        if os.path.lexists(out / MANIFEST_NAME):  # --overwrite: from here on the old export is incomplete
+            os.unlink(out / MANIFEST_NAME)
+        for name in sorted(files, key=lambda n: n == MANIFEST_NAME):  # the manifest last: it completes the export
+            os.replace(staging / name, out / name)
+        dir_fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _export_locked(model: nn.Module, out: Path, exporter: str, opset: int, quantize: str, overwrite: bool,
                    extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    present = [n for n in (MANIFEST_NAME, *GRAPH_FILES.values()) if os.path.lexists(out / n)]
-    if present and not overwrite:
-        raise ExportExistsError(f'{out} already holds {", ".join(present)}: choose another folder or pass --overwrite')
+    _clear_for_export(out, overwrite)
     model.eval()
     coarse_side, fine_side = model.img_size_list
     x = torch.randn(EXAMPLE_BATCH, 3, fine_side, fine_side, generator=torch.Generator().manual_seed(0))
@@ -163,11 +217,10 @@ def _export_locked(model: nn.Module, out: Path, exporter: str, opset: int, quant
     }
     names = {'coarse': (COARSE_INPUTS, COARSE_OUTPUTS), 'fine': (FINE_INPUTS, FINE_OUTPUTS)}
     for stage, data in graphs.items():
-        path = out / GRAPH_FILES[stage]
-        with atomic_file(path) as f:
-            f.write(data)
         manifest['graphs'][stage] = {
             'file': GRAPH_FILES[stage], 'sha256': hashlib.sha256(data).hexdigest(), 'bytes': len(data),
             'inputs': list(names[stage][0]), 'outputs': list(names[stage][1])}
-    write_json_atomic(manifest, out / MANIFEST_NAME)
+    files = {GRAPH_FILES[stage]: data for stage, data in graphs.items()}
+    files[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + '\n').encode()
+    _publish(out, files)
     return manifest

@@ -173,7 +173,7 @@ class OnnxEarlyExit:
         for stage, (names_in, names_out) in {'coarse': (COARSE_INPUTS, COARSE_OUTPUTS),
                                              'fine': (FINE_INPUTS, FINE_OUTPUTS)}.items():
             entry = manifest['graphs'].get(stage) if isinstance(manifest['graphs'], dict) else None
-            if not entry or entry.get('file') != GRAPH_FILES[stage]:
+            if not isinstance(entry, dict) or entry.get('file') != GRAPH_FILES[stage]:
                 raise ExportFolderError(f'{self.folder / MANIFEST_NAME} names no {stage} graph')
             path = self.folder / entry['file']
             if not path.is_file():

@@ -10,11 +10,15 @@ from datasets.build import DATA_SETS
 from utils.core.checkpoint import load_checkpoint_file
 from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import (
-    MAX_LR, default_workers, device_name, finite_float, float_in, grid_side, int_at_least, positive_int,
+    MAX_LR, default_workers, device_name, finite_float, float_in, grid_side, int_at_least, parse_model_kwargs,
+    positive_int, worker_count,
 )
 from utils.core.dist import default_device
+from utils.core.errors import ConfigError
+from utils.core.model_builder import check_against_record
 
-__all__ = ['LR_REFERENCE_BATCH', 'SCHED_STEPS', 'get_args_parser', 'flags_given', 'adopt_recorded_architecture']
+__all__ = ['LR_REFERENCE_BATCH', 'SCHED_STEPS', 'get_args_parser', 'flags_given', 'adopt_recorded_architecture',
+           'timm_optimizer', 'timm_scheduler', 'auto_augment', 'dist_url', 'OrderedPair', 'NoiseRange']
 
 _logger = logging.getLogger(__name__)
 
@@ -22,6 +26,90 @@ _logger = logging.getLogger(__name__)
 LR_REFERENCE_BATCH = 512.0
 #: --sched-step choices: what is added to the finished epoch's index when the scheduler is stepped after it.
 SCHED_STEPS = {'epoch': 0, 'next-epoch': 1}
+
+
+#: Random-erasing modes timm's ``RandomErasing`` knows, and the training interpolations its transforms take.
+ERASE_MODES = ('pixel', 'rand', 'const')
+TRAIN_INTERPOLATIONS = ('random', 'bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos')
+#: Rendezvous schemes of torch.distributed's ``init_method``.
+DIST_URL_SCHEMES = ('env://', 'tcp://', 'file://')
+#: Longest collective timeout a flag takes, in minutes (a week): longer ones overflow torch's timer.
+MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60.0
+
+
+def timm_optimizer(text: str) -> str:
+    """argparse type: an optimizer name timm's ``create_optimizer_v2`` builds (``lookahead_`` prefix allowed)."""
+    from timm.optim import get_optimizer_class, list_optimizers
+    parts = text.lower().split('_')
+    try:
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != 'lookahead'):
+            raise ValueError('only a lookahead_ prefix')
+        get_optimizer_class(parts[-1], bind_defaults=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'timm has no optimizer {text!r} (e.g. adamw, sgd, lamb; '
+                                         f'timm.optim.list_optimizers() names all {len(list_optimizers())}; '
+                                         'lookahead_NAME wraps one)') from None
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f'optimizer {text!r} needs a package that is not installed: {e}') from None
+    return text
+
+
+def timm_scheduler(text: str) -> str:
+    """argparse type: a scheduler name timm's ``create_scheduler_v2`` builds."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        create_scheduler_v2(probe, sched=text, num_epochs=2)
+    except (ValueError, AssertionError, TypeError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f'timm has no scheduler {text!r}: cosine, tanh, step, multistep, plateau, poly, constant, wsd, rsqrt '
+            'or none') from None
+    return text
+
+
+def auto_augment(text: str) -> str:
+    """argparse type: a policy timm's training transform builds (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``,
+    ``original``, ``v0``, ``3a``...), or ``none``."""
+    if text.lower() == 'none' or not text:
+        return text
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=text)
+    except Exception as e:  # timm's parsers raise assertions, KeyErrors and ValueErrors on a bad policy
+        raise argparse.ArgumentTypeError(f'timm cannot build the augmentation policy {text!r} '
+                                         f'({type(e).__name__}: {str(e).strip() or "bad policy"}); e.g. '
+                                         'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a, none') from None
+    return text
+
+
+def dist_url(text: str) -> str:
+    """argparse type: a torch.distributed rendezvous URL (``env://``, ``tcp://HOST:PORT``, ``file:///PATH``)."""
+    if not text.startswith(DIST_URL_SCHEMES) or text in ('tcp://', 'file://'):
+        raise argparse.ArgumentTypeError(f'expected env://, tcp://HOST:PORT or file:///PATH, got {text!r}')
+    return text
+
+
+class OrderedPair(argparse.Action):
+    """``nargs=2`` values that must be increasing (``--cutmix-minmax MIN MAX``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values[0] >= values[1]:
+            raise argparse.ArgumentError(self, f'MIN must be below MAX, got {values[0]:g} {values[1]:g}')
+        setattr(namespace, self.dest, list(values))
+
+
+class NoiseRange(argparse.Action):
+    """``--lr-noise START [END]``: timm's noise range, one or two increasing non-negative epochs (or
+    fractions of the run); a third value was silently ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            raise argparse.ArgumentError(self, f'takes START or START END, got {len(values)} values')
+        if any(v < 0 for v in values) or (len(values) == 2 and values[0] >= values[1]):
+            raise argparse.ArgumentError(self, 'START [END]: non-negative, END above START, got '
+                                         f'{" ".join(f"{v:g}" for v in values)}')
+        setattr(namespace, self.dest, list(values))
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -84,9 +172,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
 
     g = parser.add_argument_group('optimizer and schedule')
-    g.add_argument('--opt', default='adamw', help='timm optimizer name')
+    g.add_argument('--opt', type=timm_optimizer, default='adamw', help='timm optimizer name')
     g.add_argument('--opt-eps', type=float_in(0, low_open=True), default=1e-8)
-    g.add_argument('--opt-betas', type=float_in(0, 1, high_open=True), nargs='+', default=None)
+    g.add_argument('--opt-betas', type=float_in(0, 1, high_open=True), nargs=2, default=None, metavar=('BETA1', 'BETA2'))
     g.add_argument('--momentum', type=float_in(0, 1), default=0.9)
     g.add_argument('--weight-decay', type=float_in(0), default=0.05)
     g.add_argument('--exempt-pos-embed-from-wd', action='store_true',
@@ -95,7 +183,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float_in(0, low_open=True), default=None,
                    help='clip gradients to this norm (default: off)')
     g.add_argument('--clip-mode', choices=('norm', 'value'), default='norm')
-    g.add_argument('--sched', default='cosine', help='timm scheduler name')
+    g.add_argument('--sched', type=timm_scheduler, default='cosine', help='timm scheduler name')
     g.add_argument('--sched-step', choices=SCHED_STEPS, default='epoch',
                    help="what the per-epoch scheduler is stepped with after epoch E: 'epoch' = step(E), the "
                         "released main_deit.py (epochs 0 and 1 at --warmup-lr, the peak one epoch later); "
@@ -103,7 +191,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--lr', type=float_in(0, MAX_LR, low_open=True), default=5e-4,
                    help=f'learning rate at {int(LR_REFERENCE_BATCH)} images per step')
     g.add_argument('--unscale-lr', action='store_true', help='use --lr as is, without the linear scaling rule')
-    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None)
+    g.add_argument('--lr-noise', type=finite_float, nargs='+', default=None, action=NoiseRange,
+                   metavar=('START', 'END'), help='epochs (or fractions of the run) of learning-rate noise')
     g.add_argument('--lr-noise-pct', type=float_in(0), default=0.67)
     g.add_argument('--lr-noise-std', type=float_in(0), default=1.0)
     g.add_argument('--warmup-lr', type=float_in(0, MAX_LR), default=1e-6)
@@ -116,20 +205,21 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('augmentation')
     g.add_argument('--color-jitter', type=float_in(0), default=0.4, help='(unused while --aa is on)')
-    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
+    g.add_argument('--aa', type=auto_augment, default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
     g.add_argument('--smoothing', type=float_in(0, 1, high_open=True), default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', default='bicubic')
+    g.add_argument('--train-interpolation', choices=TRAIN_INTERPOLATIONS, default='bicubic')
     g.add_argument('--crop-scale', type=float_in(0, 1, low_open=True), nargs=2, default=(0.08, 1.0),
                    metavar=('MIN', 'MAX'),
                    help='area range of the random-resized crop (timm default 0.08 1.0)')
     g.add_argument('--repeated-aug', action=bool_flag, default=True,
                    help='repeated augmentation (timm RepeatAugSampler, 3 repeats)')
     g.add_argument('--reprob', type=float_in(0, 1), default=0.25, help='random erasing probability')
-    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--remode', choices=ERASE_MODES, default='pixel', help='random erasing mode')
     g.add_argument('--recount', type=int_at_least(1), default=1, help='random erasing count')
     g.add_argument('--mixup', type=float_in(0), default=0.8, help='mixup alpha (0: off)')
     g.add_argument('--cutmix', type=float_in(0), default=1.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix-minmax', type=float_in(0, 1), nargs=2, default=None)
+    g.add_argument('--cutmix-minmax', type=float_in(0, 1), nargs=2, default=None, action=OrderedPair,
+                   metavar=('MIN', 'MAX'))
     g.add_argument('--mixup-prob', type=float_in(0, 1), default=1.0)
     g.add_argument('--mixup-switch-prob', type=float_in(0, 1), default=0.5)
     g.add_argument('--mixup-mode', choices=('batch', 'pair', 'elem'), default='batch')
@@ -161,15 +251,16 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
     g.add_argument('--subset', type=int_at_least(1), default=None,
                    help='debug: use at most this many images of each split, evenly spaced')
-    g.add_argument('--num_workers', '--num-workers', type=int_at_least(0), default=default_workers(10),
+    g.add_argument('--num_workers', '--num-workers', type=worker_count, default=default_workers(10),
                    help='loader processes per training process (default: 10 as released, capped by the cores)')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pin loader memory (CUDA only)')
 
     g = parser.add_argument_group('distributed')
     g.add_argument('--world_size', '--world-size', type=int_at_least(1), default=1,
                    help='number of processes (read from the launcher when it sets WORLD_SIZE)')
-    g.add_argument('--dist_url', '--dist-url', default='env://')
-    g.add_argument('--dist-timeout', type=float, default=30.0, metavar='MINUTES',
+    g.add_argument('--dist_url', '--dist-url', type=dist_url, default='env://')
+    g.add_argument('--dist-timeout', type=float_in(0, MAX_DIST_TIMEOUT_MINUTES, low_open=True), default=30.0,
+                   metavar='MINUTES',
                    help='process-group timeout of a collective (a process that hangs without failing)')
     g.add_argument('--local_rank', '--local-rank', type=int, default=None,
                    help='set by torch.distributed.launch (LOCAL_RANK in the environment wins)')
@@ -202,8 +293,8 @@ def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozen
     recorded = architecture_from_checkpoint(load_checkpoint_file(args.resume, unsafe=args.unsafe_load))
     if not recorded.get('model'):
         return
-    if 'model' in given and args.model != recorded['model']:
-        return  # another model asked for by name: its sizes are the flags' too
+    if 'model' in given and args.model.split('.', 1)[0] != recorded['model'].split('.', 1)[0]:
+        return  # another model asked for by name (a pretrained tag names the same one): its sizes are the flags' too
     taken: List[str] = []
     for dest in ('model', 'coarse_stage_size'):
         if dest not in given and recorded.get(dest) is not None and getattr(args, dest) != recorded[dest]:
@@ -216,7 +307,14 @@ def adopt_recorded_architecture(args: argparse.Namespace, given: Optional[frozen
             setattr(args, dest, value)
             taken.append(f'--{dest.replace("_", "-")} {value}')
     kwargs = {k: v for k, v in kwargs.items() if k not in ('drop_rate', 'drop_path_rate')}  # training only
-    if kwargs and 'model_kwargs' not in given:
+    if 'model_kwargs' in given:  # the record, and the flags where they may differ from it (else one line)
+        try:
+            explicit = parse_model_kwargs(args.model_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_against_record(kwargs, explicit, f'--resume {args.resume}', evaluation=True, error=ConfigError)
+        kwargs.update(explicit)
+    if kwargs and [f'{k}={v!r}' for k, v in kwargs.items()] != list(args.model_kwargs):
         args.model_kwargs = [f'{k}={v!r}' for k, v in kwargs.items()]
         taken.append('--model-kwargs ' + ' '.join(args.model_kwargs))
     if taken:

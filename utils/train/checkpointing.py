@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader
 
 from utils.core.checkpoint import load_checkpoint_file, load_model_weights
 from utils.core.checkpoint_schema import check_optimizer_state
+from utils.core.cli import parse_model_kwargs
 from utils.core.dist import DistInfo, all_agree, broadcast_object, gather_objects
 from utils.core.errors import CheckpointError, ConfigError, OutputDirError
 from utils.core.files import append_json_line, copy_atomic, save_atomic
+from utils.core.model_builder import adopt_recorded_switches, with_recorded_switches
 from utils.core.safe_io import check_scheduler_state, check_step_checkpoint
 from utils.core.signals import StopRequested
 from utils.train.engine import AmpConfig, MetricMeter
@@ -79,6 +81,7 @@ class TrainingRun:
     metric_key: str = 'fine_acc1'
     eval_metric: Optional[str] = None
     dist_bn: str = ''
+    classes: Optional[List[str]] = None  # the training set's class folders, in label order (recorded, checked)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -184,8 +187,9 @@ def training_state(run: TrainingRun, epoch: int, best_metric: float) -> Dict[str
         'epoch': epoch,
         'model_ema': run.model_ema.module.state_dict() if run.model_ema is not None else None,
         'scaler': run.amp.scaler.state_dict() if run.amp.scaler is not None else None,
-        'args': run.args,
+        'args': with_recorded_switches(run.args, run.model_without_ddp),  # the switches set in memory too
         'max_fine_acc1': best_metric,
+        'classes': list(run.classes) if run.classes is not None else None,
     }
 
 
@@ -281,6 +285,9 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
     if path.startswith(('http://', 'https://')):
         raise ConfigError('--resume takes a local file; download it first (nothing is downloaded at run time)')
     checkpoint = load_model_weights(model, path, unsafe=args.unsafe_load)
+    check_same_class_labels(checkpoint.get('classes'), run.classes, path)
+    adopt_recorded_switches([model, model_ema.module if model_ema is not None else None], checkpoint,
+                            parse_model_kwargs(args.model_kwargs), f'--resume {path}')
     if not all(checkpoint.get(k) is not None for k in ('optimizer', 'epoch')):
         _logger.info('resumed the weights of %s (no training state in it): starting at epoch %d',
                      path, args.start_epoch)
@@ -323,6 +330,20 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
     meter.counts.update(state['meter']['counts'])
     _logger.info('resumed %s: continuing epoch %d after step %d of %d', path, epoch, step, len(run.train_loader))
     return epoch, best, {'step': step, 'rng': state['rng'], 'meter': meter}
+
+
+def check_same_class_labels(recorded: Optional[Sequence[str]], classes: Optional[Sequence[str]], path: str) -> None:
+    """Refuse (:class:`CheckpointError`, one line) a data set whose class folders are not the ones the checkpoint
+    was trained on, in the same order: label i would silently mean another class (a folder renamed, added or
+    removed between training and ``--resume`` / ``--eval``). Checkpoints that record none are not checked."""
+    if not recorded or not classes or list(recorded) == list(classes):
+        return
+    if len(recorded) != len(classes):
+        raise CheckpointError(f'{path} was trained on {len(recorded)} class folders, the data set has {len(classes)}')
+    i = next(i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b)
+    raise CheckpointError(f'{path} was trained with label {i} = class folder {recorded[i]!r}, but in this data set '
+                          f'label {i} is {classes[i]!r}: class folders were renamed or replaced since training, so '
+                          'every label would mean another class; restore the folders the checkpoint was trained on')
 
 
 def _recorded(checkpoint: Dict[str, Any], name: str) -> Any:

@@ -21,20 +21,23 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import distribute_bn
 from torch.utils.data import Dataset
 
+from datasets.build import unwrap_subset
 from datasets.folder import DatasetError
 from utils.core.checkpoint import load_model_weights
+from utils.core.cli import parse_model_kwargs
+from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
-from utils.core.errors import OutputDirError
+from utils.core.errors import ConfigError, OutputDirError
 from utils.train.checkpointing import (
-    CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, restore_rng_state, resolve_resume, resume, training_state,
-    write_epoch_outputs,
+    CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state,
+    resolve_resume, resume, training_state, write_epoch_outputs,
 )
 from utils.train.engine import AmpConfig, evaluate, format_eval, train_one_epoch
 from utils.train.setup import (
@@ -80,7 +83,13 @@ def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Opti
     fit(TrainingRun(args, info, output_dir, model, model_without_ddp, model_ema, optimizer,
                     build_scheduler(args, optimizer), amp, criterion, batch_transform, train_loader, val_loader,
                     n_parameters, ema_eval=ema_eval, metric_key=metric_key, eval_metric=eval_metric,
-                    dist_bn=dist_bn))
+                    dist_bn=dist_bn, classes=class_names(train_set)))
+
+
+def class_names(dataset: Optional[Dataset]) -> Optional[List[str]]:
+    """The class folder names of an ImageFolder-like data set in label order (None for others)."""
+    classes = getattr(unwrap_subset(dataset), 'classes', None) if dataset is not None else None
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
 
 
 def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, val_set: Dataset,
@@ -89,7 +98,10 @@ def evaluate_only(args: argparse.Namespace, info: DistInfo, model: nn.Module, va
     stages with informative selection, log the result and print it as one JSON line."""
     _, val_loader = build_loaders(args, info, None, val_set)
     if args.resume:
-        load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+        checkpoint = load_model_weights(model, args.resume, unsafe=args.unsafe_load)
+        check_same_class_labels(checkpoint.get('classes'), class_names(val_set), args.resume)
+        adopt_recorded_switches([model], checkpoint, parse_model_kwargs(args.model_kwargs), f'--resume {args.resume}',
+                                evaluation=True)
     else:
         _logger.warning('--eval without --resume evaluates %s', 'the --finetune weights' if args.finetune
                         else 'randomly initialized weights')
@@ -123,11 +135,11 @@ def fit(run: TrainingRun) -> None:
     metric_name = run.eval_metric or 'fine top-1'
     fault = FaultInjection(args.debug_fault, info.rank) if args.debug_fault else None
 
+    end_epoch = end_epoch_of(args, start_epoch, resume_from)
     writer = None
     if output_dir is not None and info.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
-    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
     _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
                  end_epoch - 1, args.epochs, len(run.train_loader), metric_name, ' of the EMA' if run.ema_eval else '')
     if start_epoch <= args.selection_start_epoch:
@@ -203,6 +215,18 @@ def fit(run: TrainingRun) -> None:
         digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
                   'model_ema': weights_digest(model_ema.module) if model_ema is not None else None}
         Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+
+
+def end_epoch_of(args: argparse.Namespace, start_epoch: int, resume_from: str) -> int:
+    """The epoch the run stops before (``--epochs``, ``--stop-at-epoch``). A run that would train nothing
+    (and write nothing, and report "best -1") is refused: :class:`ConfigError`, one line."""
+    end_epoch = args.epochs if args.stop_at_epoch is None else min(args.epochs, args.stop_at_epoch)
+    stop = f', --stop-at-epoch {args.stop_at_epoch}' if args.stop_at_epoch is not None else ''
+    if start_epoch >= end_epoch:
+        raise ConfigError(f'nothing to train: the run would start at epoch {start_epoch}'
+                          f'{f" (after {resume_from})" if resume_from else ""} and end before epoch {end_epoch} '
+                          f'(--epochs {args.epochs}{stop})')
+    return end_epoch
 
 
 def sync_batchnorm_statistics(run: TrainingRun) -> None:

@@ -46,7 +46,7 @@ from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.files import remove_stale_temp_files
-from utils.core.model_builder import create_model_checked
+from utils.core.model_builder import adopt_recorded_switches, check_flag_switches, create_model_checked
 from utils.core.run_folder import LOCK_NAME, prepare_output_dir
 from utils.core.safe_io import UnsafeInputError, check_fixed_names, refuse_overwriting_inputs
 from utils.core.signals import quiet_worker_signals
@@ -137,6 +137,8 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
         raise ConfigError(f'--pretrained{" " + pretrained if isinstance(pretrained, str) else ""} '
                           f'({args.model}): {why}') from cause
     if pretrained:
+        check_flag_switches(model, extra, f'--pretrained{" " + pretrained if isinstance(pretrained, str) else ""}'
+                                          ' (the weights it loads)')
         source_classes = kwargs.get('pretrained_cfg_overlay', model.pretrained_cfg).get('num_classes')
         _logger.info('%s: weights of %s%s', args.model, pretrained if isinstance(pretrained, str) else 'its pretrained tag',
                      f'; new (randomly initialized) head for {num_classes} classes (the weights have {source_classes})'
@@ -151,24 +153,30 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
     return model
 
 
-def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False) -> None:
+def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False, model_kwargs: Sequence[str] = ()) -> None:
     """Load ``path`` for fine-tuning: a head of another class count is left fresh, position
     embeddings of another grid are resampled; anything else that does not fit is an error.
 
     A plain timm ViT's weights (timm layout, or ``models.baseline.SingleStageBaseline``'s with its
     ``model.`` prefix) are made coarse-to-fine first (``models.convert``, which also turns on the
-    model's ``fine_pos_embed_without_selection``); what cannot be converted is one line."""
-    state_dict = extract_state_dict(load_checkpoint_file(path, unsafe=unsafe))
+    model's ``fine_pos_embed_without_selection``); what cannot be converted is one line. A CF training
+    checkpoint's recorded switches are taken over. ``model_kwargs`` (the flags) contradicting either is
+    refused with one line."""
+    checkpoint = load_checkpoint_file(path, unsafe=unsafe)
+    state_dict = extract_state_dict(checkpoint)
+    explicit = parse_model_kwargs(model_kwargs)
     if isinstance(model, CFVisionTransformer) and not is_cf_state_dict(state_dict) and (
             not model.return_dense or plain_vit_state_dict(state_dict) is not None):
         try:
             state_dict = convert_state_dict(state_dict, model)
         except ConversionError as e:
             raise CheckpointError(f'--finetune {path}: {e}') from e
-        for name, value in CONVERTED_SWITCHES.items():
-            setattr(model, name, value)
+        model.set_switches(**CONVERTED_SWITCHES)
+        check_flag_switches(model, explicit, f'--finetune {path} (a plain ViT, converted)')
         _logger.info('--finetune %s: a plain ViT, converted to %s (%s)', path, model.pretrained_cfg['architecture'],
                      ', '.join(f'{k}={v}' for k, v in CONVERTED_SWITCHES.items()))
+    elif isinstance(model, CFVisionTransformer):
+        adopt_recorded_switches([model], checkpoint, explicit, f'--finetune {path}')
     own = model.state_dict()
     fresh: List[str] = []
     for key in list(state_dict):
@@ -281,6 +289,9 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
     agreed by all processes). Shared by the training scripts."""
     if args.save_interval_steps < 0:
         raise ConfigError(f'--save-interval-steps must be >= 0, got {args.save_interval_steps}')
+    if not args.eval and not args.resume and args.start_epoch >= args.epochs:
+        raise ConfigError(f'nothing to train: --start_epoch {args.start_epoch} is not below --epochs {args.epochs} '
+                          '(epochs count from 0)')
     if args.resume == 'auto' and (args.eval or not args.output_dir):
         raise ConfigError('--resume auto continues a training run in its --output_dir: give --output_dir '
                           '(and no --eval)')

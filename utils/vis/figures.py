@@ -32,6 +32,7 @@ from tqdm import tqdm
 from models.token_ops import FINE_SCALE, fine_children
 
 from utils.core import files
+from utils.core.cli import shown_name
 from utils.core.errors import BadInputError
 from utils.core.signals import check_stop, stop_at_steps
 
@@ -486,7 +487,7 @@ def draw_grid(
     fig = Figure(figsize=(W / layout.dpi, H / layout.dpi), dpi=layout.dpi)
     fig.patch.set_facecolor('white')
     for j, text in enumerate(list(header)[:3]):
-        fig.text(layout.pad / W, 1 - (6 + 18 * j + (2 if j else 0)) / H, text, ha='left', va='top',
+        fig.text(layout.pad / W, 1 - (6 + 18 * j + (2 if j else 0)) / H, shown_name(text), ha='left', va='top',
                  fontsize=11 if j == 0 else 9, weight='bold' if j == 0 else 'normal')
     cols = min(layout.pairs_per_row, len(items))
     P = layout.panel
@@ -496,7 +497,7 @@ def draw_grid(
         x0 = layout.pad + c * (2 * P + layout.inner_gap + layout.pair_gap)
         y0 = layout.header + r * (layout.title + P + layout.row_gap)
         for j, (text, colour) in enumerate(item.lines[:4]):
-            fig.text(x0 / W, 1 - (y0 + 2 + j * line_px) / H, text, ha='left', va='top', fontsize=8,
+            fig.text(x0 / W, 1 - (y0 + 2 + j * line_px) / H, shown_name(text), ha='left', va='top', fontsize=8,
                      color=colour)
         faded, boxes = fade_unselected(item.image, grid, item.important, fade=fade)
         for k, picture in enumerate((item.image, faded)):
@@ -555,7 +556,7 @@ def draw_confidence_histogram(
     ax.set_xlim(0, 1)
     ax.set_xlabel('coarse confidence (max softmax probability)')
     ax.set_ylabel('images')
-    ax.set_title(title, fontsize=10)
+    ax.set_title(shown_name(title), fontsize=10)
     fig.legend(fontsize=8, loc='outside lower center', ncols=2)  # below the axes: the threshold line never crosses it
     save_figure(fig, path, dpi)
     return size
