@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from common import RESULTS, ROOT, epoch_seconds, machine
+from common import RESULTS, ROOT, epoch_seconds, machine, portable_args
 
 import models  # noqa: E402,F401  (registers the CF models; common put the repository on sys.path)
 from datasets.build import build_dataset  # noqa: E402
@@ -207,7 +207,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         os.replace(tmp, OUT / f'per_image_{run}.npz')
         # the final weights alone (no optimizer state): what every number here was computed from
         tmp = OUT / f'{run}_final.pth.tmp'
-        torch.save({'model': extract_state_dict(checkpoint), 'args': checkpoint.get('args'), 'epoch': epoch}, tmp)
+        torch.save({'model': extract_state_dict(checkpoint), 'epoch': epoch,
+                    'args': portable_args(checkpoint.get('args'), [args.data_path])}, tmp)
         os.replace(tmp, OUT / f'{run}_final.pth')
         shutil.copyfile(work / run / 'log.txt', OUT / f'{run}_log.txt')
         meta.setdefault('gflops', {})[run] = r['gflops']

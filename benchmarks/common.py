@@ -105,6 +105,29 @@ def clean_logs(folder: Path, data_paths: Sequence[object] = ()) -> List[Path]:
     return changed
 
 
+def portable_args(args: object, data_paths: Sequence[object] = ()) -> object:
+    """A copy of a checkpoint's ``args`` (Namespace or dict) whose string values carry no path of this machine:
+    this clone's root made relative, each of ``data_paths``' parent folder written ``$DATA`` (as
+    :func:`clean_logs` does for console logs). Anything else is returned as it is."""
+    replace = {f'{ROOT}/': '', str(ROOT): '.'}
+    for data in data_paths:
+        if data:
+            replace[f'{Path(str(data)).expanduser().resolve().parent}/'] = '$DATA/'
+
+    def clean(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        for old, new in replace.items():
+            value = value.replace(old, new)
+        return value
+
+    if isinstance(args, dict):
+        return {k: clean(v) for k, v in args.items()}
+    if hasattr(args, '__dict__') and type(args).__name__ == 'Namespace':
+        return type(args)(**{k: clean(v) for k, v in vars(args).items()})
+    return args
+
+
 def epoch_seconds(train_out: Path) -> List[float]:
     """Each epoch's wall time (training and its evaluation) from the timestamps of a training's console log."""
     start: Dict[int, int] = {}

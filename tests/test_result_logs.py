@@ -16,7 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from common import clean_log_text, clean_logs  # noqa: E402
+from common import clean_log_text, clean_logs, portable_args  # noqa: E402
+
+import argparse  # noqa: E402
+
+from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 #: Benchmark 9's folder is written by its own driver (bench_tradeoff.py), under its pre-registered protocol.
@@ -57,3 +61,28 @@ def test_clean_logs_rewrites_a_writers_logs(tmp_path):
     with open(log, newline='') as f:
         assert f.read() == 'output folder: output/ft\nvalidation set in $DATA/imagenette224/val\ndone\n'
     assert clean_logs(tmp_path, [data]) == []  # clean already
+
+
+CHECKPOINTS = sorted(RESULTS.rglob('*.pth'))
+
+
+def test_there_are_committed_checkpoints():
+    assert len(CHECKPOINTS) >= 4, CHECKPOINTS
+
+
+@pytest.mark.parametrize('path', CHECKPOINTS, ids=lambda p: p.relative_to(RESULTS).as_posix())
+def test_a_committed_checkpoint_records_no_machine_paths(path):
+    args = load_checkpoint_file(path).get('args')
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    found = {k: v for k, v in values.items() if isinstance(v, str) and ABSOLUTE.search(v)}
+    assert not found, f'{path.relative_to(ROOT)}: {found}'
+
+
+def test_portable_args_rewrites_paths_and_keeps_the_rest(tmp_path):
+    data = tmp_path / 'shared' / 'imagenette224'
+    args = argparse.Namespace(data_path=str(data), output_dir=f'{ROOT}/output/run', lr=1e-3, dist_url='env://')
+    clean = portable_args(args, [data])
+    assert vars(clean) == {'data_path': '$DATA/imagenette224', 'output_dir': 'output/run', 'lr': 1e-3,
+                           'dist_url': 'env://'}
+    assert args.output_dir == f'{ROOT}/output/run'  # the original is left alone
+    assert portable_args({'output_dir': str(ROOT)}) == {'output_dir': '.'}
