@@ -258,6 +258,16 @@ def resolve_img_size_list(
     return sizes
 
 
+def _selection_start_block(block: Optional[int], depth: int) -> int:
+    """The first block whose class attention the selection averages: the paper's block 3, or the last block
+    of shallower models, unless given."""
+    if block is None:
+        block = min(SELECTION_START_BLOCK, depth - 1)
+    if not 0 <= block < depth:
+        raise ValueError(f'selection_start_block must be in [0, depth={depth}), got {block}')
+    return block
+
+
 class CFVisionTransformer(nn.Module):
     """Coarse-to-fine ViT with DeiT blocks (the released ``CFVisionTransformer``).
 
@@ -359,10 +369,7 @@ class CFVisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size_list = resolve_img_size_list(img_size_list, coarse_stage_size, img_size, patch_size)
-        if selection_start_block is None:  # the paper's block 3, or the last block of shallower models
-            selection_start_block = min(SELECTION_START_BLOCK, depth - 1)
-        if not 0 <= selection_start_block < depth:
-            raise ValueError(f'selection_start_block must be in [0, depth={depth}), got {selection_start_block}')
+        selection_start_block = _selection_start_block(selection_start_block, depth)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         act_layer = act_layer or nn.GELU
 
@@ -389,6 +396,26 @@ class CFVisionTransformer(nn.Module):
         self.mix_token = mix_token
         self.mix_beta = 1.0  # MixToken's lambda ~ Beta(1, 1)
 
+        self._build_layers(embed_layer, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+                           qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, norm_layer, act_layer, skip_lam,
+                           init_values, half_precision_cls_attn)
+        # timm's feature metadata: every block's tokens as a map of the coarse grid (reduction
+        # relative to the fine input, the model's input size)
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=FINE_SCALE * patch_size) for i in range(depth)]
+        if weight_init not in ('', 'skip'):
+            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
+        if weight_init != 'skip':
+            self.init_weights()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _build_layers(self, embed_layer: Optional[Any], patch_size: int, in_chans: int, num_classes: int,
+                      embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                      drop_rate: float, attn_drop_rate: float, drop_path_rate: float, norm_layer: Any,
+                      act_layer: Any, skip_lam: float, init_values: Optional[float],
+                      half_precision_cls_attn: bool) -> None:
+        """The layers, registered in the released order (the checkpoint's and the optimizer's order)."""
         if embed_layer is None:
             embed_layer = partial(PatchEmbed, img_size=self.img_size_list[1], flatten=False,
                                   strict_img_size=False)
@@ -415,16 +442,6 @@ class CFVisionTransformer(nn.Module):
             Mlp(in_features=embed_dim, hidden_features=int(mlp_ratio * embed_dim), out_features=embed_dim,
                 act_layer=act_layer, drop=drop_rate),
         )
-        # timm's feature metadata: every block's tokens as a map of the coarse grid (reduction
-        # relative to the fine input, the model's input size)
-        self.feature_info = [
-            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=FINE_SCALE * patch_size) for i in range(depth)]
-        if weight_init not in ('', 'skip'):
-            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
-        if weight_init != 'skip':
-            self.init_weights()
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
 
     @property
     def informative_ratio(self) -> float:
