@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -143,6 +143,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            one_line=True)
 
 
+def _dataset(data_path: Optional[str]) -> Path:
+    """The dataset folder: ``--data-path``, or the built-in synthetic set (written once, then reused)."""
+    if data_path:
+        data, how = Path(data_path), 'given with --data-path'
+    else:
+        reused = (default_synthetic_root() / 'params.json').is_file()
+        data = make_synthetic_dataset()
+        how = 'reused: written by an earlier run' if reused else 'written now'
+    say(f'dataset: {data} ({how})')
+    return data
+
+
+def _evaluate(args: argparse.Namespace, data: Path, ckpt: Path, eval_dir: Path) -> int:
+    """``dynamic_inference.py`` in modes 1, 2, 0 and 3 on the trained checkpoint; the first failing exit status."""
+    common = ['--data_url', str(data), '--checkpoint_path', str(ckpt), '--batch_size', '128',
+              '--num-workers', str(args.num_workers), '--device', args.device]
+    rc = run_script('dynamic_inference', ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
+                                          '--write-checkpoint'])
+    rc = rc or run_script('dynamic_inference', ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
+                                                '--output-dir', str(eval_dir / 'throughput')])
+    rc = rc or run_script('dynamic_inference', ['--eval-mode', '0', *common,
+                                                '--output-dir', str(eval_dir / 'anytime')])
+    rc = rc or run_script('dynamic_inference', [
+        '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
+        '--output-dir', str(eval_dir / 'report')])
+    return rc
+
+
+def _summary(args: argparse.Namespace, data: Path, eval_dir: Path, on_box: Dict[str, Any],
+             seconds: float) -> Dict[str, Any]:
+    """What ``summary.json`` records: per-stage top-1 and FLOPs, the curve's points, early exit, selection."""
+    budget = json.loads((eval_dir / 'budgeted' / 'budgeted.json').read_text())
+    through = json.loads((eval_dir / 'throughput' / 'throughput.json').read_text())
+    gflops, acc = budget['budgeted_batch_classification']
+    return {
+        'dataset': str(data), 'epochs': args.epochs, 'device': args.device,
+        'flop': budget['flop'], 'anytime_classification': budget['anytime_classification'],
+        'curve': {f'{t:.2f}': {'gflops': gflops[round(t * 100)], 'top1': acc[round(t * 100)]}
+                  for t in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)},
+        'early_exit': {k: through[k] for k in ('threshold', 'top1', 'exit_share', 'average_gflops', 'throughput')},
+        'selection_on_objects': on_box, 'seconds': seconds,
+    }
+
+
+def _summary_lines(summary: Dict[str, Any], device: str, out: Path, data: Path, eval_dir: Path,
+                   vis_dir: Path) -> List[str]:
+    """The closing summary the quick start prints."""
+    c, f = summary['flop']
+    a_c, a_f = summary['anytime_classification']
+    through, on_box = summary['early_exit'], summary['selection_on_objects']
+    return [
+        '',
+        f'Summary ({summary["seconds"]:.0f} s; results in {out}/, the dataset in {data}/)',
+        f'  coarse stage : top-1 {a_c:6.2f}%  at {c * 1000:.2f} MFLOPs per image',
+        f'  fine stage   : top-1 {a_f:6.2f}%  at {f * 1000:.2f} MFLOPs per image (both stages)',
+        '  early exit, budgeted sweep (threshold: MFLOPs, top-1):',
+        *[f'    {t}: {v["gflops"] * 1000:6.2f} MFLOPs  {v["top1"]:6.2f}%' for t, v in summary['curve'].items()],
+        f'  early exit at {through["threshold"]}: top-1 {through["top1"]:.2f}%, {100 * through["exit_share"]:.1f}% '
+        f'exited at the coarse stage, {through["average_gflops"] * 1000:.2f} MFLOPs, '
+        f'{through["throughput"]:.0f} images/s on {device}',
+        '  re-split patches on the object (vs. chance):' if on_box else
+        '  re-split patches on the object: not measured (the dataset records no object boxes)',
+        *[f'    {k} objects: {100 * on_box[f"{k}_objects_selected_on_box"]:.1f}% '
+          f'(chance {100 * on_box[f"{k}_objects_chance"]:.1f}%, {on_box[f"{k}_objects_images"]} images)'
+          for k in ('small', 'large') if f'{k}_objects_images' in on_box],
+        f'  curve: {eval_dir / "budgeted" / "budgeted_batch_classification.png"}',
+        f'  pictures: {vis_dir}/',
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     """The five steps; returns 0, or the exit status of the script that failed."""
     out = prepare_output_dir(args.output_dir, [args.data_path], '--output-dir')  # a read-only mount, a file: one line
@@ -152,13 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / 'summary.json').is_file():
         say(f'{out} holds an earlier quick start: this run replaces its results (--output-dir DIR keeps both)')
     _step('1/5 data')
-    if args.data_path:
-        data, how = Path(args.data_path), 'given with --data-path'
-    else:
-        reused = (default_synthetic_root() / 'params.json').is_file()
-        data = make_synthetic_dataset()
-        how = 'reused: written by an earlier run' if reused else 'written now'
-    say(f'dataset: {data} ({how})')
+    data = _dataset(args.data_path)
 
     _step(f'2/5 training a tiny CF-DeiT for {args.epochs} epochs (selection from epoch {args.epochs // 2 + 1}); '
           f'a line every {PRINT_FREQ} steps and an evaluation line per epoch')
@@ -175,17 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     _step('3/5 evaluation, modes 0-3 (dynamic_inference.py)')
     eval_dir = out / 'eval'
-    common = ['--data_url', str(data), '--checkpoint_path', str(ckpt), '--batch_size', '128',
-              '--num-workers', str(args.num_workers), '--device', args.device]
-    rc = run_script('dynamic_inference', ['--eval-mode', '1', *common, '--output-dir', str(eval_dir / 'budgeted'),
-                                          '--write-checkpoint'])
-    rc = rc or run_script('dynamic_inference', ['--eval-mode', '2', *common, '--threshold', str(args.threshold),
-                                                '--output-dir', str(eval_dir / 'throughput')])
-    rc = rc or run_script('dynamic_inference', ['--eval-mode', '0', *common,
-                                                '--output-dir', str(eval_dir / 'anytime')])
-    rc = rc or run_script('dynamic_inference', [
-        '--eval-mode', '3', '--checkpoint_path', str(eval_dir / 'budgeted' / 'checkpoint_with_results.pth'),
-        '--output-dir', str(eval_dir / 'report')])
+    rc = _evaluate(args, data, ckpt, eval_dir)
     if rc != 0:
         say(f'evaluation failed (exit {rc})')
         return rc
@@ -206,39 +260,9 @@ def run(args: argparse.Namespace) -> int:
         on_box = {}
         say(f'{data} records no object boxes (boxes.json, written for the synthetic set): step skipped')
 
-    budget = json.loads((eval_dir / 'budgeted' / 'budgeted.json').read_text())
-    through = json.loads((eval_dir / 'throughput' / 'throughput.json').read_text())
-    gflops, acc = budget['budgeted_batch_classification']
-    summary: Dict[str, Any] = {
-        'dataset': str(data), 'epochs': args.epochs, 'device': args.device,
-        'flop': budget['flop'], 'anytime_classification': budget['anytime_classification'],
-        'curve': {f'{t:.2f}': {'gflops': gflops[round(t * 100)], 'top1': acc[round(t * 100)]}
-                  for t in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)},
-        'early_exit': {k: through[k] for k in ('threshold', 'top1', 'exit_share', 'average_gflops', 'throughput')},
-        'selection_on_objects': on_box, 'seconds': time.time() - t_start,
-    }
+    summary = _summary(args, data, eval_dir, on_box, time.time() - t_start)
     write_json_atomic(summary, out / 'summary.json')
-    c, f = budget['flop']
-    a_c, a_f = budget['anytime_classification']
-    lines = [
-        '',
-        f'Summary ({summary["seconds"]:.0f} s; results in {out}/, the dataset in {data}/)',
-        f'  coarse stage : top-1 {a_c:6.2f}%  at {c * 1000:.2f} MFLOPs per image',
-        f'  fine stage   : top-1 {a_f:6.2f}%  at {f * 1000:.2f} MFLOPs per image (both stages)',
-        '  early exit, budgeted sweep (threshold: MFLOPs, top-1):',
-        *[f'    {t}: {v["gflops"] * 1000:6.2f} MFLOPs  {v["top1"]:6.2f}%' for t, v in summary['curve'].items()],
-        f'  early exit at {through["threshold"]}: top-1 {through["top1"]:.2f}%, {100 * through["exit_share"]:.1f}% '
-        f'exited at the coarse stage, {through["average_gflops"] * 1000:.2f} MFLOPs, '
-        f'{through["throughput"]:.0f} images/s on {args.device}',
-        '  re-split patches on the object (vs. chance):' if on_box else
-        '  re-split patches on the object: not measured (the dataset records no object boxes)',
-        *[f'    {k} objects: {100 * on_box[f"{k}_objects_selected_on_box"]:.1f}% '
-          f'(chance {100 * on_box[f"{k}_objects_chance"]:.1f}%, {on_box[f"{k}_objects_images"]} images)'
-          for k in ('small', 'large') if f'{k}_objects_images' in on_box],
-        f'  curve: {eval_dir / "budgeted" / "budgeted_batch_classification.png"}',
-        f'  pictures: {vis_dir}/',
-    ]
-    for line in lines:
+    for line in _summary_lines(summary, args.device, out, data, eval_dir, vis_dir):
         say(line)
     return 0
 
