@@ -21,8 +21,8 @@ import main_lvvit
 import make_token_labels
 from models.token_ops import coarse_from_fine, scatter_to_fine_grid
 from utils.core.checkpoint import load_checkpoint_file
-from datasets.token_targets import TokenLabelTargets
-from utils.train.token_labeling import TokenLabelingLoss, soft_target_cross_entropy
+from datasets.token_labels.targets import TokenLabelTargets
+from utils.train.token_label_loss import TokenLabelingLoss, soft_target_cross_entropy
 
 from helpers import free_port, log_lines, make_image_folder, script_env
 
