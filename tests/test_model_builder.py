@@ -65,7 +65,7 @@ def test_check_against_record_refuses_in_training_and_allows_evaluation_override
     check_against_record({'depth': 2, 'mix_token': True}, {'depth': 2, 'mix_token': False}, 'x.pth', evaluation=True)
     with pytest.raises(ConfigError, match=r"^x.pth records mix_token=True, but the flags give mix_token=False: "):
         check_against_record({'mix_token': True}, {'mix_token': False}, 'x.pth', evaluation=False, error=ConfigError)
-    check_against_record({'depth': 2}, {'embed_dim': 96}, 'x.pth', evaluation=False)  # nothing shared: nothing to refuse
+    check_against_record({'depth': 2}, {'embed_dim': 96}, 'x.pth', evaluation=False)  # nothing shared, nothing refused
 
 
 def test_with_recorded_switches_adds_the_models_switches_to_a_copy_of_the_flags():
