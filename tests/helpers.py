@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List
@@ -16,14 +17,17 @@ import timm
 import torch
 from PIL import Image
 
-import models  # noqa: F401  (registers the models)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also importable from outside pytest (tests/ alone on the path)
+    sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402,F401  (registers the models)
 
 __all__ = ['make_image_folder', 'write_broken_images', 'tree_digest', 'log_lines', 'free_port', 'script_env',
            'run_main', 'one_line_error', 'golden_case_files', 'load_case', 'build_from_config',
            'ROOT', 'DATA', 'GOLDEN_DIR', 'REPO_GOLDEN_DIR', 'BROKEN_FILES', 'UNREADABLE_FILES',
            'TINY_DEIT', 'TINY_DEIT_CLASSES', 'TINY_LVVIT', 'TINY_LVVIT_CLASSES']
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / 'data'
 GOLDEN_DIR = Path(os.environ.get('CFVIT_GOLDEN_DIR', DATA / 'golden'))
 REPO_GOLDEN_DIR = DATA / 'golden'
