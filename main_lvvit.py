@@ -45,11 +45,12 @@ import torch.nn as nn  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 
 from datasets.build import attach_transform, build_transform  # noqa: E402
-from datasets.token_label import (  # noqa: E402
-    CROP_MODES, TokenLabelBatch, TokenLabelDataset, TokenLabelMixup, build_token_label_transform, folder_samples,
-    keep_zero_bit_posterize,
-)
-from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
+from datasets.token_labels.augment import build_token_label_transform  # noqa: E402
+from datasets.token_labels.batch import ClassLabelBatch, TokenLabelBatch  # noqa: E402
+from datasets.token_labels.dataset import TokenLabelDataset  # noqa: E402
+from datasets.token_labels.maps import folder_samples  # noqa: E402
+from datasets.token_labels.mixup import TokenLabelMixup  # noqa: E402
+from datasets.token_labels.targets import CROP_MODES, SMOOTHING_MODES  # noqa: E402
 from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
 from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
@@ -58,7 +59,7 @@ from utils.train.loop import train_or_evaluate  # noqa: E402
 from utils.train.setup import (  # noqa: E402
     EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
 )
-from utils.train.token_labeling import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
+from utils.train.token_label_loss import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
 
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
            'EXIT_TRAINING_FAILED', 'USER_ERRORS']
@@ -176,7 +177,7 @@ def resolve_label_size(args: argparse.Namespace, model: nn.Module) -> int:
 def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, num_classes: int) -> Any:
     """The training set with its transform: label maps and recorded geometry, or plain images."""
     if not args.token_label:
-        attach_transform(train_set, keep_zero_bit_posterize(build_transform(True, args, model)))
+        attach_transform(train_set, build_transform(True, args, model))
         return train_set
     samples, classes = folder_samples(train_set)
     return TokenLabelDataset(samples, args.token_label_data, num_classes,
@@ -185,7 +186,7 @@ def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, 
 
 def build_objective(args: argparse.Namespace, num_classes: int, label_size: int) -> tuple:
     """``(criterion, batch transform)``: the CF token-labeling loss, and what turns a loader batch
-    into images and :class:`datasets.token_targets.TokenLabelTargets` (with mixup/cutmix if on)."""
+    into images and :class:`datasets.token_labels.targets.TokenLabelTargets` (with mixup/cutmix if on)."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,

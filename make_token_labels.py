@@ -57,7 +57,7 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402  (registers the CF models with timm)
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
-from datasets.token_label import (  # noqa: E402
+from datasets.token_labels.maps import (  # noqa: E402
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
 from models.token_ops import scatter_to_fine_grid  # noqa: E402

@@ -25,7 +25,7 @@ from torchvision import datasets as tv_datasets
 from .folder import (
     DatasetError, RobustImageFolder, UnreadableCounter, read_or_skip, read_substituting, unwrap_subset,
 )
-from .transforms import data_config, eval_transform
+from .transforms import data_config, eval_transform, keep_zero_bit_posterize
 
 __all__ = [
     'DATA_SETS', 'build_dataset', 'build_transform', 'attach_transform', 'resolve_data_path',
@@ -240,9 +240,9 @@ def build_transform(is_train: bool, args: argparse.Namespace, model: nn.Module) 
         return eval_transform(model)
     cfg = data_config(model)
     aa = args.aa if args.aa and args.aa.lower() != 'none' else None
-    from .token_label import keep_zero_bit_posterize  # timm's posterize fails at 0 bits with Pillow 13
-    return keep_zero_bit_posterize(create_transform(
+    transform = create_transform(
         input_size=cfg['input_size'], is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
         interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount, mean=cfg['mean'], std=cfg['std'],
-        scale=tuple(getattr(args, 'crop_scale', None) or (0.08, 1.0))))
+        scale=tuple(getattr(args, 'crop_scale', None) or (0.08, 1.0)))
+    return keep_zero_bit_posterize(transform)  # timm's posterize fails at 0 bits with Pillow 13

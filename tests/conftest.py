@@ -1,12 +1,11 @@
-"""Shared fixtures: golden case discovery and a model builder from a golden case's config."""
+"""Shared fixtures and hooks: the CUDA marker, the golden cases, logging and thread settings (plain helpers
+live in ``helpers.py``)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -15,15 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-import timm  # noqa: E402
-
-import models  # noqa: E402,F401  (registers the models)
-
-DATA = Path(__file__).resolve().parent / 'data'
-GOLDEN_DIR = Path(os.environ.get('CFVIT_GOLDEN_DIR', DATA / 'golden'))
-REPO_GOLDEN_DIR = DATA / 'golden'
-
-ARCH_TO_MODEL = {'CFVisionTransformer': 'cf_deit_small', 'CF_LV_ViT': 'cf_lvvit_small'}
+from helpers import build_from_config, golden_case_files, load_case  # noqa: E402
 
 
 def pytest_configure(config):
@@ -44,35 +35,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker('cuda') is not None:
             item.add_marker(skip)
-
-
-def golden_case_files(directory: Path = GOLDEN_DIR) -> List[Path]:
-    """Case files (``*.pt`` with a ``config``) of a golden folder; dynamic_evaluate.pt is not a case."""
-    return sorted(p for p in directory.glob('*.pt') if p.name != 'dynamic_evaluate.pt')
-
-
-def load_case(path: Path) -> Dict[str, Any]:
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def build_from_config(cfg: Dict[str, Any]) -> torch.nn.Module:
-    """The model a golden case describes, built through the timm registry."""
-    target = list(cfg['target_index'])
-    start = target[0]
-    assert target == list(range(start, cfg['depth'])), f'non-contiguous selection blocks {target}'
-    eps = float(cfg['norm_layer'].split('eps=')[1].rstrip(')'))
-    kwargs = dict(
-        img_size_list=cfg['img_size_list'], patch_size=cfg['patch_size'], embed_dim=cfg['embed_dim'],
-        depth=cfg['depth'], num_heads=cfg['num_heads'], mlp_ratio=cfg['mlp_ratio'], qkv_bias=cfg['qkv_bias'],
-        num_classes=cfg['num_classes'], drop_rate=cfg.get('drop_rate', 0.0),
-        drop_path_rate=cfg.get('drop_path_rate', 0.0), informative_ratio=cfg['alpha'],
-        attn_ema_beta=cfg['ema_beta'], selection_start_block=start,
-        norm_layer=partial(torch.nn.LayerNorm, eps=eps),
-    )
-    if cfg['arch'] == 'CF_LV_ViT':
-        assert cfg.get('p_emb', '4_2') == '4_2'
-        kwargs.update(skip_lam=cfg['skip_lam'], mix_token=cfg.get('mix_token', True))
-    return timm.create_model(ARCH_TO_MODEL[cfg['arch']], **kwargs)
 
 
 @pytest.fixture

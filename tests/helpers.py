@@ -1,4 +1,5 @@
-"""Small builders shared by the test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+"""Small builders and constants shared by the test modules (pytest puts tests/ on sys.path: ``from helpers import
+...``); no test module imports another (``tests/test_layout.py`` checks it)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,14 +7,50 @@ import json
 import logging
 import os
 import socket
+import sys
+from functools import partial
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
+import timm
+import torch
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also importable from outside pytest (tests/ alone on the path)
+    sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402,F401  (registers the models)
+
 __all__ = ['make_image_folder', 'write_broken_images', 'tree_digest', 'log_lines', 'free_port', 'script_env',
-           'BROKEN_FILES', 'UNREADABLE_FILES']
+           'run_main', 'one_line_error', 'golden_case_files', 'load_case', 'build_from_config',
+           'ROOT', 'DATA', 'GOLDEN_DIR', 'REPO_GOLDEN_DIR', 'BROKEN_FILES', 'UNREADABLE_FILES',
+           'TINY_DEIT', 'TINY_DEIT_CLASSES', 'TINY_LVVIT', 'TINY_LVVIT_CLASSES']
+
+DATA = Path(__file__).resolve().parent / 'data'
+GOLDEN_DIR = Path(os.environ.get('CFVIT_GOLDEN_DIR', DATA / 'golden'))
+REPO_GOLDEN_DIR = DATA / 'golden'
+
+ARCH_TO_MODEL = {'CFVisionTransformer': 'cf_deit_small', 'CF_LV_ViT': 'cf_lvvit_small'}
+
+#: ``main_deit.py`` flags of a CF-DeiT small enough to train on the CPU in seconds (with a
+#: :func:`make_image_folder` of :data:`TINY_DEIT_CLASSES` classes).
+TINY_DEIT = [
+    '--model', 'cf_deit_tiny', '--embed-dim', '48', '--depth', '4', '--num-heads', '3', '--coarse-stage-size', '2',
+    '--device', 'cpu', '--no-amp', '--num_workers', '0', '--batch-size', '4', '--epochs', '2',
+    '--lr', '1e-3', '--unscale-lr', '--warmup-epochs', '1', '--warmup-lr', '1e-4', '--min-lr', '1e-5',
+    '--print-freq', '1000', '--seed', '3',
+]
+TINY_DEIT_CLASSES = 3
+#: ``main_lvvit.py`` flags of a CF-LV-ViT small enough to train on the CPU in seconds (data of
+#: :data:`TINY_LVVIT_CLASSES` classes in ``tests/test_main_lvvit.py``).
+TINY_LVVIT = [
+    '--model', 'cf_lvvit_tiny', '--embed-dim', '48', '--depth', '2', '--num-heads', '3', '--coarse-stage-size', '2',
+    '--device', 'cpu', '-j', '0', '-b', '4', '--epochs', '1', '--warmup-epochs', '1', '--warmup-lr', '1e-4',
+    '--lr', '1e-3', '--print-freq', '1000', '--seed', '3',
+]
+TINY_LVVIT_CLASSES = 4
 
 
 def make_image_folder(root: Path, per_class: Dict[str, int], num_classes: int = 3, size=(40, 48),
@@ -104,3 +141,33 @@ def one_line_error(code: int, text: str, message: str) -> None:
     assert code == 2, text[-3000:]  # EXIT_BAD_INPUT
     assert 'Traceback' not in text, text[-3000:]
     assert any(message in line for line in text.splitlines()), f'{message!r} not in:\n{text[-3000:]}'
+
+
+# ---------------------------------------------------------------------------------------------- golden cases
+def golden_case_files(directory: Path = GOLDEN_DIR) -> List[Path]:
+    """Case files (``*.pt`` with a ``config``) of a golden folder; dynamic_evaluate.pt is not a case."""
+    return sorted(p for p in directory.glob('*.pt') if p.name != 'dynamic_evaluate.pt')
+
+
+def load_case(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def build_from_config(cfg: Dict[str, Any]) -> torch.nn.Module:
+    """The model a golden case describes, built through the timm registry."""
+    target = list(cfg['target_index'])
+    start = target[0]
+    assert target == list(range(start, cfg['depth'])), f'non-contiguous selection blocks {target}'
+    eps = float(cfg['norm_layer'].split('eps=')[1].rstrip(')'))
+    kwargs = dict(
+        img_size_list=cfg['img_size_list'], patch_size=cfg['patch_size'], embed_dim=cfg['embed_dim'],
+        depth=cfg['depth'], num_heads=cfg['num_heads'], mlp_ratio=cfg['mlp_ratio'], qkv_bias=cfg['qkv_bias'],
+        num_classes=cfg['num_classes'], drop_rate=cfg.get('drop_rate', 0.0),
+        drop_path_rate=cfg.get('drop_path_rate', 0.0), informative_ratio=cfg['alpha'],
+        attn_ema_beta=cfg['ema_beta'], selection_start_block=start,
+        norm_layer=partial(torch.nn.LayerNorm, eps=eps),
+    )
+    if cfg['arch'] == 'CF_LV_ViT':
+        assert cfg.get('p_emb', '4_2') == '4_2'
+        kwargs.update(skip_lam=cfg['skip_lam'], mix_token=cfg.get('mix_token', True))
+    return timm.create_model(ARCH_TO_MODEL[cfg['arch']], **kwargs)

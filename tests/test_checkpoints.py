@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO_GOLDEN_DIR, build_from_config, load_case
+from helpers import REPO_GOLDEN_DIR, build_from_config, load_case
 
 from utils.core.checkpoint import load_checkpoint_file, load_model_weights
 from utils.core.errors import CheckpointError

@@ -1,7 +1,7 @@
 """Training on a cluster that fails: ``--resume auto``, mid-epoch checkpoints (``--save-interval-steps``, a
 stop request), one failing process stopping all, several nodes.
 
-The in-process tests use the tiny CF-DeiT of ``test_main_deit``; the launch tests run ``torchrun`` with
+The in-process tests use the tiny CF-DeiT of ``helpers.TINY_DEIT``; the launch tests run ``torchrun`` with
 two gloo processes on the loopback, each subprocess with a bounded timeout. Faults are injected with the
 hidden ``--debug-fault RANK:EPOCH:STEP:kill|data`` (first attempt of a job only).
 """
@@ -20,8 +20,9 @@ import main_deit
 from utils.core import signals as preemption
 from utils.core.checkpoint import load_checkpoint_file
 
-from helpers import free_port, log_lines, make_image_folder, script_env
-from test_main_deit import NUM_CLASSES, TINY
+from helpers import TINY_DEIT as TINY
+from helpers import TINY_DEIT_CLASSES as NUM_CLASSES
+from helpers import TINY_LVVIT, free_port, log_lines, make_image_folder, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -82,8 +83,7 @@ def test_stop_mid_epoch_then_resume_auto_equals_uninterrupted(image_folder, tmp_
 def test_main_lvvit_stop_mid_epoch_then_resume_auto_equals_uninterrupted(image_folder, tmp_path, monkeypatch):
     """The same for main_lvvit.py (MixToken, mixup/cutmix, EMA ranking, its next-epoch schedule)."""
     import main_lvvit
-    from test_main_lvvit import TINY as LV_TINY
-    argv = LV_TINY + [str(image_folder), '--epochs', '2', '--model-ema', '--mixup', '0.8', '--cutmix', '1.0']
+    argv = TINY_LVVIT + [str(image_folder), '--epochs', '2', '--model-ema', '--mixup', '0.8', '--cutmix', '1.0']
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert main_lvvit.main(argv + ['--output', str(full)]) == 0
     _stop_at(monkeypatch, 3)  # 5 steps per epoch: epoch 0, after its 3rd step

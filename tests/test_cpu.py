@@ -11,7 +11,7 @@ import timm
 import torch
 
 import models  # noqa: F401
-from conftest import ROOT
+from helpers import ROOT
 from utils.inference import cpu
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))

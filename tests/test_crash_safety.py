@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_DEIT as TINY
+from helpers import TINY_DEIT_CLASSES as NUM_CLASSES
 from helpers import make_image_folder
-from test_main_deit import NUM_CLASSES, TINY
 
 from utils.core.checkpoint import load_checkpoint_file
 

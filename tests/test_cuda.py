@@ -23,8 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import build_from_config, golden_case_files, load_case
-from helpers import free_port
+from helpers import build_from_config, free_port, golden_case_files, load_case
 
 import models  # noqa: F401  (registers the models)
 from utils.inference import predict as inference

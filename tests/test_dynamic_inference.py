@@ -9,7 +9,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import REPO_GOLDEN_DIR, build_from_config, load_case
+from helpers import REPO_GOLDEN_DIR, build_from_config, load_case
 
 import dynamic_inference
 from datasets import eval_transform

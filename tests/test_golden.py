@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR, golden_case_files
+from helpers import GOLDEN_DIR, golden_case_files
 
 import models
 

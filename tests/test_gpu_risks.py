@@ -85,11 +85,10 @@ def _lvvit_torchrun(tmp_path, fault, timeout=240):
     import sys
     from pathlib import Path
 
-    from helpers import make_image_folder, script_env
-    from test_main_lvvit import TINY
+    from helpers import TINY_LVVIT, make_image_folder, script_env
     root = Path(__file__).resolve().parents[1]
     data = make_image_folder(tmp_path / 'data', {'train': 6, 'val': 2}, 3)
-    argv = [a for a in TINY]
+    argv = list(TINY_LVVIT)
     argv[argv.index('-b') + 1] = '2'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            'main_lvvit.py', *argv, '--no-repeated-aug', '--dist-timeout', '3', '--data-path', str(data),

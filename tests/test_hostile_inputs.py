@@ -395,7 +395,7 @@ def test_label_maps_of_two_teachers_never_mix(inputs, tmp_path, capsys, caplog):
     ('fifo', 'is a named pipe'),
 ])
 def test_label_metadata_of_the_wrong_shape_is_one_line(inputs, tmp_path, content, message):
-    from datasets.token_label import TokenLabelError, check_label_maps
+    from datasets.token_labels.maps import TokenLabelError, check_label_maps
     maps = tmp_path / 'maps'
     maps.mkdir()
     if content == 'fifo':

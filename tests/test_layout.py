@@ -7,7 +7,10 @@ Parsed with ``ast`` (nothing is imported). Rules:
 - ``models/`` and ``datasets/`` (the ground floor) import nothing from ``utils/``;
 - no file imports a top-level script's module, also not through ``importlib``/``__import__``/``runpy``
   (a script runs another as a program: a subprocess with the same interpreter);
-- ``utils/`` holds packages only (``core``, ``inference``, ``vis``, ``train``), no flat modules.
+- ``utils/`` holds packages only (``core``, ``inference``, ``vis``, ``train``), no flat modules, and they
+  import one another only down the order ``utils/__init__.py`` states (:data:`UTILS_ORDER`);
+- no test file imports another test file (what tests share lives in ``tests/helpers.py`` or
+  ``tests/conftest.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ SCRIPT_MODULES = {p.stem for p in SCRIPT_FILES}
 LIBRARY_FILES = sorted(p for pkg in ('models', 'utils', 'datasets') for p in (ROOT / pkg).rglob('*.py'))
 BENCHMARK_FILES = sorted((ROOT / 'benchmarks').glob('*.py'))
 PROJECT_FILES = SCRIPT_FILES + BENCHMARK_FILES + LIBRARY_FILES
+TEST_FILES = sorted((ROOT / 'tests').glob('*.py'))
+TEST_MODULES = {p.stem for p in TEST_FILES if p.stem.startswith('test_')} | {'conftest'}
+#: utils' packages in the order ``utils/__init__.py`` lists them: each imports only packages before it
+#: (``core`` none of the others; every other package uses ``core``).
+UTILS_ORDER = ['core', 'inference', 'vis', 'train']
 #: Calls that import a module named by their first argument.
 IMPORT_CALLS = {'import_module', '__import__', 'run_module'}
 #: Calls that load a file by path.
@@ -219,3 +227,49 @@ def test_visualization_holds_no_dataset_class():
     tree = _tree(ROOT / 'utils' / 'vis' / 'figures.py')
     bases = {ast.unparse(b) for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for b in node.bases}
     assert not {b for b in bases if b.split('.')[-1] in ('Dataset', 'ImageFolder', 'DatasetFolder')}
+
+
+def utils_package_imports() -> Dict[str, Set[str]]:
+    """utils package -> the other utils packages its modules import (``utils.train.engine`` -> ``inference`` ...)."""
+    found: Dict[str, Set[str]] = {}
+    for package in UTILS_ORDER:
+        imports = found.setdefault(package, set())
+        for path in (ROOT / 'utils' / package).rglob('*.py'):
+            imports.update(m.split('.')[1] for m in project_imports(path) if m.startswith('utils.') and m.count('.'))
+        imports.discard(package)
+    return found
+
+
+def test_utils_docstring_lists_its_packages_in_the_order_checked():
+    doc = ast.get_docstring(_tree(ROOT / 'utils' / '__init__.py')) or ''
+    listed = [line.split('`utils.')[1].split('`')[0] for line in doc.splitlines() if line.startswith('- :mod:`utils.')]
+    assert listed == UTILS_ORDER
+
+
+def test_utils_packages_import_only_packages_before_them():
+    imports = utils_package_imports()
+    for position, package in enumerate(UTILS_ORDER):
+        allowed = set(UTILS_ORDER[:position])
+        assert imports[package] <= allowed, f'utils.{package} imports utils.{sorted(imports[package] - allowed)}'
+        if package != 'core':
+            assert 'core' in imports[package], f'utils.{package} does not use utils.core'
+
+
+def test_the_package_order_check_sees_a_wrong_way_import(monkeypatch):
+    real = project_imports
+    monkeypatch.setattr(__import__(__name__), 'project_imports', lambda path: real(path) | (
+        {'utils.train.loop'} if path.parent.name == 'core' else set()))
+    assert utils_package_imports()['core'] == {'train'}
+
+
+@pytest.mark.parametrize('path', TEST_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_test_file_imports_another(path):
+    found = sorted((imported_modules(path) | set(dynamic_imports(path))) & (TEST_MODULES - {path.stem}))
+    assert found == [], (f'{path.relative_to(ROOT)} imports the test module(s) {found}: move what they share to '
+                         f'tests/helpers.py or a conftest.py fixture')
+
+
+def test_the_test_import_check_sees_one(tmp_path):
+    sample = tmp_path / 'test_sample.py'
+    sample.write_text('from helpers import make_image_folder\ndef f():\n    from test_main_lvvit import TINY\n')
+    assert imported_modules(sample) & TEST_MODULES == {'test_main_lvvit'}

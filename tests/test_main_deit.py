@@ -24,17 +24,11 @@ import utils.train.losses
 from models import CFVisionTransformer
 from utils.core.checkpoint import load_checkpoint_file
 
-from helpers import free_port, log_lines, make_image_folder, script_env
+from helpers import TINY_DEIT, TINY_DEIT_CLASSES, free_port, log_lines, make_image_folder, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 3
-
-TINY = [
-    '--model', 'cf_deit_tiny', '--embed-dim', '48', '--depth', '4', '--num-heads', '3', '--coarse-stage-size', '2',
-    '--device', 'cpu', '--no-amp', '--num_workers', '0', '--batch-size', '4', '--epochs', '2',
-    '--lr', '1e-3', '--unscale-lr', '--warmup-epochs', '1', '--warmup-lr', '1e-4', '--min-lr', '1e-5',
-    '--print-freq', '1000', '--seed', '3',
-]
+NUM_CLASSES = TINY_DEIT_CLASSES
+TINY = TINY_DEIT
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread

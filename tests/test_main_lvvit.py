@@ -21,19 +21,14 @@ import main_lvvit
 import make_token_labels
 from models.token_ops import coarse_from_fine, scatter_to_fine_grid
 from utils.core.checkpoint import load_checkpoint_file
-from datasets.token_targets import TokenLabelTargets
-from utils.train.token_labeling import TokenLabelingLoss, soft_target_cross_entropy
+from datasets.token_labels.targets import TokenLabelTargets
+from utils.train.token_label_loss import TokenLabelingLoss, soft_target_cross_entropy
 
-from helpers import free_port, log_lines, make_image_folder, script_env
+from helpers import TINY_LVVIT, TINY_LVVIT_CLASSES, free_port, log_lines, make_image_folder, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 4
-
-TINY = [
-    '--model', 'cf_lvvit_tiny', '--embed-dim', '48', '--depth', '2', '--num-heads', '3', '--coarse-stage-size', '2',
-    '--device', 'cpu', '-j', '0', '-b', '4', '--epochs', '1', '--warmup-epochs', '1', '--warmup-lr', '1e-4',
-    '--lr', '1e-3', '--print-freq', '1000', '--seed', '3',
-]
+NUM_CLASSES = TINY_LVVIT_CLASSES
+TINY = TINY_LVVIT
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread

@@ -16,8 +16,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, build_from_config, golden_case_files, load_case
-from helpers import make_image_folder
+from helpers import ROOT, build_from_config, golden_case_files, load_case, make_image_folder
 
 import export_onnx
 from models.export import SeparableBilinear

@@ -1,6 +1,7 @@
-"""Token-label data pipeline (datasets/token_label.py): RoI-aligned targets, flips, geometric
+"""Token-label data pipeline (``datasets/token_labels/``): RoI-aligned targets, flips, geometric
 augmentation, the released transposed crop and unnormalized smoothing, cutmix coverage and box
-rounding, label-map checks, and the generator's per-location teacher logits."""
+rounding, label-map checks, the posterize fix (``datasets/transforms.py``), and the generator's
+per-location teacher logits."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,13 @@ from timm.data.auto_augment import RandAugment
 from timm.data.mixup import rand_bbox
 from torchvision.ops import roi_align
 
-from datasets.token_label import (
-    GEOMETRIC_OPS, TokenLabelBatch, TokenLabelError, TokenLabelMixup, box_coverage, build_token_label_transform,
-    label_map_path, token_label_targets, validate_label_map,
-)
-from datasets.token_targets import TokenLabelTargets
+from datasets.token_labels.augment import GEOMETRIC_OPS, build_token_label_transform
+from datasets.token_labels.batch import TokenLabelBatch
+from datasets.token_labels.maps import TokenLabelError, label_map_path, validate_label_map
+from datasets.token_labels.mixup import TokenLabelMixup, box_coverage
+from datasets.token_labels.targets import TokenLabelTargets, token_label_targets
+from datasets.transforms import keep_zero_bit_posterize
+
 
 C = 4
 TL, TR, BL, BR = range(4)
@@ -281,13 +284,28 @@ def test_malformed_label_maps(bad, message):
 def test_posterize_at_zero_bits_gives_black_instead_of_an_error():
     from timm.data.auto_augment import rand_augment_transform
 
-    from datasets.token_label import keep_zero_bit_posterize
     ra = rand_augment_transform('rand-n1-m10-inc1', {}, transforms=['PosterizeIncreasing'])
     ra.ops[0].prob = 1.0  # magnitude 10 asks for 0 bits, which Pillow >= 13 refuses
     img = Image.new('RGB', (8, 8), (200, 100, 50))
     keep_zero_bit_posterize(ra)
     assert np.asarray(ra(img)).max() == 0  # what Pillow < 13 returned: every bit cleared
 
+
+
+def test_both_training_transforms_carry_the_posterize_fix():
+    """``build_transform`` (class labels) and ``build_token_label_transform`` each wrap timm's posterize ops."""
+    from datasets.build import build_transform
+    from datasets.transforms import _ZeroBitPosterize, augment_ops
+
+    model = timm.create_model('cf_lvvit_tiny', coarse_stage_size=2, embed_dim=48, depth=2, num_heads=3, num_classes=C)
+    args = argparse.Namespace(aa='rand-m9-mstd0.5-inc1', color_jitter=0.4, train_interpolation='bicubic', reprob=0.0,
+                              remode='pixel', recount=1, crop_scale=(0.3, 1.0), hflip=0.5)
+    for transform in (build_transform(True, args, model), build_token_label_transform(args, model).secondary):
+        posterize = [op for op in augment_ops(transform) if op.name.startswith('Posterize')]
+        assert posterize and all(isinstance(op.aug_fn, _ZeroBitPosterize) for op in posterize)
+        assert not any(isinstance(op.aug_fn.fn, _ZeroBitPosterize) for op in posterize)  # wrapped once
+        assert keep_zero_bit_posterize(transform) is transform
+        assert not any(isinstance(op.aug_fn.fn, _ZeroBitPosterize) for op in posterize)  # a second call changes nothing
 
 def test_label_map_path():
     assert str(label_map_path('/labels', '/data/train/n01440764/n01440764_10026.JPEG')) == \

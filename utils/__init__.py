@@ -1,5 +1,5 @@
-"""The library beneath the scripts, in four packages (imports flow one way: ``train``, ``inference`` and
-``vis`` use ``core``, never one another's callers):
+"""The library beneath the scripts, in four packages; imports flow one way, down this list: each package uses
+``core`` and only packages listed before it (``tests/test_layout.py`` checks the order):
 
 - :mod:`utils.core`: what every script needs: errors and exit codes, atomic files, checkpoints and their
   schema, flags and the entry point, output folders, signals, distributed set-up, the model a

@@ -1,4 +1,5 @@
-"""The token-labeling objective of CF-LV-ViT (SPEC 6-7), with MixToken.
+"""The token-labeling loss of CF-LV-ViT (SPEC 6-7), with MixToken: what the model's outputs are scored by
+against the targets :mod:`datasets.token_labels` makes from the label maps.
 
 In training mode CF-LV-ViT returns, for each stage, ``(cls_logits (B, C), dense_logits (B, h*w, C),
 box)``: one prediction per token of the stage's full grid, and the MixToken box
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets.token_targets import TokenLabelTargets
+from datasets.token_labels.targets import TokenLabelTargets
 from utils.train.losses import CFViTLoss
 
 __all__ = [
