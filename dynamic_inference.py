@@ -41,16 +41,16 @@ from utils.core.cli import (  # noqa: E402
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
     worker_count,
 )
-from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state  # noqa: E402
+from utils.core.precision import (  # noqa: E402
+    AMP_CHOICES, check_amp_dtype, describe_float32, resolve_amp_dtype, set_tf32, tf32_state,
+)
 from utils.core.errors import BadInputError  # noqa: E402
 from utils.core.files import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
 from utils.core.run_folder import new_run_folder, prepare_output_dir  # noqa: E402
 from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
-from utils.inference.cpu import (  # noqa: E402
-    AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,
-)
+from utils.inference.cpu import bf16_pays, cast_weights_for_autocast, has_mallopt, keep_freed_memory  # noqa: E402
 from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions  # noqa: E402
 from utils.inference.flops import stage_gflops  # noqa: E402
 from utils.inference.predict import StagePredictions, model_device, predict_stages, timed_early_exit  # noqa: E402
@@ -375,7 +375,7 @@ def prepare_precision(args: argparse.Namespace, model: Any, device: torch.device
                       onnx: bool) -> Optional[torch.dtype]:
     """The autocast dtype of ``--amp-dtype`` (None: float32), TF32 and cuDNN autotuning on CUDA, the weights
     cast once for autocast, ``--allocator`` and ``--compile``."""
-    amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device)
+    amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device, cpu_bf16_pays=bf16_pays)
     check_amp_dtype(amp, device)  # BadInputError: bfloat16 on a GPU without it
     if device.type == 'cuda':
         set_tf32(args.tf32)

@@ -182,7 +182,7 @@ def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
     import timm
 
     import models  # noqa: F401  (registers the cf_* models)
-    from utils.core.cuda import set_tf32, tf32_state
+    from utils.core.precision import set_tf32, tf32_state
     args = run.args
     cf_name, deit_name = (('cf_deit_tiny', 'deit_tiny_patch16_224') if dry
                           else ('cf_deit_small', 'deit_small_patch16_224'))

@@ -28,7 +28,8 @@ from helpers import free_port
 
 import models  # noqa: F401  (registers the models)
 from utils.inference import predict as inference
-from utils.train.engine import AmpConfig, _backward_step
+from utils.core.precision import AmpConfig
+from utils.train.engine import _backward_step
 
 
 

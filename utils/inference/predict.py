@@ -2,7 +2,7 @@
 
 Both loops call the model's single coarse-to-fine path (``forward_details``). The pieces every
 evaluation shares are here too, and the training evaluation (:func:`utils.train.engine.evaluate`)
-uses them: :func:`unpack_batch`, :func:`autocast_context`, :func:`top_k_hits`.
+uses them: :func:`unpack_batch`, :func:`top_k_hits` (and :func:`utils.core.precision.autocast_context`).
 """
 from __future__ import annotations
 
@@ -19,19 +19,13 @@ from tqdm import tqdm
 from datasets.folder import DatasetError
 from models.token_ops import coarse_from_fine
 
+from utils.core.precision import autocast_context
 from utils.core.signals import check_stop, stop_at_steps
 
-__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch',
+__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'unpack_batch',
            'top_k_hits', 'model_device']
 
 _logger = logging.getLogger(__name__)
-
-
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op for full precision."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,11 +28,12 @@ from utils.core.dist import (
     PeerFailedError, collective_device, is_dist_initialized, is_main_process, reduce, step_status,
 )
 from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from utils.core.precision import AmpConfig
 from utils.core.signals import check_stop, step_boundary, stop_at_steps
-from utils.inference.predict import autocast_context, top_k_hits, unpack_batch
+from utils.inference.predict import top_k_hits, unpack_batch
 from utils.train.losses import class_logits
 
-__all__ = ['AmpConfig', 'MetricMeter', 'NonFiniteLossError', 'TrainStep', 'train_one_epoch', 'evaluate', 'unwrap_model']
+__all__ = ['MetricMeter', 'NonFiniteLossError', 'TrainStep', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,26 +46,6 @@ BatchTransform = Callable[[torch.Tensor, Any], Tuple[torch.Tensor, Any]]
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: the run failed on its own (exit 1)."""
     exit_code = EXIT_FAILED
-
-
-@dataclass
-class AmpConfig:
-    """Mixed precision of a run.
-
-    Attributes:
-        dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or None for full precision.
-        scaler: gradient scaler (float16 only), or None.
-    """
-    dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.dtype is not None
-
-    def autocast(self, device: torch.device) -> ContextManager:
-        """The autocast context for ``device`` (a no-op context in full precision)."""
-        return autocast_context(device, self.dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -35,13 +35,14 @@ from utils.core.cli import parse_model_kwargs
 from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import ConfigError, OutputDirError
+from utils.core.precision import AmpConfig, training_amp
 from utils.train.checkpointing import (
     CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state,
     resolve_resume, resume, training_state, write_epoch_outputs,
 )
-from utils.train.engine import AmpConfig, TrainStep, evaluate, format_eval, train_one_epoch
+from utils.train.engine import TrainStep, evaluate, format_eval, train_one_epoch
 from utils.train.setup import (
-    build_amp, build_ema, build_loaders, build_optimizer, build_scheduler, set_selection,
+    build_ema, build_loaders, build_optimizer, build_scheduler, set_selection,
     step_scheduler,
 )
 
@@ -68,7 +69,7 @@ def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Opti
     _logger.info('%s, %d classes, input %s, %.2fM parameters%s', args.model, num_classes, model.img_size_list,
                  n_parameters / 1e6, f'; {summary}' if summary else '')
 
-    amp = build_amp(args, device)
+    amp = training_amp(args.amp, args.amp_dtype, device)
     if args.eval:
         evaluate_only(args, info, model, val_set, amp)
         return

@@ -42,7 +42,7 @@ from utils.core.checkpoint import check_state_dict, extract_state_dict, load_che
 from utils.core.cli import (
     busy_cpu_hint, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging,
 )
-from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
+from utils.core.precision import describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.files import remove_stale_temp_files
@@ -52,7 +52,6 @@ from utils.core.safe_io import UnsafeInputError, check_fixed_names, refuse_overw
 from utils.core.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
 from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
-from utils.train.engine import AmpConfig
 from utils.train.samplers import ResumableSampler, ShardSampler
 
 _logger = logging.getLogger(__name__)
@@ -258,22 +257,6 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, world_size: int)
                      args.weight_decay)
     return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                param_group_fn=group_fn, **opt_kwargs)
-
-
-def build_amp(args: argparse.Namespace, device: torch.device) -> AmpConfig:
-    """Autocast dtype and (float16 only) gradient scaler; the log says which precision."""
-    enabled = args.amp if args.amp is not None else device.type == 'cuda'
-    amp = AmpConfig()
-    if enabled:
-        dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
-        try:
-            check_amp_dtype(dtype, device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        amp = AmpConfig(dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
-    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
-        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
-    return amp
 
 
 def set_selection(enabled: bool, *models_: Optional[nn.Module]) -> None:
