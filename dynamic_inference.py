@@ -150,13 +150,6 @@ def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = 
     return out
 
 
-def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
-    """The model the checkpoint holds, with the class count read from its head."""
-    model, args.model, args.coarse_stage_size = build_from_checkpoint(
-        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
-    return model
-
-
 def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: int):
     if not args.data_url:
         from datasets.synthetic import make_synthetic_dataset
@@ -363,7 +356,8 @@ def prepare_model(args: argparse.Namespace, predictor: Any, checkpoint: Dict[str
         loader = val_loader(args, predictor, predictor.num_classes)
         _logger.info('onnxruntime: %s', predictor)
         return predictor, loader, predictor.flops, device
-    model = build_model(args, checkpoint)
+    model, args.model, args.coarse_stage_size = build_from_checkpoint(  # the class count read from its head
+        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
     loader = val_loader(args, model, model.num_classes)
     model.to(device).eval()
     flops = stage_gflops(model)

@@ -49,7 +49,7 @@ from utils.core.cli import (  # noqa: E402
 )
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.files import write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
+from utils.core.model_builder import build_model_from_name, resolve_architecture  # noqa: E402
 from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file  # noqa: E402
 from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
@@ -242,7 +242,7 @@ def _build_model(args: argparse.Namespace, num_classes: int,
         raise BadInputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
                             f'--coarse-stage-size; drop it from --model-kwargs')
     try:
-        model = build_model(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
+        model = build_model_from_name(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
                             num_classes=num_classes, **args.model_kwargs)
     except CheckpointError as e:
         raise CheckpointError(f'{args.resume}: {e}') from e

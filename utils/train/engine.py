@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.folder import DatasetError, unreadable_images
+from datasets.folder import DatasetError, unpack_batch, unreadable_images
 
 from utils.core.cli import user_message
 from utils.core.dist import (
@@ -30,7 +30,7 @@ from utils.core.dist import (
 from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 from utils.core.precision import AmpConfig
 from utils.core.signals import check_stop, step_boundary, stop_at_steps
-from utils.inference.predict import top_k_hits, unpack_batch
+from utils.inference.predict import top_k_hits
 from utils.train.losses import class_logits
 
 __all__ = ['MetricMeter', 'NonFiniteLossError', 'TrainStep', 'train_one_epoch', 'evaluate', 'unwrap_model']
@@ -353,7 +353,7 @@ def evaluate(
     bar = tqdm(data_loader, desc='eval', disable=not progress or None, dynamic_ncols=True, leave=False)
     for batch in bar:
         check_stop()  # a stop signal ends the run at the next step
-        images, targets, skipped = unpack_batch(batch, device)
+        images, targets, skipped, _ = unpack_batch(batch, device)
         totals[6] += skipped
         if images is None:
             continue

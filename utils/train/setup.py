@@ -2,7 +2,7 @@
 
 - the process set-up (distributed, logging, determinism, the output folder) and the data sets
   (:func:`setup_process`, :func:`load_datasets`);
-- the builders: model (:func:`build_model`, :func:`load_finetune_weights`), loaders, optimizer,
+- the builders: model (:func:`build_model_from_args`, :func:`load_finetune_weights`), loaders, optimizer,
   scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, AMP;
 - the entry-point error handling: bad input becomes one line and exit status 2 (:func:`run_main`).
 
@@ -81,7 +81,7 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
+def build_model_from_args(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
     """The CF model of ``--model`` at ``--coarse-stage-size`` with the requested overrides.
 
     ``dense``: the caller trains with token labeling (main_lvvit.py), so the model must be one
@@ -150,6 +150,18 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
         model.dense_train_outputs = True  # training outputs for token labeling, as released
     model.set_grad_checkpointing(args.grad_checkpointing)
     return model
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    """Mixup or cutmix is on (``--mixup``, ``--cutmix`` above 0, or ``--cutmix-minmax``)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def mixup_kwargs(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
+    """The arguments of timm's ``Mixup`` (and its token-labeling subclass) that the mixup/cutmix flags give."""
+    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                num_classes=num_classes)
 
 
 def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False, model_kwargs: Sequence[str] = ()) -> None:
