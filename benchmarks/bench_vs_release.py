@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -95,10 +96,12 @@ def load_release_model(release_dir: Path, checkpoint: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def load_cpu_module():
-    """``utils/inference/cpu.py`` of this repository, loaded by path: the release's worker cannot import our
-    ``utils`` package (its own ``utils.py`` takes the name)."""
-    spec = importlib.util.spec_from_file_location('cfvit_cpu', Path(__file__).resolve().parents[1] / 'utils' / 'inference' / 'cpu.py')
+@functools.lru_cache(maxsize=None)
+def load_inference_module(name: str):
+    """``utils/inference/<name>.py`` of this repository (``cpu``, ``early_exit``: they import nothing of ours),
+    loaded by path: the release's worker cannot import our ``utils`` package (its own ``utils.py`` takes the name)."""
+    path = Path(__file__).resolve().parents[1] / 'utils' / 'inference' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'cfvit_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,7 +122,7 @@ class Worker:
     def __init__(self, program: str, release_dir: Optional[Path], checkpoint: Path, export_dir: Optional[Path]):
         self.program = program
         base, keep_freed = split_program(program)
-        cpu = load_cpu_module()
+        cpu = load_inference_module('cpu')
         if keep_freed and not cpu.keep_freed_memory():
             raise SystemExit(f'error: {program}: ' + ('glibc refused the allocator thresholds' if cpu.has_mallopt()
                                                        else 'this C library has no mallopt (not glibc)'))
@@ -201,15 +204,13 @@ class Worker:
 
 
 def threshold_for(conf: torch.Tensor, share: float) -> float:
-    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours."""
-    n = conf.numel()
-    n_exit = int(round(share * n / 100.0))
-    if n_exit >= n:
-        return 0.0
-    if n_exit <= 0:
-        return 1.01
-    c = conf.sort().values
-    return float((c[n - n_exit - 1] + c[n - n_exit]) / 2)
+    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours
+    (``utils.inference.early_exit.threshold_for_count``, loaded by path as the worker must).
+
+    The count is ``round(share * n / 100)`` as the recorded runs computed it, not ``threshold_for_share``'s
+    ``round(share / 100 * n)``: for some percentages given with ``--exit-shares`` (70 % of 45 images) the two
+    round a float tie differently, one image apart."""
+    return load_inference_module('early_exit').threshold_for_count(conf, int(round(share * conf.numel() / 100.0)))
 
 
 # ---------------------------------------------------------------------------------------- parent
