@@ -3,7 +3,8 @@
 - the process set-up (distributed, logging, determinism, the output folder) and the data sets
   (:func:`setup_process`, :func:`load_datasets`);
 - the builders: model (:func:`build_model_from_args`, :func:`load_finetune_weights`), loaders, optimizer,
-  scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, AMP;
+  scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, the mixup flags
+  (:func:`mixup_active`, :func:`mixup_kwargs`); precision is :mod:`utils.core.precision`;
 - the entry-point error handling: bad input becomes one line and exit status 2 (:func:`run_main`).
 
 The flags are :mod:`utils.train.args`; the epoch loop around these (resume, checkpoints, ``log.txt``)
