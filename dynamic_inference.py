@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
     from utils.core.startup import draw_to_files, stop_while_starting
@@ -41,19 +41,19 @@ from utils.core.cli import (  # noqa: E402
     default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
     worker_count,
 )
-from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state  # noqa: E402
+from utils.core.precision import (  # noqa: E402
+    AMP_CHOICES, check_amp_dtype, describe_float32, resolve_amp_dtype, set_tf32, tf32_state,
+)
 from utils.core.errors import BadInputError  # noqa: E402
 from utils.core.files import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
 from utils.core.run_folder import new_run_folder, prepare_output_dir  # noqa: E402
 from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
-from utils.inference.cpu import (  # noqa: E402
-    AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,
-)
+from utils.inference.cpu import bf16_pays, cast_weights_for_autocast, has_mallopt, keep_freed_memory  # noqa: E402
 from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions  # noqa: E402
 from utils.inference.flops import stage_gflops  # noqa: E402
-from utils.inference.predict import model_device, predict_stages, timed_early_exit  # noqa: E402
+from utils.inference.predict import StagePredictions, model_device, predict_stages, timed_early_exit  # noqa: E402
 from utils.vis.plots import plot_budgeted_curve  # noqa: E402
 
 _logger = logging.getLogger('dynamic_inference')
@@ -148,13 +148,6 @@ def output_dir(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]] = 
         out = new_run_folder('dynamic_inference', f'{run_name(args, checkpoint or {})}_{MODE_NAMES[args.eval_mode]}')
     prepare_output_dir(out, [args.data_url], '--output-dir', unwritable='output folder {path} is not writable')
     return out
-
-
-def build_model(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> torch.nn.Module:
-    """The model the checkpoint holds, with the class count read from its head."""
-    model, args.model, args.coarse_stage_size = build_from_checkpoint(
-        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
-    return model
 
 
 def val_loader(args: argparse.Namespace, model: torch.nn.Module, num_classes: int):
@@ -301,22 +294,13 @@ def report_manifest(manifest: Dict[str, Any], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Do the work of :func:`main` in ``--eval_mode``: open the checkpoint (or the ONNX export), prepare the
+    device, the model and its precision, then run the mode. Returns the result that is written as JSON."""
     onnx = args.backend == 'onnxruntime'
-    if onnx:
-        model, checkpoint = onnx_predictor(args), {}  # sets args.model and args.coarse_stage_size
-        out = output_dir(args)
-        if args.eval_mode == 3:
-            report_manifest(model.manifest, out)
-            return model.manifest
-    else:
-        if args.export_dir:
-            raise BadInputError(f'{args.export_dir}: an export folder is read with --backend onnxruntime')
-        if not args.checkpoint_path:
-            raise BadInputError('--checkpoint_path is required')
-        checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
-        if not isinstance(checkpoint, dict):
-            raise BadInputError(f'{args.checkpoint_path} does not hold a dict checkpoint')
-        out = output_dir(args, checkpoint)
+    predictor, checkpoint, out = open_source(args)
+    if onnx and args.eval_mode == 3:
+        report_manifest(predictor.manifest, out)
+        return predictor.manifest
     _logger.info('output folder: %s', out)
     written = [out / n for n in OUTPUT_NAMES] + [out / f'{Path(args.checkpoint_path).stem}_with_results.pth']
     refuse_overwriting_inputs(written, [args.checkpoint_path], BadInputError)  # the input is never replaced
@@ -331,21 +315,61 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise BadInputError(f'device {args.device!r} is not available: {e}')
-    if onnx:
+    model, loader, flops, device = prepare_model(args, predictor, checkpoint, device)
+    amp = prepare_precision(args, model, device, onnx)
+    result = run_record(args, model, device, amp, flops)
+    if args.eval_mode == 2:
+        return timed_throughput(args, model, loader, device, amp, flops, out, result)
+    preds = anytime_classification(model, loader, device, amp, result)
+    if args.eval_mode == 1:
+        budgeted_classification(args, preds, flops, checkpoint, out, result)
+    write_json_atomic(result, out / f'{MODE_NAMES[args.eval_mode]}.json')
+    return result
+
+
+def open_source(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], Path]:
+    """``(ONNX predictor or None, checkpoint, output folder)``: the export of ``--export_dir`` (``--backend
+    onnxruntime``; the checkpoint is then ``{}``) or the checkpoint of ``--checkpoint_path``."""
+    if args.backend == 'onnxruntime':
+        predictor = onnx_predictor(args)  # sets args.model and args.coarse_stage_size
+        return predictor, {}, output_dir(args)
+    if args.export_dir:
+        raise BadInputError(f'{args.export_dir}: an export folder is read with --backend onnxruntime')
+    if not args.checkpoint_path:
+        raise BadInputError('--checkpoint_path is required')
+    checkpoint = load_checkpoint_file(args.checkpoint_path, unsafe=args.unsafe_load)
+    if not isinstance(checkpoint, dict):
+        raise BadInputError(f'{args.checkpoint_path} does not hold a dict checkpoint')
+    return None, checkpoint, output_dir(args, checkpoint)
+
+
+def prepare_model(args: argparse.Namespace, predictor: Any, checkpoint: Dict[str, Any],
+                  device: torch.device) -> Tuple[Any, Any, List[float], torch.device]:
+    """``(model, validation loader, FLOPs of both stages, device)``: the ONNX predictor (its batches stay on the
+    CPU), or the checkpoint's model on ``device`` in evaluation mode, its stored FLOPs checked."""
+    if predictor is not None:
         if device.type != 'cpu':  # onnxruntime takes host arrays: its execution providers decide where it runs
             _logger.info('--backend onnxruntime: batches stay on the CPU (onnxruntime runs on its execution '
-                         'providers %s; --device %s applies to --backend torch only)', model.providers, args.device)
+                         'providers %s; --device %s applies to --backend torch only)', predictor.providers,
+                         args.device)
             device = torch.device('cpu')
-        loader = val_loader(args, model, model.num_classes)
-        flops = model.flops
-        _logger.info('onnxruntime: %s', model)
-    else:
-        model = build_model(args, checkpoint)
-        loader = val_loader(args, model, model.num_classes)
-        model.to(device).eval()
-        flops = stage_gflops(model)
-        check_stored_flops(checkpoint, flops)
-    amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device)
+        loader = val_loader(args, predictor, predictor.num_classes)
+        _logger.info('onnxruntime: %s', predictor)
+        return predictor, loader, predictor.flops, device
+    model, args.model, args.coarse_stage_size = build_from_checkpoint(  # the class count read from its head
+        checkpoint, args.model, args.coarse_stage_size, args.model_kwargs, args.checkpoint_key)
+    loader = val_loader(args, model, model.num_classes)
+    model.to(device).eval()
+    flops = stage_gflops(model)
+    check_stored_flops(checkpoint, flops)
+    return model, loader, flops, device
+
+
+def prepare_precision(args: argparse.Namespace, model: Any, device: torch.device,
+                      onnx: bool) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp-dtype`` (None: float32), TF32 and cuDNN autotuning on CUDA, the weights
+    cast once for autocast, ``--allocator`` and ``--compile``."""
+    amp = None if onnx else resolve_amp_dtype(args.amp_dtype, device, cpu_bf16_pays=bf16_pays)
     check_amp_dtype(amp, device)  # BadInputError: bfloat16 on a GPU without it
     if device.type == 'cuda':
         set_tf32(args.tf32)
@@ -366,6 +390,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model.compile_stages(**(dict(dynamic=True) if args.eval_mode == 2 else {}))
         _logger.info('the two stages are compiled with torch.compile on first use (this takes a while)%s',
                      ', with dynamic shapes' if args.eval_mode == 2 else '')
+    return amp
+
+
+def run_record(args: argparse.Namespace, model: Any, device: torch.device, amp: Optional[torch.dtype],
+               flops: List[float]) -> Dict[str, Any]:
+    """The result's description of the run (model, device, precision, backend, FLOPs); logs the FLOPs."""
     result: Dict[str, Any] = {
         'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'img_size_list': model.img_size_list,
         'checkpoint': str(args.checkpoint_path), 'device': str(device), 'amp_dtype': args.amp_dtype,
@@ -375,42 +405,57 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if device.type == 'cuda':
         result.update(gpu=torch.cuda.get_device_name(device), tf32=tf32_state(), tf32_flag=args.tf32,
                       cudnn_benchmark=torch.backends.cudnn.benchmark)
-    if onnx:
+    if args.backend == 'onnxruntime':
         result.update(export_dir=str(args.export_dir), onnx_providers=model.providers,
                       quantize=model.manifest.get('quantize'))
     _logger.info('flops : %s  (GFLOPs of one image: [coarse, coarse + fine])', fmt(flops, 4))
+    return result
 
-    if args.eval_mode in (0, 1):
-        preds = predict_stages(model, loader, device, amp)
-        anytime = preds.accuracy()
-        result.update(images=int(preds.targets.numel()), skipped_images=preds.skipped,
-                      anytime_classification=anytime)
-        _logger.info('anytime_classification : %s  (top-1 %% of the coarse and the fine stage, %d images)',
-                     fmt(anytime, 2), preds.targets.numel())
-        if preds.skipped:
-            _logger.warning('%d unreadable images were skipped', preds.skipped)
-        if args.eval_mode == 1:
-            gflops, acc = sweep_from_predictions(preds.confidence[0], preds.correct[0], preds.correct[1], flops)
-            result['thresholds'] = DEFAULT_THRESHOLDS
-            result['budgeted_batch_classification'] = [gflops, acc]
-            for t in (0.0, 0.5, 0.7, 0.9, 0.99):
-                i = round(t * 100)
-                _logger.info('threshold %.2f: %.4f GFLOPs, top-1 %.2f%%', DEFAULT_THRESHOLDS[i], gflops[i], acc[i])
-            plot_budgeted_curve(gflops, acc, out / 'budgeted_batch_classification.png',
-                                list(zip(flops, anytime)), title=f'{args.model}, {args.coarse_stage_size}x'
-                                f'{args.coarse_stage_size} coarse grid, {preds.targets.numel()} images',
-                                thresholds=DEFAULT_THRESHOLDS)
-            _logger.info('curve: %s', out / 'budgeted_batch_classification.png')
-            if args.write_checkpoint:
-                new = dict(checkpoint, flop=flops, anytime_classification=anytime,
-                           budgeted_batch_classification=[gflops, acc])
-                target = out / results_checkpoint_name(args.checkpoint_path)
-                save_atomic(new, target)
-                result['written_checkpoint'] = str(target)
-                _logger.info('checkpoint with results: %s', target)
-        write_json_atomic(result, out / f'{MODE_NAMES[args.eval_mode]}.json')
-        return result
 
+def anytime_classification(model: Any, loader: Any, device: torch.device, amp: Optional[torch.dtype],
+                           result: Dict[str, Any]) -> StagePredictions:
+    """Modes 0 and 1: both stages on every image; their top-1 goes into ``result``."""
+    preds = predict_stages(model, loader, device, amp)
+    anytime = preds.accuracy()
+    result.update(images=int(preds.targets.numel()), skipped_images=preds.skipped,
+                  anytime_classification=anytime)
+    _logger.info('anytime_classification : %s  (top-1 %% of the coarse and the fine stage, %d images)',
+                 fmt(anytime, 2), preds.targets.numel())
+    if preds.skipped:
+        _logger.warning('%d unreadable images were skipped', preds.skipped)
+    return preds
+
+
+def budgeted_classification(args: argparse.Namespace, preds: StagePredictions, flops: List[float],
+                            checkpoint: Dict[str, Any], out: Path, result: Dict[str, Any]) -> None:
+    """Mode 1: the accuracy-FLOPs curve over the thresholds (into ``result``, and its figure), and with
+    ``--write-checkpoint`` a copy of the checkpoint with the results."""
+    anytime = result['anytime_classification']
+    gflops, acc = sweep_from_predictions(preds.confidence[0], preds.correct[0], preds.correct[1], flops)
+    result['thresholds'] = DEFAULT_THRESHOLDS
+    result['budgeted_batch_classification'] = [gflops, acc]
+    for t in (0.0, 0.5, 0.7, 0.9, 0.99):
+        i = round(t * 100)
+        _logger.info('threshold %.2f: %.4f GFLOPs, top-1 %.2f%%', DEFAULT_THRESHOLDS[i], gflops[i], acc[i])
+    plot_budgeted_curve(gflops, acc, out / 'budgeted_batch_classification.png',
+                        list(zip(flops, anytime)), title=f'{args.model}, {args.coarse_stage_size}x'
+                        f'{args.coarse_stage_size} coarse grid, {preds.targets.numel()} images',
+                        thresholds=DEFAULT_THRESHOLDS)
+    _logger.info('curve: %s', out / 'budgeted_batch_classification.png')
+    if args.write_checkpoint:
+        new = dict(checkpoint, flop=flops, anytime_classification=anytime,
+                   budgeted_batch_classification=[gflops, acc])
+        target = out / results_checkpoint_name(args.checkpoint_path)
+        save_atomic(new, target)
+        result['written_checkpoint'] = str(target)
+        _logger.info('checkpoint with results: %s', target)
+
+
+def timed_throughput(args: argparse.Namespace, model: Any, loader: Any, device: torch.device,
+                     amp: Optional[torch.dtype], flops: List[float], out: Path,
+                     result: Dict[str, Any]) -> Dict[str, Any]:
+    """Mode 2: timed early exit at ``--threshold``: accuracy, exit share, average GFLOPs and throughput,
+    written to ``throughput.json``."""
     res = timed_early_exit(model, loader, device, args.threshold, args.warmup_batches, amp)
     result.update(threshold=args.threshold, images=res.images, timed_images=res.timed_images,
                   skipped_images=res.skipped, top1=res.top1, top5=res.top5, exit_share=res.exit_share,

@@ -45,7 +45,8 @@ from utils.train.args import adopt_recorded_architecture, flags_given, get_args_
 from utils.train.loop import train_or_evaluate  # noqa: E402
 from utils.train.losses import CFViTLoss  # noqa: E402
 from utils.train.setup import (  # noqa: E402
-    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active,
+    mixup_kwargs, run_main, setup_process,
 )
 
 __all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_TRAINING_FAILED',
@@ -54,14 +55,11 @@ __all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT'
 
 def build_criterion(args: argparse.Namespace, num_classes: int) -> Tuple[CFViTLoss, Optional[Mixup]]:
     """The CF-ViT loss around the DeiT criterion, and the mixup/cutmix batch transform (or None)."""
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn = None
-    if mixup_active:
+    if mixup_active(args):
         if args.batch_size % 2:
             raise ConfigError(f'mixup/cutmix pair up images: --batch-size must be even, got {args.batch_size}')
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
+        mixup_fn = Mixup(label_smoothing=args.smoothing, **mixup_kwargs(args, num_classes))
         base: nn.Module = SoftTargetCrossEntropy()  # mixup makes the (smoothed) soft targets
     elif args.smoothing > 0:
         base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
     info, _, output_dir = setup_process(args)
     train_set, val_set, num_classes = load_datasets(args)
 
-    model = build_model(args, num_classes)
+    model = build_model_from_args(args, num_classes)
     if train_set is not None:
         attach_transform(train_set, build_transform(True, args, model))
     attach_transform(val_set, build_transform(False, args, model))

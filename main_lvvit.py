@@ -57,7 +57,8 @@ from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E
 from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
 from utils.train.loop import train_or_evaluate  # noqa: E402
 from utils.train.setup import (  # noqa: E402
-    EXIT_TRAINING_FAILED, USER_ERRORS, build_model, load_datasets, load_finetune_weights, run_main, setup_process,
+    EXIT_TRAINING_FAILED, USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active,
+    mixup_kwargs, run_main, setup_process,
 )
 from utils.train.token_label_loss import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
 
@@ -156,10 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
     if min(weights) < 0 or args.cls_weight + args.dense_weight <= 0:
         raise ConfigError('--cls-weight, --dense-weight and --coarse-dense-weight must be >= 0, the first two '
                           'not both 0')
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if mixup_active and args.batch_size % 2:
+    if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f'mixup/cutmix pair up images: -b must be even, got {args.batch_size}')
-    if mixup_active and args.token_label and args.mixup_mode != 'batch':
+    if mixup_active(args) and args.token_label and args.mixup_mode != 'batch':
         raise ConfigError('with --token-label, mixup/cutmix work per batch only (--mixup-mode batch)')
 
 
@@ -187,17 +187,14 @@ def build_train_set(args: argparse.Namespace, model: nn.Module, train_set: Any, 
 def build_objective(args: argparse.Namespace, num_classes: int, label_size: int) -> tuple:
     """``(criterion, batch transform)``: the CF token-labeling loss, and what turns a loader batch
     into images and :class:`datasets.token_labels.targets.TokenLabelTargets` (with mixup/cutmix if on)."""
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      num_classes=num_classes)
+    active, mixup_args = mixup_active(args), mixup_kwargs(args, num_classes)
     if args.token_label:
-        mixup = TokenLabelMixup(**mixup_args) if mixup_active else None
+        mixup = TokenLabelMixup(**mixup_args) if active else None
         batch_transform: Any = TokenLabelBatch(num_classes, label_size, args.smoothing, mixup,
                                                crop=args.token_label_crop,
                                                smoothing_mode=args.token_label_smoothing)
     else:
-        mixup = Mixup(label_smoothing=args.smoothing, **mixup_args) if mixup_active else None
+        mixup = Mixup(label_smoothing=args.smoothing, **mixup_args) if active else None
         batch_transform = ClassLabelBatch(num_classes, args.smoothing, mixup)
     criterion = CFTokenLabelingLoss(TokenLabelingLoss(args.cls_weight, args.dense_weight),
                                     coarse_dense_weight=args.coarse_dense_weight)
@@ -218,7 +215,7 @@ def run(args: argparse.Namespace, given: Optional[frozenset] = None) -> None:
 
     if not args.mix_token:
         args.model_kwargs = list(args.model_kwargs) + ['mix_token=False']
-    model = build_model(args, num_classes, dense=True)
+    model = build_model_from_args(args, num_classes, dense=True)
     label_size = resolve_label_size(args, model) if args.token_label else 1
     if train_set is not None:
         train_set = build_train_set(args, model, train_set, num_classes)

@@ -68,7 +68,7 @@ from utils.core.cli import (  # noqa: E402
 from utils.core.dist import default_device  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
 from utils.core.files import save_atomic, sha256_file, write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
+from utils.core.model_builder import build_model_from_name, resolve_architecture  # noqa: E402
 from utils.core.run_folder import prepare_output_dir  # noqa: E402
 from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
 
@@ -163,7 +163,7 @@ def build_teacher(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module
             kwargs.setdefault('num_classes', found)
     kwargs.setdefault('num_classes', num_classes)
     try:
-        model = build_model(name, state_dict, pretrained=args.pretrained and checkpoint is None, **kwargs)
+        model = build_model_from_name(name, state_dict, pretrained=args.pretrained and checkpoint is None, **kwargs)
     except OSError as e:  # --pretrained weights not in the cache
         raise ModelBuildError(f'cannot build the teacher {name} with {kwargs}: {e}') from e
     classes = getattr(model, 'num_classes', None)

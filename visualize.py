@@ -49,7 +49,7 @@ from utils.core.cli import (  # noqa: E402
 )
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.files import write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
+from utils.core.model_builder import build_model_from_name, resolve_architecture  # noqa: E402
 from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file  # noqa: E402
 from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
@@ -242,7 +242,7 @@ def _build_model(args: argparse.Namespace, num_classes: int,
         raise BadInputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
                             f'--coarse-stage-size; drop it from --model-kwargs')
     try:
-        model = build_model(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
+        model = build_model_from_name(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
                             num_classes=num_classes, **args.model_kwargs)
     except CheckpointError as e:
         raise CheckpointError(f'{args.resume}: {e}') from e
@@ -332,28 +332,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
     device = _device(args.device)
     inputs = [args.data_path, args.img_path]
-    out_dir = prepare_output_dir(args.output_dir, inputs, '--output-dir', unwritable='cannot write to --output-dir '
-                                 '{path}') if args.output_dir is not None else None
-    if out_dir is not None and any((out_dir / n).exists() for n in OUTPUT_NAMES):
-        log.info('%s holds an earlier run\'s pictures: this run replaces them (without --output-dir every run gets '
-                 'a new folder)', out_dir)
-
-    folders: Optional[List[str]] = None
-    folder: Optional[Path] = None
-    if args.img_path is None and args.data_path is None:
-        from datasets.synthetic import make_synthetic_dataset
-        args.data_path = str(make_synthetic_dataset())
-        log.info('no --data-path or --img-path given: using the built-in synthetic shapes dataset in %s',
-                 args.data_path)
-    if args.img_path is not None:
-        files: List[Tuple[str, Optional[str]]] = [(f, None) for f in list_images(args.img_path)]
-        source = str(args.img_path)
-    else:
-        folder = find_image_folder(args.data_path)
-        folders, listed = list_image_folder(folder)
-        files = list(listed)
-        source = str(folder)
-
+    out_dir = _named_output_dir(args, inputs)
+    files, folders, folder, source = _input_files(args)
     state_dict, ckpt_classes, trained_classes = _checkpoint_weights(args)
     if out_dir is None:  # the default: a new folder per run, as dynamic_inference.py
         out_dir = prepare_output_dir(new_run_folder('visualize', f'{args.model}_g{args.coarse_stage_size}'), inputs,
@@ -369,6 +349,81 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     index_file = _class_index_file(args, folder)
     refuse_overwriting_inputs([out_dir / n for n in OUTPUT_NAMES], [f for f, _ in files] + [args.resume, index_file],
                               BadInputError)  # e.g. --img-path OUT/confidence_histogram.png
+    names, folder_to_target = _class_names(args, num_classes, folders, index_file, trained_classes)
+    samples = [(f, -1 if c is None else folder_to_target[c]) for f, c in files]
+    if args.max_images is not None and args.max_images < len(samples):
+        keep = sorted(random.Random(args.seed).sample(range(len(samples)), args.max_images))
+        samples = [samples[i] for i in keep]
+    log.info('%d images from %s, %d classes', len(samples), source, num_classes)
+
+    model = _build_model(args, num_classes, state_dict).to(device).eval()
+    dataset = ImageList(samples, eval_transform(model), return_index=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        collate_fn=collate_skipping, pin_memory=device.type == 'cuda', worker_init_fn=quiet_worker_signals)
+    details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
+    bad = [samples[i][0] for i in sorted(details.unreadable)]
+    if bad:
+        log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
+    if len(details) == 0:
+        raise BadInputError(f'none of the {len(samples)} image files under {source} could be read')
+
+    weights = Path(args.resume).name if args.resume else 'RANDOM WEIGHTS (no --resume)'
+    outputs = _draw_categories(args, model, dataset, details, samples, names, out_dir, weights)
+    known = bool((details.targets >= 0).all())
+    hist = out_dir / 'confidence_histogram.png'
+    draw_confidence_histogram(details.confidence, args.threshold, hist,
+                              details.coarse_pred == details.targets if known else None,
+                              title=f'{args.model} {_grid_text(model)} coarse confidence, {len(details)} images '
+                                    f'({weights})')
+    log.info('wrote %s', hist)
+
+    summary: Dict[str, Any] = {
+        'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'num_classes': num_classes,
+        'checkpoint': args.resume or None, 'random_weights': not args.resume, 'threshold': args.threshold,
+        'source': source, 'ground_truth': known, 'class_index_file': str(index_file) if index_file else None,
+        **_counts(details, bad), 'outputs': {**outputs, 'histogram': hist.name},
+    }
+    write_json_atomic(summary, out_dir / 'summary.json')
+    n, n_exit, acc = summary['images'], summary['exited'], summary['accuracy_percent']
+    log.info('%d images, %d exited at the coarse stage (%.1f%%)%s; results in %s', n, n_exit, 100 * n_exit / n,
+             f', top-1 coarse {acc["coarse"]:.2f}% early-exit {acc["early_exit"]:.2f}%' if acc else '', out_dir)
+    return summary
+
+
+def _named_output_dir(args: argparse.Namespace, inputs: List[Optional[str]]) -> Optional[Path]:
+    """``--output-dir`` prepared (None without it: the run gets a new folder once the checkpoint is read)."""
+    if args.output_dir is None:
+        return None
+    out_dir = prepare_output_dir(args.output_dir, inputs, '--output-dir',
+                                 unwritable='cannot write to --output-dir {path}')
+    if any((out_dir / n).exists() for n in OUTPUT_NAMES):
+        log.info('%s holds an earlier run\'s pictures: this run replaces them (without --output-dir every run gets '
+                 'a new folder)', out_dir)
+    return out_dir
+
+
+def _input_files(args: argparse.Namespace) -> Tuple[List[Tuple[str, Optional[str]]], Optional[List[str]],
+                                                     Optional[Path], str]:
+    """``(files, class folders, image folder, source)``: the ``(path, class folder or None)`` of every image of
+    ``--img-path`` or of ``--data-path``'s image folder (the built-in synthetic data set without either)."""
+    if args.img_path is None and args.data_path is None:
+        from datasets.synthetic import make_synthetic_dataset
+        args.data_path = str(make_synthetic_dataset())
+        log.info('no --data-path or --img-path given: using the built-in synthetic shapes dataset in %s',
+                 args.data_path)
+    if args.img_path is not None:
+        return [(f, None) for f in list_images(args.img_path)], None, None, str(args.img_path)
+    folder = find_image_folder(args.data_path)
+    folders, listed = list_image_folder(folder)
+    return list(listed), folders, folder, str(folder)
+
+
+def _class_names(args: argparse.Namespace, num_classes: int, folders: Optional[List[str]],
+                 index_file: Optional[Path], trained_classes: Optional[Tuple[str, List[str]]]
+                 ) -> Tuple[List[str], Dict[str, int]]:
+    """``(class names, class folder -> target)``: from the class index file, the class folders or, for
+    ``--img-path``, the class folders the checkpoint was trained on; ``#0``.. where nothing names them."""
     class_index: Optional[ClassIndex] = read_class_index(index_file, num_classes) if index_file else None
     if class_index is not None and not args.class_index_file:  # found at the dataset root: names only
         class_index = _display_names_only(class_index, folders, num_classes, index_file)
@@ -381,49 +436,43 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         else:
             log.info('class names unknown: shown as #0..#%d; --class-index-file FILE (one name a line) names them',
                      num_classes - 1)
-    samples = [(f, -1 if c is None else folder_to_target[c]) for f, c in files]
-    if args.max_images is not None and args.max_images < len(samples):
-        keep = sorted(random.Random(args.seed).sample(range(len(samples)), args.max_images))
-        samples = [samples[i] for i in keep]
-    log.info('%d images from %s, %d classes', len(samples), source, num_classes)
+    return names, folder_to_target
 
-    model = _build_model(args, num_classes, state_dict).to(device).eval()
+
+def _grid_text(model: torch.nn.Module) -> str:
+    """The coarse grid, e.g. ``7x7``."""
     grid = model.coarse_grid
-    cfg = data_config(model)
-    dataset = ImageList(samples, eval_transform(model), return_index=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        collate_fn=collate_skipping, pin_memory=device.type == 'cuda', worker_init_fn=quiet_worker_signals)
-    details = collect_details(model, loader, args.threshold, device, progress=not args.no_progress)
-    bad = [samples[i][0] for i in sorted(details.unreadable)]
-    if bad:
-        log.warning('%d file(s) could not be read as images and were skipped, e.g. %s', len(bad), bad[0])
-    if len(details) == 0:
-        raise BadInputError(f'none of the {len(samples)} image files under {source} could be read')
+    return f'{grid[0]}x{grid[1]}'
 
-    known = bool((details.targets >= 0).all())
-    coarse_right = details.coarse_pred == details.targets
-    fine_right = details.fine_pred == details.targets
-    final_pred = torch.where(details.exited, details.coarse_pred, details.fine_pred)
-    if known:
-        categories = {
+
+def _categories(details: Details) -> Dict[str, Tuple[torch.Tensor, str]]:
+    """The two pictures' images (a mask) and headings: with labels, right at the coarse stage and right only at
+    the fine stage; without, exited and continued."""
+    if bool((details.targets >= 0).all()):
+        coarse_right = details.coarse_pred == details.targets
+        fine_right = details.fine_pred == details.targets
+        return {
             'coarse_correct': (details.exited & coarse_right,
                                'Recognized at the coarse stage (exited and right)'),
             'fine_only_correct': (~coarse_right & fine_right,
                                   'Recognized only at the fine stage (coarse wrong, fine right)'),
         }
-    else:
-        categories = {
-            'coarse_exit': (details.exited, 'Exited at the coarse stage'),
-            'fine_stage': (~details.exited, 'Went on to the fine stage'),
-        }
+    return {
+        'coarse_exit': (details.exited, 'Exited at the coarse stage'),
+        'fine_stage': (~details.exited, 'Went on to the fine stage'),
+    }
 
-    weights = Path(args.resume).name if args.resume else 'RANDOM WEIGHTS (no --resume)'
-    g = f'{grid[0]}x{grid[1]}'
+
+def _draw_categories(args: argparse.Namespace, model: torch.nn.Module, dataset: ImageList, details: Details,
+                     samples: List[Tuple[str, int]], names: List[str], out_dir: Path,
+                     weights: str) -> Dict[str, Any]:
+    """Draw each category's picture (up to ``--num-images`` of its images); returns, for each, its image
+    count, its PNG's name (None when no image is in it: an earlier run's picture is removed) and the files shown."""
+    cfg = data_config(model)
     layout = GridLayout(panel=args.panel_size or model.img_size_list[1])
     title_width = 2 * layout.panel + layout.inner_gap + layout.pair_gap - 10  # short of the next pair's title
     outputs: Dict[str, Any] = {}
-    for key, (mask, heading) in categories.items():
+    for key, (mask, heading) in _categories(details).items():
         png = out_dir / f'{key}.png'
         chosen = _pick(mask, details.confidence, args.num_images, args.seed)
         if not chosen:
@@ -440,40 +489,33 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                          title_width, layout.dpi)))
         exited_only = key in ('coarse_correct', 'coarse_exit')  # these images never reached the fine stage
         header = [f'{heading}: {len(chosen)} of {int(mask.sum())} shown',
-                  f'{args.model} {g}, threshold {args.threshold:.3g}, {weights}',
+                  f'{args.model} {_grid_text(model)}, threshold {args.threshold:.3g}, {weights}',
                   'Left: input.  Right: what the fine stage would re-split (outlined); it did not run: exited.'
                   if exited_only else
                   'Left: input.  Right: patches kept coarse faded, re-split ones outlined on the fine grid.']
-        size = draw_grid(items, grid, png, header, layout, fade=args.fade)
+        size = draw_grid(items, model.coarse_grid, png, header, layout, fade=args.fade)
         log.info('wrote %s (%dx%d px)', png, *size)
         outputs[key] = {'count': int(mask.sum()), 'png': png.name,
                         'shown': [samples[int(details.indices[i])][0] for i in chosen]}
+    return outputs
 
-    hist = out_dir / 'confidence_histogram.png'
-    draw_confidence_histogram(details.confidence, args.threshold, hist, coarse_right if known else None,
-                              title=f'{args.model} {g} coarse confidence, {len(details)} images ({weights})')
-    log.info('wrote %s', hist)
 
+def _counts(details: Details, bad: List[str]) -> Dict[str, Any]:
+    """The summary's counts: images, unreadable files, exits, and (with labels) the accuracies."""
     n, n_exit = len(details), int(details.exited.sum())
-    summary: Dict[str, Any] = {
-        'model': args.model, 'coarse_stage_size': args.coarse_stage_size, 'num_classes': num_classes,
-        'checkpoint': args.resume or None, 'random_weights': not args.resume, 'threshold': args.threshold,
-        'source': source, 'ground_truth': known, 'class_index_file': str(index_file) if index_file else None,
+    coarse_right = details.coarse_pred == details.targets
+    fine_right = details.fine_pred == details.targets
+    final_pred = torch.where(details.exited, details.coarse_pred, details.fine_pred)
+    return {
         'images': n, 'unreadable': len(bad), 'unreadable_files': bad[:20],
         'exited': n_exit, 'exit_share': round(n_exit / n, 6),
-        'accuracy_percent': None if not known else {
+        'accuracy_percent': None if not bool((details.targets >= 0).all()) else {
             'coarse': _percent(coarse_right),
             'early_exit': _percent(final_pred == details.targets),
             'coarse_on_exited': _percent(coarse_right[details.exited]),
             'fine_on_continued': _percent(fine_right[~details.exited]),
         },
-        'outputs': {**outputs, 'histogram': hist.name},
     }
-    write_json_atomic(summary, out_dir / 'summary.json')
-    acc = summary['accuracy_percent']
-    log.info('%d images, %d exited at the coarse stage (%.1f%%)%s; results in %s', n, n_exit, 100 * n_exit / n,
-             f', top-1 coarse {acc["coarse"]:.2f}% early-exit {acc["early_exit"]:.2f}%' if acc else '', out_dir)
-    return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,11 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
-import torch
-
-from common import RESULTS, ROOT, clean_logs, epoch_seconds, machine, save
+from common import RESULTS, ROOT, clean_logs, curve_against_baseline, epoch_seconds, machine, save
 
 MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 #: benchmark 5's recipe (both models there), here the baseline's
@@ -55,7 +53,7 @@ def finished(run_dir: Path, epochs: int) -> bool:
         json.loads(log.read_text().splitlines()[-1])['epoch'] >= epochs - 1
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette224'))
     p.add_argument('--baseline-epochs', type=int, default=20)
@@ -74,11 +72,12 @@ def main() -> None:
     args = p.parse_args()
     if 3 * args.finetune_epochs > args.baseline_epochs:
         p.error('--finetune-epochs must be at most a third of --baseline-epochs')
-    g, patch = 7, 16
-    work = (ROOT / args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.name
-    out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def train_stages(args: argparse.Namespace, work: Path, out: Path, g: int, patch: int) -> Dict[str, List[float]]:
+    """Train the DeiT baseline, then fine-tune its conversion to CF-DeiT (each skipped when finished, resumed
+    when cut); returns each run's epoch seconds and copies their ``log.txt`` to ``out``."""
     common = [*MODEL, '--coarse-stage-size', str(g), '--data-path', args.data_path,
               '--num_workers', str(args.num_workers)]
     base_dir, cf_dir = work / 'deit_baseline', work / args.cf_run
@@ -100,6 +99,18 @@ def main() -> None:
              for name, *_ in stages}
     for name, run_dir, *_ in stages:
         shutil.copyfile(run_dir / 'log.txt', out / f"{'cf_deit_finetuned' if name == args.cf_run else name}_log.txt")
+    return times
+
+
+def main() -> None:
+    args = parse_args()
+    g, patch = 7, 16
+    work = (ROOT / args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    times = train_stages(args, work, out, g, patch)
+    base_dir, cf_dir = work / 'deit_baseline', work / args.cf_run
 
     # the fine-tuned CF-DeiT: the four-mode evaluation's sweep on the 1,500 validation images
     eval_dir = work / f'{args.cf_run}_eval'
@@ -110,24 +121,10 @@ def main() -> None:
     base_log = [json.loads(line) for line in (base_dir / 'log.txt').read_text().splitlines()]
     cf_log = [json.loads(line) for line in (cf_dir / 'log.txt').read_text().splitlines()]
     base_top1 = base_log[-1]['test_fine_acc1']
-
-    sys.path.insert(0, str(ROOT))
-    import models  # noqa: F401
-    from models.baseline import create_baseline
-    from utils.inference.flops import count_gflops
-    from utils.vis.plots import plot_budgeted_curve
-    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=g, patch_size=patch, embed_dim=96, depth=6,
-                           num_heads=3, num_classes=10).eval()
-    with torch.no_grad():
-        base_gflops = count_gflops(base.model, torch.zeros(1, 3, 2 * g * patch, 2 * g * patch))
-    gflops, acc = cf['budgeted_batch_classification']
-    matching = [x for x, a in zip(gflops, acc) if a >= base_top1]
-    match_gflops = min(matching) if matching else None
-    plot_budgeted_curve(gflops, acc, out / 'curve.png', list(zip(cf['flop'], cf['anytime_classification'])),
-                        title=f'imagenette224 val: DeiT ({args.baseline_epochs} ep) converted to CF-DeiT, '
-                              f'+{args.finetune_epochs} ep',
-                        thresholds=cf['thresholds'],
-                        operating_point=(base_gflops, base_top1, f'plain DeiT: {base_top1:.2f}%'))
+    base_gflops, match_gflops = curve_against_baseline(
+        cf, base_top1, g, patch, out,
+        f'imagenette224 val: DeiT ({args.baseline_epochs} ep) converted to CF-DeiT, +{args.finetune_epochs} ep',
+        'plain DeiT')
     result = {
         'benchmark': 'pretrained DeiT converted to CF-DeiT and fine-tuned, imagenette224',
         'machine': machine(), 'load_note': args.load_note,

@@ -19,11 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
-import torch
 
-from common import RESULTS, ROOT, clean_logs, machine, save
+from common import RESULTS, ROOT, clean_logs, curve_against_baseline, machine, save
 
 MODEL = ['--embed-dim', '96', '--depth', '6', '--num-heads', '3']
 RECIPE = ['--warmup-epochs', '2', '--lr', '1e-3', '--unscale-lr', '--aa', 'none', '--reprob', '0', '--mixup', '0',
@@ -48,7 +47,7 @@ def finished(work: Path, name: str, epochs: int) -> bool:
         json.loads(log.read_text().splitlines()[-1])['epoch'] >= epochs - 1
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--data-path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette224'))
     p.add_argument('--epochs', type=int, default=30)
@@ -64,17 +63,12 @@ def main() -> None:
     p.add_argument('--name', default='reproduction', help='result name under benchmarks/results/')
     p.add_argument('--work-dir', default=None, help='checkpoints (default output/bench_reproduction/g<g>_e<epochs>)')
     p.add_argument('--num-workers', type=int, default=2)
-    args = p.parse_args()
-    g, PATCH = args.coarse_stage_size, args.patch_size
-    size = 2 * g * PATCH
-    start = args.selection_start_epoch if args.selection_start_epoch is not None else (2 * args.epochs) // 3 - 1
-    default_work = f'output/bench_reproduction/g{g}_e{args.epochs}' + (f'_p{PATCH}' if PATCH != 8 else '')
-    work = (ROOT / (args.work_dir or default_work)).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.name
-    out.mkdir(parents=True, exist_ok=True)
-    common = [*MODEL, '--model-kwargs', f'patch_size={PATCH}', '--coarse-stage-size', str(g), *RECIPE,
-              '--data-path', args.data_path, '--epochs', str(args.epochs), '--num_workers', str(args.num_workers)]
+    return p.parse_args()
+
+
+def train_both(args: argparse.Namespace, work: Path, out: Path, common: List[str], start: int) -> Dict[str, float]:
+    """Train CF-DeiT and the DeiT baseline (one after the other, or at once with ``--parallel``), each resumed
+    where a cut run left it; returns each one's seconds and copies their ``log.txt`` to ``out``."""
     times = {}
     jobs = {}
     for name, model, extra in (
@@ -100,6 +94,22 @@ def main() -> None:
         time.sleep(2)
     for name in ('cf_deit', 'deit_baseline'):
         shutil.copyfile(work / name / 'log.txt', out / f'{name}_log.txt')
+    return times
+
+
+def main() -> None:
+    args = parse_args()
+    g, PATCH = args.coarse_stage_size, args.patch_size
+    size = 2 * g * PATCH
+    start = args.selection_start_epoch if args.selection_start_epoch is not None else (2 * args.epochs) // 3 - 1
+    default_work = f'output/bench_reproduction/g{g}_e{args.epochs}' + (f'_p{PATCH}' if PATCH != 8 else '')
+    work = (ROOT / (args.work_dir or default_work)).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    common = [*MODEL, '--model-kwargs', f'patch_size={PATCH}', '--coarse-stage-size', str(g), *RECIPE,
+              '--data-path', args.data_path, '--epochs', str(args.epochs), '--num_workers', str(args.num_workers)]
+    times = train_both(args, work, out, common, start)
 
     # CF-DeiT: the four-mode evaluation's sweep on the 1,500 validation images
     run(['dynamic_inference.py', '--eval-mode', '1', '--data_url', args.data_path, '--checkpoint_path',
@@ -108,23 +118,8 @@ def main() -> None:
     cf = json.loads((work / 'cf_eval' / 'budgeted.json').read_text())
     base_log = [json.loads(line) for line in (work / 'deit_baseline' / 'log.txt').read_text().splitlines()]
     base_top1 = base_log[-1].get('test_fine_acc1', base_log[-1].get('fine_acc1'))
-
-    sys.path.insert(0, str(ROOT))
-    import models  # noqa: F401
-    from models.baseline import create_baseline
-    from utils.inference.flops import count_gflops
-    from utils.vis.plots import plot_budgeted_curve
-    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=g, patch_size=PATCH, embed_dim=96, depth=6,
-                           num_heads=3, num_classes=10).eval()
-    with torch.no_grad():
-        base_gflops = count_gflops(base.model, torch.zeros(1, 3, size, size))
-    gflops, acc = cf['budgeted_batch_classification']
-    matching = [g for g, a in zip(gflops, acc) if a >= base_top1]
-    match_gflops = min(matching) if matching else None
-    plot_budgeted_curve(gflops, acc, out / 'curve.png', list(zip(cf['flop'], cf['anytime_classification'])),
-                        title=f'imagenette224 val, tiny CF-DeiT vs DeiT, {args.epochs} epochs',
-                        thresholds=cf['thresholds'],
-                        operating_point=(base_gflops, base_top1, f'DeiT baseline: {base_top1:.2f}%'))
+    base_gflops, match_gflops = curve_against_baseline(
+        cf, base_top1, g, PATCH, out, f'imagenette224 val, tiny CF-DeiT vs DeiT, {args.epochs} epochs', 'DeiT baseline')
     result = {
         'benchmark': 'small-scale reproduction on imagenette224', 'machine': machine(), 'epochs': args.epochs,
         'patch_size': PATCH, 'parallel': args.parallel,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -95,10 +96,12 @@ def load_release_model(release_dir: Path, checkpoint: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def load_cpu_module():
-    """``utils/inference/cpu.py`` of this repository, loaded by path: the release's worker cannot import our
-    ``utils`` package (its own ``utils.py`` takes the name)."""
-    spec = importlib.util.spec_from_file_location('cfvit_cpu', Path(__file__).resolve().parents[1] / 'utils' / 'inference' / 'cpu.py')
+@functools.lru_cache(maxsize=None)
+def load_inference_module(name: str):
+    """``utils/inference/<name>.py`` of this repository (``cpu``, ``early_exit``: they import nothing of ours),
+    loaded by path: the release's worker cannot import our ``utils`` package (its own ``utils.py`` takes the name)."""
+    path = Path(__file__).resolve().parents[1] / 'utils' / 'inference' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'cfvit_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,7 +122,7 @@ class Worker:
     def __init__(self, program: str, release_dir: Optional[Path], checkpoint: Path, export_dir: Optional[Path]):
         self.program = program
         base, keep_freed = split_program(program)
-        cpu = load_cpu_module()
+        cpu = load_inference_module('cpu')
         if keep_freed and not cpu.keep_freed_memory():
             raise SystemExit(f'error: {program}: ' + ('glibc refused the allocator thresholds' if cpu.has_mallopt()
                                                        else 'this C library has no mallopt (not glibc)'))
@@ -201,15 +204,13 @@ class Worker:
 
 
 def threshold_for(conf: torch.Tensor, share: float) -> float:
-    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours."""
-    n = conf.numel()
-    n_exit = int(round(share * n / 100.0))
-    if n_exit >= n:
-        return 0.0
-    if n_exit <= 0:
-        return 1.01
-    c = conf.sort().values
-    return float((c[n - n_exit - 1] + c[n - n_exit]) / 2)
+    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours
+    (``utils.inference.early_exit.threshold_for_count``, loaded by path as the worker must).
+
+    The count is ``round(share * n / 100)`` as the recorded runs computed it, not ``threshold_for_share``'s
+    ``round(share / 100 * n)``: for some percentages given with ``--exit-shares`` (70 % of 45 images) the two
+    round a float tie differently, one image apart."""
+    return load_inference_module('early_exit').threshold_for_count(conf, int(round(share * conf.numel() / 100.0)))
 
 
 # ---------------------------------------------------------------------------------------- parent
@@ -324,7 +325,7 @@ def plot_ratios(result: Dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--release', type=Path, default=None, help='a checkout of github.com/ChenMnZ/CF-ViT')
     p.add_argument('--batches', type=int, nargs='+', default=[1, 16, 64])
@@ -348,22 +349,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--checkpoint', type=Path, help=argparse.SUPPRESS)
     p.add_argument('--pool', type=Path, help=argparse.SUPPRESS)
     p.add_argument('--export-dir', type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
-    if args.worker:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the workers
-        torch.manual_seed(0)
-        pool = torch.load(args.pool, weights_only=True)
-        Worker(args.worker, args.release, args.checkpoint, args.export_dir).serve(pool)
-        return
 
-    if args.plot_only:
-        from common import RESULTS
-        source = RESULTS / f'{args.name}.json'
-        if not source.is_file():
-            p.error(f'--plot-only: no {source}')
-        print(f"wrote {plot_ratios(json.loads(source.read_text()), RESULTS / f'{args.name}.png')}")
-        return
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The parent's flags: refused with ``p.error`` (exit 2) where they cannot run."""
     if len(set(args.programs)) < len(args.programs):
         p.error('--programs names a program twice')
     if any(split_program(prog)[0] == 'release' for prog in args.programs) and args.release is None:
@@ -376,69 +366,108 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.error('--exit-shares are percentages in [0, 100]')
     if args.pool_size < max(max(args.batches), args.images):
         p.error('--pool-size must hold the largest batch and --images')
-
     if args.release is not None:
         missing = [rel for rel in ('utils.py', 'deit/models_deit.py') if not (args.release / rel).is_file()]
         if missing:
             p.error(f'--release {args.release} is not a checkout of github.com/ChenMnZ/CF-ViT: no {missing[0]}')
-    from common import machine, median, save  # also puts the repository on sys.path
+
+
+def prepare_inputs(args: argparse.Namespace, work: Path, checkpoint: Path, pool_path: Path) -> Optional[Path]:
+    """The random-weight checkpoint and the image pool the workers read; the ONNX export when a program runs
+    it (its folder, else None)."""
+    model = make_checkpoint(checkpoint)
+    torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
+               pool_path)
+    if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
+        from utils.inference.onnx_export import export_early_exit
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
+        export_early_exit(model.eval(), work / 'onnx', exporter='torchscript')
+        return work / 'onnx'
+    return None
+
+
+def ratio(rs: List[float], ref: List[float]) -> Dict[str, Any]:
+    """Median images/s over the reference's, and the range of the per-round ratios."""
+    from common import median
+    n = min(len(rs), len(ref))
+    per_round = [rs[i] / ref[i] for i in range(n)]  # the two ran back to back in each round
+    return {'median_ratio': median(rs) / median(ref), 'per_round': [min(per_round), max(per_round)]}
+
+
+def summary_rows(configs: List[Dict[str, Any]], results: Dict[tuple, Dict[str, List[Dict[str, Any]]]]
+                 ) -> List[Dict[str, Any]]:
+    """One row per configuration measured so far: each program's median images/s, its runs and its ratios to
+    the release (as it runs, and with the same allocator)."""
+    from common import median
+    rows = []
+    for cfg in configs:
+        key = (cfg['threads'], cfg['batch'], cfg['share'])
+        per = results.get(key)
+        if not per:
+            continue
+        rates = {prog: [r['images'] / r['seconds'] for r in reps] for prog, reps in per.items()}
+        row = dict(threads=cfg['threads'], batch=cfg['batch'], exit_share=cfg['share'],
+                   rounds=min(len(v) for v in rates.values()))
+        for prog, rs in rates.items():
+            row[prog] = {'img_per_s': median(rs), 'runs': rs,
+                         'exited': per[prog][-1]['exited'], 'images': per[prog][-1]['images']}
+            if 'release' in rates and prog != 'release':  # against the release as it runs
+                row[prog]['vs_release'] = ratio(rs, rates['release'])
+            same = 'release+' + KEEP_FREED
+            if prog.endswith('+' + KEEP_FREED) and prog != same and same in rates:  # same allocator
+                row[prog]['vs_release_keep_freed'] = ratio(rs, rates[same])
+        rows.append(row)
+    return rows
+
+
+def stop_workers(workers: Dict[str, subprocess.Popen]) -> None:
+    """Ask every worker to quit; kill one that has not after 30 s."""
+    for prog, proc in workers.items():
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
+                proc.stdin.flush()
+            except OSError:
+                pass
+    for proc in workers.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    if args.worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the workers
+        torch.manual_seed(0)
+        pool = torch.load(args.pool, weights_only=True)
+        Worker(args.worker, args.release, args.checkpoint, args.export_dir).serve(pool)
+        return
+    if args.plot_only:
+        from common import RESULTS
+        source = RESULTS / f'{args.name}.json'
+        if not source.is_file():
+            p.error(f'--plot-only: no {source}')
+        print(f"wrote {plot_ratios(json.loads(source.read_text()), RESULTS / f'{args.name}.png')}")
+        return
+    check_args(p, args)
+    from common import RESULTS, machine, save  # also puts the repository on sys.path
     from tqdm import tqdm
     record = dict(machine(), **cpu_record(), load=args.load_note)
     tmp = tempfile.TemporaryDirectory(prefix='cfvit-vs-release-')  # weights, images, export: removed at the end
     work = Path(tmp.name)
-    checkpoint, pool_path, export_dir = work / 'cf_deit_small_g7.pth', work / 'pool.pth', None
-
-    def prepare() -> Optional[Path]:
-        model = make_checkpoint(checkpoint)
-        torch.save(torch.randn(args.pool_size, 3, FINE_SIDE, FINE_SIDE, generator=torch.Generator().manual_seed(1)),
-                   pool_path)
-        if any(split_program(prog)[0] == 'ours-onnxruntime' for prog in args.programs):
-            from utils.inference.onnx_export import export_early_exit
-            model.load_state_dict(torch.load(checkpoint, weights_only=True)['model'])
-            export_early_exit(model.eval(), work / 'onnx', exporter='torchscript')
-            return work / 'onnx'
-        return None
-
+    checkpoint, pool_path = work / 'cf_deit_small_g7.pth', work / 'pool.pth'
     workers: Dict[str, subprocess.Popen] = {}
     configs = [dict(batch=b, share=s, threads=t, images=args.images)
                for t in args.threads for b in args.batches for s in args.exit_shares]
     results: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
     rows: List[Dict[str, Any]] = []
-
-    def ratio(rs: List[float], ref: List[float]) -> Dict[str, Any]:
-        n = min(len(rs), len(ref))
-        per_round = [rs[i] / ref[i] for i in range(n)]  # the two ran back to back in each round
-        return {'median_ratio': median(rs) / median(ref), 'per_round': [min(per_round), max(per_round)]}
-
-    def summarize() -> Dict[str, Any]:
-        rows.clear()
-        for cfg in configs:
-            key = (cfg['threads'], cfg['batch'], cfg['share'])
-            per = results.get(key)
-            if not per:
-                continue
-            rates = {prog: [r['images'] / r['seconds'] for r in reps] for prog, reps in per.items()}
-            row = dict(threads=cfg['threads'], batch=cfg['batch'], exit_share=cfg['share'],
-                       rounds=min(len(v) for v in rates.values()))
-            for prog, rs in rates.items():
-                row[prog] = {'img_per_s': median(rs), 'runs': rs,
-                             'exited': per[prog][-1]['exited'], 'images': per[prog][-1]['images']}
-                if 'release' in rates and prog != 'release':  # against the release as it runs
-                    row[prog]['vs_release'] = ratio(rs, rates['release'])
-                same = 'release+' + KEEP_FREED
-                if prog.endswith('+' + KEEP_FREED) and prog != same and same in rates:  # same allocator
-                    row[prog]['vs_release_keep_freed'] = ratio(rs, rates[same])
-            rows.append(row)
-        payload = {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
-                   'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
-                   'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
-                   'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows}
-        save(args.name, payload)
-        return payload
-
     rounds_done = 0
     try:
-        export_dir = prepare()
+        export_dir = prepare_inputs(args, work, checkpoint, pool_path)
         for prog in args.programs:
             start_worker(prog, args, checkpoint, pool_path, export_dir, workers)
         for cfg in tqdm(configs, desc='warm-up round', unit='config'):  # untimed: first calls of each shape
@@ -455,31 +484,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     reply = ask(proc, prog, dict(cfg, cmd='time'))
                     results.setdefault(key, {}).setdefault(prog, []).append(reply)
                     bar.update()
-            payload = summarize()  # after every round: an interrupted run keeps what it measured
+            rows = summary_rows(configs, results)  # saved after every round: an interrupted run keeps what it measured
+            payload = {'benchmark': 'early-exit inference vs the released code, CPU', 'machine': record,
+                       'model': 'cf_deit_small, 7x7 coarse grid (112 px), 14x14 fine (224 px), random weights',
+                       'command': 'python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:] if argv is None
+                                                                                          else argv),
+                       'programs': list(args.programs), 'rounds': args.rounds, 'rows': rows}
+            save(args.name, payload)
             rounds_done += 1
         bar.close()
         if any('release' in r for r in rows):
-            from common import RESULTS
             print(f"wrote {plot_ratios(payload, RESULTS / f'{args.name}.png')}")
     except KeyboardInterrupt:
-        from common import RESULTS
         where = RESULTS_NOTE.format(rounds_done, RESULTS / f'{args.name}.json') if rounds_done else 'before a round was complete: nothing written'
         print(f'interrupted {where}', file=sys.stderr)
         raise SystemExit(130)
     finally:
-        for prog, proc in workers.items():
-            if proc.poll() is None:
-                try:
-                    proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
-                    proc.stdin.flush()
-                except OSError:
-                    pass
-        for proc in workers.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_workers(workers)
         tmp.cleanup()
     for row in rows:
         cells = [f"{prog} {row[prog]['img_per_s']:.1f}" + (

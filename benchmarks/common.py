@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,6 +126,29 @@ def portable_args(args: object, data_paths: Sequence[object] = ()) -> object:
     if hasattr(args, '__dict__') and type(args).__name__ == 'Namespace':
         return type(args)(**{k: clean(v) for k, v in vars(args).items()})
     return args
+
+
+def curve_against_baseline(cf: Dict[str, Any], base_top1: float, g: int, patch: int, out: Path, title: str,
+                           label: str) -> Tuple[float, Optional[float]]:
+    """``(baseline GFLOPs, CF GFLOPs that match it or None)``: the small DeiT baseline of benchmarks 3 and 5
+    (D=96, 6 blocks, 3 heads) at the fine stage's input (``2 * g * patch`` px), the fewest GFLOPs at which the
+    CF model's budgeted sweep (``cf``: dynamic_inference.py's ``budgeted.json``) reaches the baseline's top-1;
+    draws the curve with the baseline's point labelled ``label`` to ``out/curve.png``."""
+    import models  # noqa: F401
+    from models.baseline import create_baseline
+    from utils.inference.flops import count_gflops
+    from utils.vis.plots import plot_budgeted_curve
+    size = 2 * g * patch
+    base = create_baseline('deit_tiny_patch16_224', coarse_stage_size=g, patch_size=patch, embed_dim=96, depth=6,
+                           num_heads=3, num_classes=10).eval()
+    with torch.no_grad():
+        base_gflops = count_gflops(base.model, torch.zeros(1, 3, size, size))
+    gflops, acc = cf['budgeted_batch_classification']
+    matching = [x for x, a in zip(gflops, acc) if a >= base_top1]
+    plot_budgeted_curve(gflops, acc, out / 'curve.png', list(zip(cf['flop'], cf['anytime_classification'])),
+                        title=title, thresholds=cf['thresholds'],
+                        operating_point=(base_gflops, base_top1, f'{label}: {base_top1:.2f}%'))
+    return base_gflops, (min(matching) if matching else None)
 
 
 def epoch_seconds(train_out: Path) -> List[float]:

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
 from utils.core.files import write_json_atomic  # noqa: E402
-from utils.inference.early_exit import threshold_for_count  # noqa: E402
+from utils.inference.early_exit import threshold_for_share  # noqa: E402
 
 #: The goal of issue 25: images/s of early exit at 50 % exits over DeiT-S's, batch 1024, float16.
 GOAL_SPEEDUP = 1.6
@@ -172,9 +172,55 @@ def mode_steps(run: Run, data: Path, device: str) -> None:
                           str(evals / 'report')], 60, expect=['flop'])
 
 
-def threshold_for(conf: torch.Tensor, share: float) -> float:
-    """A threshold at which ``share`` percent of ``conf`` reach it (exit), halfway between neighbours."""
-    return threshold_for_count(conf, int(round(share * conf.numel() / 100.0)))
+def timed_calls(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> List[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == 'cuda':
+            with torch.cuda.device(device):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record(torch.cuda.current_stream(device))
+                fn()
+                end.record(torch.cuda.current_stream(device))
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def precision_row(run: Run, device: torch.device, cf_run: Any, deit_run: Any, x: torch.Tensor,
+                  flops_cf: List[float], prec: str, dtype: Optional[torch.dtype], compiled: bool) -> Dict[str, Any]:
+    """One precision's row: DeiT's images/s, and CF-DeiT's at each exit share of :data:`SHARES` (thresholds
+    from this precision's own confidences), with its speed-up over DeiT and expected GFLOPs."""
+    from utils.core.precision import tf32_state
+    args = run.args
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else torch.no_grad
+    t0 = time.perf_counter()
+    with torch.no_grad(), ctx():
+        conf = cf_run.forward_details(x).confidence.float().cpu()  # this precision's own confidences
+        deit_run(x)  # compiles the baseline (and warms it)
+    row: Dict[str, Any] = {'precision': prec, 'compiled': compiled, 'tf32': tf32_state(),
+                           'first_call_seconds': round(time.perf_counter() - t0, 1), 'batch': args.batch}
+    with torch.no_grad(), ctx():
+        deit_times = timed_calls(lambda: deit_run(x), device, args.warmup, args.reps)
+    row['deit'] = {'img_per_s': args.batch / statistics.median(deit_times), 'seconds': deit_times}
+    for share in SHARES:
+        threshold = threshold_for_share(conf, share / 100)  # SHARES: 0, 50, 100 % (exact at every batch)
+        with torch.no_grad(), ctx():
+            times = timed_calls(lambda: cf_run.forward_details(x, threshold), device, args.warmup, args.reps)
+            exited = int(cf_run.forward_details(x, threshold).exited.sum())
+        ips = args.batch / statistics.median(times)
+        row[f'cf_{share}'] = {'threshold': threshold, 'exited': exited, 'img_per_s': ips, 'seconds': times,
+                              'speedup_vs_deit': ips / row['deit']['img_per_s'],
+                              'expected_gflops': (exited * flops_cf[0]
+                                                  + (args.batch - exited) * flops_cf[1]) / args.batch}
+    return row
 
 
 def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
@@ -182,7 +228,7 @@ def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
     import timm
 
     import models  # noqa: F401  (registers the cf_* models)
-    from utils.core.cuda import set_tf32, tf32_state
+    from utils.core.precision import set_tf32, tf32_state
     args = run.args
     cf_name, deit_name = (('cf_deit_tiny', 'deit_tiny_patch16_224') if dry
                           else ('cf_deit_small', 'deit_small_patch16_224'))
@@ -205,26 +251,6 @@ def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
     saved_bench = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
 
-    def timed(fn: Callable[[], Any]) -> List[float]:
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.reps):
-            if device.type == 'cuda':
-                with torch.cuda.device(device):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda.synchronize(device)
-                    start.record(torch.cuda.current_stream(device))
-                    fn()
-                    end.record(torch.cuda.current_stream(device))
-                    torch.cuda.synchronize(device)
-                    times.append(start.elapsed_time(end) / 1000.0)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return times
-
     rows: List[Dict[str, Any]] = []
     compile_kwargs: Dict[str, Any] = dict(dynamic=True)
     if dry:
@@ -244,26 +270,7 @@ def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
             if compiled:
                 cf_run.compile_stages(**compile_kwargs)
                 deit_run = torch.compile(deit, **{k: v for k, v in compile_kwargs.items() if k != 'dynamic'})
-            ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else torch.no_grad
-            t0 = time.perf_counter()
-            with torch.no_grad(), ctx():
-                conf = cf_run.forward_details(x).confidence.float().cpu()  # this precision's own confidences
-                deit_run(x)  # compiles the baseline (and warms it)
-            row: Dict[str, Any] = {'precision': prec, 'compiled': compiled, 'tf32': tf32_state(),
-                                   'first_call_seconds': round(time.perf_counter() - t0, 1), 'batch': args.batch}
-            with torch.no_grad(), ctx():
-                deit_times = timed(lambda: deit_run(x))
-            row['deit'] = {'img_per_s': args.batch / statistics.median(deit_times), 'seconds': deit_times}
-            for share in SHARES:
-                threshold = threshold_for(conf, share)
-                with torch.no_grad(), ctx():
-                    times = timed(lambda: cf_run.forward_details(x, threshold))
-                    exited = int(cf_run.forward_details(x, threshold).exited.sum())
-                ips = args.batch / statistics.median(times)
-                row[f'cf_{share}'] = {'threshold': threshold, 'exited': exited, 'img_per_s': ips, 'seconds': times,
-                                      'speedup_vs_deit': ips / row['deit']['img_per_s'],
-                                      'expected_gflops': (exited * flops_cf[0]
-                                                          + (args.batch - exited) * flops_cf[1]) / args.batch}
+            row = precision_row(run, device, cf_run, deit_run, x, flops_cf, prec, dtype, compiled)
             rows.append(row)
             print(f'  {prec:8s} {"compiled" if compiled else "eager   "}: DeiT {row["deit"]["img_per_s"]:9.1f} img/s; '
                   + ', '.join(f'{s}% exit {row[f"cf_{s}"]["img_per_s"]:9.1f} ({row[f"cf_{s}"]["speedup_vs_deit"]:.2f}x)'

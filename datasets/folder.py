@@ -29,7 +29,7 @@ from torchvision.datasets import ImageFolder
 
 from .walk import class_folder_samples, decode_image, image_files
 
-__all__ = ['DatasetError', 'RobustImageFolder', 'ImageList', 'UnreadableCounter', 'collate_skipping',
+__all__ = ['DatasetError', 'RobustImageFolder', 'ImageList', 'UnreadableCounter', 'collate_skipping', 'unpack_batch',
            'open_image_folder', 'read_or_skip', 'read_substituting', 'rgb_loader', 'unreadable_images', 'unwrap_subset',
            'find_image_folder', 'list_image_folder', 'list_images', 'IMG_EXTENSIONS', 'MAX_CONSECUTIVE_UNREADABLE']
 
@@ -200,6 +200,21 @@ def collate_skipping(batch: List[Optional[Tuple[Any, ...]]]) -> Tuple[Any, ...]:
     if with_index:
         return images, targets, skipped, torch.tensor([b[2] for b in good], dtype=torch.long)
     return images, targets, skipped
+
+
+def unpack_batch(batch: Sequence[Any], device: Optional[torch.device] = None
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int, Optional[torch.Tensor]]:
+    """``(images, targets, n_skipped, indices)`` of a loader batch: ``(images, targets)`` or
+    :func:`collate_skipping`'s triple (indices None) or quadruple. Images and targets are moved to ``device``
+    when given; images, targets and indices are None when the batch held no readable image."""
+    images, targets = batch[0], batch[1]
+    skipped = batch[2] if len(batch) > 2 else 0
+    indices = batch[3] if len(batch) > 3 else None
+    if images.numel() == 0:
+        return None, None, skipped, None
+    if device is not None:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    return images, targets, skipped, indices
 
 
 def unwrap_subset(dataset: Any) -> Any:

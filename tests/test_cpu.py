@@ -12,6 +12,7 @@ import torch
 
 import models  # noqa: F401
 from helpers import ROOT
+from utils.core.precision import resolve_amp_dtype
 from utils.inference import cpu
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -61,18 +62,20 @@ def test_cast_weights_touch_only_the_layers_autocast_casts():
 # ------------------------------------------------------------------------------ choosing the dtype
 def test_resolve_amp_dtype(monkeypatch):
     cpu_dev, cuda_dev = torch.device('cpu'), torch.device('cuda')
-    assert cpu.resolve_amp_dtype('none', cpu_dev) is None and cpu.resolve_amp_dtype('float32', cpu_dev) is None
-    assert cpu.resolve_amp_dtype('bfloat16', cpu_dev) is torch.bfloat16
-    assert cpu.resolve_amp_dtype('auto', cuda_dev) is torch.float16
+    never = lambda: pytest.fail('measured although the dtype was named')  # noqa: E731
+    assert resolve_amp_dtype('none', cpu_dev, cpu_bf16_pays=never) is None
+    assert resolve_amp_dtype('float32', cpu_dev, cpu_bf16_pays=never) is None
+    assert resolve_amp_dtype('bfloat16', cpu_dev, cpu_bf16_pays=never) is torch.bfloat16
+    assert resolve_amp_dtype('auto', cuda_dev, cpu_bf16_pays=never) is torch.float16
     monkeypatch.setattr(cpu, 'cpu_bf16_native', lambda: False)
     monkeypatch.setattr(cpu, 'bf16_speedup', lambda: 3.0)
-    assert cpu.resolve_amp_dtype('auto', cpu_dev) is None  # emulated: never, however it measured
+    assert resolve_amp_dtype('auto', cpu_dev, cpu_bf16_pays=cpu.bf16_pays) is None  # emulated: never, however it measured
     monkeypatch.setattr(cpu, 'cpu_bf16_native', lambda: True)
-    assert cpu.resolve_amp_dtype('auto', cpu_dev) is torch.bfloat16
+    assert resolve_amp_dtype('auto', cpu_dev, cpu_bf16_pays=cpu.bf16_pays) is torch.bfloat16
     monkeypatch.setattr(cpu, 'bf16_speedup', lambda: 1.1)  # native but not faster here
-    assert cpu.resolve_amp_dtype('auto', cpu_dev) is None
+    assert resolve_amp_dtype('auto', cpu_dev, cpu_bf16_pays=cpu.bf16_pays) is None
     with pytest.raises(ValueError, match="unknown autocast dtype 'int8'"):
-        cpu.resolve_amp_dtype('int8', cpu_dev)
+        resolve_amp_dtype('int8', cpu_dev, cpu_bf16_pays=never)
 
 
 def test_bf16_native_needs_the_flag(monkeypatch):

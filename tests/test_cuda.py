@@ -27,7 +27,8 @@ from helpers import build_from_config, free_port, golden_case_files, load_case
 
 import models  # noqa: F401  (registers the models)
 from utils.inference import predict as inference
-from utils.train.engine import AmpConfig, _backward_step
+from utils.core.precision import AmpConfig
+from utils.train.engine import _backward_step
 
 
 
@@ -203,7 +204,7 @@ def _ddp_worker(rank: int, device: str, port: int, result: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import models  # noqa: F401
-    from utils.train.engine import train_one_epoch
+    from utils.train.engine import TrainStep, train_one_epoch
     torch.set_num_threads(1)
     dev = torch.device('cuda', 0) if device == 'cuda' else torch.device('cpu')
     backend = 'nccl' if device == 'cuda' else 'gloo'
@@ -222,7 +223,7 @@ def _ddp_worker(rank: int, device: str, port: int, result: str) -> None:
         def criterion(outputs, targets):
             return sum(F.cross_entropy(o.float(), targets) for o in outputs)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-        stats = train_one_epoch(ddp, criterion, batches, opt, dev, 0, amp=amp, progress=False, print_freq=0)
+        stats = train_one_epoch(TrainStep(ddp, criterion, opt, amp=amp), batches, dev, 0, progress=False, print_freq=0)
         changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         torch.save({'loss': stats['loss'], 'changed': changed, 'backend': dist.get_backend()}, result)
     finally:

@@ -115,7 +115,7 @@ def test_cf_lvvit_ddp_failure_of_one_process_stops_both_at_the_step(tmp_path, ki
 
 # ---------------------------------------------------------------------------------------------- precision flags
 def test_tf32_switch_sets_and_reports_both_flags():
-    from utils.core.cuda import describe_float32, set_tf32, tf32_state
+    from utils.core.precision import describe_float32, set_tf32, tf32_state
     saved = tf32_state()
     try:
         set_tf32(True)
@@ -133,7 +133,7 @@ def test_tf32_switch_sets_and_reports_both_flags():
 
 @pytest.mark.parametrize('capability,refused', [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
 def test_bfloat16_autocast_refused_on_gpus_without_it(monkeypatch, capability, refused):
-    from utils.core.cuda import check_amp_dtype
+    from utils.core.precision import check_amp_dtype
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: capability)
@@ -194,7 +194,7 @@ def test_training_deterministic_sets_cublas_workspace_and_tf32_is_reported(monke
     import logging
 
     from utils.train import setup as train_setup
-    from utils.core.cuda import tf32_state
+    from utils.core.precision import tf32_state
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
     for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID'):
@@ -222,13 +222,14 @@ def test_training_deterministic_sets_cublas_workspace_and_tf32_is_reported(monke
 
 def test_training_refuses_bfloat16_on_a_gpu_without_it(monkeypatch):
     from utils.core.errors import ConfigError
-    from utils.train.setup import build_amp
+    from utils.core.precision import training_amp
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: (7, 5))
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda index=None: 'Tesla T4')
     with pytest.raises(ConfigError, match='Tesla T4 .* has no native bfloat16'):
-        build_amp(_train_args(['--device', 'cpu', '--amp', '--amp-dtype', 'bfloat16']), torch.device('cuda', 0))
+        args = _train_args(['--device', 'cpu', '--amp', '--amp-dtype', 'bfloat16'])
+        training_amp(args.amp, args.amp_dtype, torch.device('cuda', 0))
 
 
 # ---------------------------------------------------------------------------------------------- mid-epoch resume

@@ -320,7 +320,7 @@ def test_loss_is_fine_criterion_plus_detached_kl():
 
 @pytest.mark.parametrize('exempt', [False, True])
 def test_weight_decay_of_position_embeddings(exempt):
-    model = train_setup.build_model(main_deit.get_args_parser().parse_args(TINY), NUM_CLASSES)
+    model = train_setup.build_model_from_args(main_deit.get_args_parser().parse_args(TINY), NUM_CLASSES)
     args = main_deit.get_args_parser().parse_args(TINY + (['--exempt-pos-embed-from-wd'] if exempt else []))
     optimizer = train_setup.build_optimizer(args, model, world_size=1)
     decayed = {id(p) for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}

@@ -5,7 +5,7 @@ A training checkpoint records its architecture (``args``: model name, grid, size
 through the allow-list of :mod:`utils.core.checkpoint_schema`, so a checkpoint never names files to
 open); a released checkpoint does not, and the caller's flags (or the released defaults:
 cf_deit_small, 7x7) say what it is. :func:`resolve_architecture` decides the name, grid and
-``create_model`` arguments; :func:`build_model` creates the model (one line for an impossible
+``create_model`` arguments; :func:`build_model_from_name` creates the model (one line for an impossible
 configuration) and loads the weights with ``strict=True`` (every mismatch in one message);
 :func:`build_from_checkpoint` does both for a CF classification checkpoint, the class count read from
 its head.
@@ -24,7 +24,7 @@ from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.cli import parse_model_kwargs
 from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
 
-__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model', 'build_from_checkpoint', 'create_model_checked',
+__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model_from_name', 'build_from_checkpoint', 'create_model_checked',
            'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
            'check_flag_switches']
 
@@ -168,7 +168,7 @@ def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) 
                     .rstrip(': ')) from e
 
 
-def build_model(name: str, state_dict: Optional[Mapping[str, torch.Tensor]] = None, error: type = ModelBuildError,
+def build_model_from_name(name: str, state_dict: Optional[Mapping[str, torch.Tensor]] = None, error: type = ModelBuildError,
                 **kwargs: Any) -> nn.Module:
     """``name`` built with ``kwargs`` (:func:`create_model_checked`, raising ``error``), with ``state_dict``
     loaded strictly when given (:func:`utils.core.checkpoint.load_model_weights`: every mismatch in one
@@ -206,6 +206,6 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
         if given != value:
             raise ModelBuildError(f'model_kwargs (from --model-kwargs or recorded in the checkpoint) say {key}={given}, '
                                   f'but the checkpoint\'s weights and the flags give {key}={value}')
-    model = build_model(name, state_dict, coarse_stage_size=g, num_classes=head.shape[0], **extra)
+    model = build_model_from_name(name, state_dict, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g

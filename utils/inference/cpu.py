@@ -5,7 +5,7 @@ Three findings of the side-by-side benchmark (BENCHMARKS.md, benchmark 7) live h
 - bfloat16 autocast is only fast where the CPU multiplies bfloat16 natively (Intel AMX or
   AVX512-BF16, through oneDNN); elsewhere torch emulates it and it is several times slower than
   float32. The flags are not the whole story, so :func:`bf16_speedup` measures a ViT MLP and
-  :func:`resolve_amp_dtype` turns ``auto`` into bfloat16 only where it measured faster.
+  :func:`bf16_pays` says yes to ``--amp-dtype auto`` only where it measured faster.
 - Autocast casts every weight to bfloat16 on every call (its cast cache lives for one autocast
   region), which at small batches costs more than the products it speeds up.
   :func:`cast_weights_for_autocast` casts the weights of the layers autocast runs in bfloat16 once,
@@ -23,18 +23,16 @@ import ctypes.util
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['cpu_flags', 'cpu_bf16_native', 'bf16_speedup', 'resolve_amp_dtype', 'cast_weights_for_autocast',
-           'keep_freed_memory', 'has_mallopt', 'AMP_CHOICES']
+__all__ = ['cpu_flags', 'cpu_bf16_native', 'bf16_speedup', 'bf16_pays', 'cast_weights_for_autocast',
+           'keep_freed_memory', 'has_mallopt']
 
 #: CPU flags that mean bfloat16 multiply instructions.
 BF16_FLAGS = ('amx_bf16', 'avx512_bf16')
-#: ``--amp-dtype`` values of the inference scripts.
-AMP_CHOICES = ('none', 'float32', 'bfloat16', 'float16', 'auto')
 #: Layers whose weights autocast runs in the low-precision dtype (its lower-precision op list).
 AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: ``auto`` picks bfloat16 on a CPU only above this measured speed-up.
@@ -91,23 +89,11 @@ def bf16_speedup(tokens: int = 197, dim: int = 384, reps: int = 5) -> float:
     return best(mlp(), False) / best(cast_weights_for_autocast(mlp(), torch.bfloat16), True)
 
 
-def resolve_amp_dtype(name: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """An ``--amp-dtype`` value to an autocast dtype (None: float32).
-
-    ``auto``: float16 on CUDA; on a CPU, bfloat16 where the CPU has native bfloat16 and a measured
-    MLP runs faster in it (:func:`bf16_speedup` > MIN_BF16_SPEEDUP), else float32.
-    """
-    if name in (None, 'none', 'float32'):
-        return None
-    if name == 'auto':
-        if device.type == 'cuda':
-            return torch.float16
-        if device.type == 'cpu' and cpu_bf16_native() and bf16_speedup() > MIN_BF16_SPEEDUP:
-            return torch.bfloat16
-        return None
-    if name not in AMP_CHOICES:
-        raise ValueError(f'unknown autocast dtype {name!r}: one of {", ".join(AMP_CHOICES)}')
-    return getattr(torch, name)
+def bf16_pays() -> bool:
+    """bfloat16 pays on this CPU: it has native bfloat16 and a measured MLP runs faster in it
+    (:func:`bf16_speedup` > MIN_BF16_SPEEDUP). ``--amp-dtype auto`` asks this
+    (:func:`utils.core.precision.resolve_amp_dtype`)."""
+    return cpu_bf16_native() and bf16_speedup() > MIN_BF16_SPEEDUP
 
 
 def cast_weights_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Both loops call the model's single coarse-to-fine path (``forward_details``). The pieces every
 evaluation shares are here too, and the training evaluation (:func:`utils.train.engine.evaluate`)
-uses them: :func:`unpack_batch`, :func:`autocast_context`, :func:`top_k_hits`.
+uses them: :func:`top_k_hits` (and :func:`datasets.folder.unpack_batch`, :func:`utils.core.precision.autocast_context`).
 """
 from __future__ import annotations
 
@@ -16,22 +16,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from datasets.folder import DatasetError
+from datasets.folder import DatasetError, unpack_batch
 from models.token_ops import coarse_from_fine
 
+from utils.core.precision import autocast_context
 from utils.core.signals import check_stop, stop_at_steps
 
-__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit', 'autocast_context', 'unpack_batch',
+__all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit',
            'top_k_hits', 'model_device']
 
 _logger = logging.getLogger(__name__)
-
-
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op for full precision."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -67,16 +61,6 @@ def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> torch
     return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.eq(targets.view(-1, 1))
 
 
-def unpack_batch(batch, device: torch.device):
-    """``(images, targets, n_skipped)`` of a loader batch, on ``device``; images is None when the
-    batch held no readable image. Accepts ``(images, targets)`` or ``datasets.collate_skipping``'s triple."""
-    images, targets = batch[0], batch[1]
-    skipped = batch[2] if len(batch) > 2 else 0
-    if images.numel() == 0:
-        return None, None, skipped
-    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True), skipped
-
-
 @torch.no_grad()
 @stop_at_steps()
 def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
@@ -95,7 +79,7 @@ def predict_stages(model: nn.Module, loader: Iterable, device: torch.device,
     skipped = 0
     for batch in tqdm(loader, desc=desc, unit='batch', leave=False, disable=None):  # no bar when not a terminal
         check_stop()  # a stop signal ends the run at the next step
-        images, targets, n_skipped = unpack_batch(batch, device)
+        images, targets, n_skipped, _ = unpack_batch(batch, device)
         skipped += n_skipped
         if images is None:
             continue
@@ -187,7 +171,7 @@ def timed_early_exit(model: nn.Module, loader: Iterable, device: torch.device, t
     for i, batch in enumerate(tqdm(loader, desc=f'early exit @ {threshold:g}', unit='batch', leave=False,
                                    disable=None)):  # no bar when stderr is not a terminal (piped, logged)
         check_stop()  # a stop signal ends the run at the next step
-        x_f, targets, n_skipped = unpack_batch(batch, device)
+        x_f, targets, n_skipped, _ = unpack_batch(batch, device)
         skipped += n_skipped
         if x_f is None:
             continue

@@ -117,9 +117,16 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     CF-ViT's. ``main_deit.py`` takes them as they are; ``main_lvvit.py`` adds TokenLabeling's spellings and
     LV-ViT defaults. Reusable with ``parents=[get_args_parser()]``."""
     parser = argparse.ArgumentParser('CF-DeiT training and evaluation', add_help=add_help)
-    bool_flag = argparse.BooleanOptionalAction
+    for add_flags in (_add_run_flags, _add_model_flags, _add_optimizer_flags,
+                      _add_augmentation_flags, _add_weights_flags, _add_data_flags, _add_distributed_flags):
+        add_flags(parser)
+    return parser
 
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'run' group: epochs, seed, output folder, device and precision."""
     g = parser.add_argument_group('run')
+    bool_flag = argparse.BooleanOptionalAction
     g.add_argument('--batch-size', '--batch_size', type=positive_int, default=64, help='images per process and step')
     g.add_argument('--epochs', type=int_at_least(1), default=300)
     g.add_argument('--start_epoch', '--start-epoch', type=int_at_least(0), default=0,
@@ -149,7 +156,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                         '1.10 did on Ampere and newer), --no-tf32 in IEEE float32; default: PyTorch\'s (matmuls '
                         'IEEE, convolutions TF32). The log says which')
 
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'model' group: the model and its EMA."""
     g = parser.add_argument_group('model')
+    bool_flag = argparse.BooleanOptionalAction
     g.add_argument('--model', default='cf_deit_small', help='a registered CF-DeiT model (cf_deit_small, cf_deit_tiny)')
     g.add_argument('--coarse-stage-size', '--coarse_stage_size', type=grid_side, default=7,
                    help='coarse grid side g (7 or 9 for the released models); fine images are 32*g pixels')
@@ -171,6 +182,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--model-ema-decay', type=float_in(0, 1), default=0.99996)
     g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
 
+
+def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'optimizer and schedule' group: the optimizer and the learning-rate schedule."""
     g = parser.add_argument_group('optimizer and schedule')
     g.add_argument('--opt', type=timm_optimizer, default='adamw', help='timm optimizer name')
     g.add_argument('--opt-eps', type=float_in(0, low_open=True), default=1e-8)
@@ -203,7 +217,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--patience-epochs', type=int_at_least(0), default=10)
     g.add_argument('--decay-rate', '--dr', type=float_in(0), default=0.1)
 
+
+def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'augmentation' group: augmentation, label smoothing, mixup and cutmix."""
     g = parser.add_argument_group('augmentation')
+    bool_flag = argparse.BooleanOptionalAction
     g.add_argument('--color-jitter', type=float_in(0), default=0.4, help='(unused while --aa is on)')
     g.add_argument('--aa', type=auto_augment, default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" for none')
     g.add_argument('--smoothing', type=float_in(0, 1, high_open=True), default=0.1, help='label smoothing')
@@ -224,6 +242,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--mixup-switch-prob', type=float_in(0, 1), default=0.5)
     g.add_argument('--mixup-mode', choices=('batch', 'pair', 'elem'), default='batch')
 
+
+def _add_weights_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'weights' group: the starting weights, resuming and checkpoints."""
     g = parser.add_argument_group('weights')
     g.add_argument('--finetune', default='', help='start from these weights (head and grids adapted; a plain '
                    'timm ViT checkpoint is converted to the CF model)')
@@ -242,7 +263,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--unsafe-load', action='store_true',
                    help='allow full unpickling of a checkpoint you trust (never needed for ours)')
 
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'data' group: the data set and its loader."""
     g = parser.add_argument_group('data')
+    bool_flag = argparse.BooleanOptionalAction
     g.add_argument('--data-path', '--data_path', default=None, help='dataset root')
     g.add_argument('--data-set', '--data_set', default='IMNET', type=str.upper, choices=DATA_SETS,
                    help="IMNET (the released name): any ImageFolder tree, --data-path holding train/<class>/ and "
@@ -255,6 +280,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help='loader processes per training process (default: 10 as released, capped by the cores)')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pin loader memory (CUDA only)')
 
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'distributed' group: the distributed launch, and the tests' hidden flags."""
     g = parser.add_argument_group('distributed')
     g.add_argument('--world_size', '--world-size', type=int_at_least(1), default=1,
                    help='number of processes (read from the launcher when it sets WORLD_SIZE)')
@@ -268,7 +296,6 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument('--debug-weights-digest', default=None, help=argparse.SUPPRESS)
     # Tests only: RANK:EPOCH:STEP:kill|data, a fault on the first attempt (utils.train.loop.FaultInjection).
     g.add_argument('--debug-fault', default=None, help=argparse.SUPPRESS)
-    return parser
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> frozenset:

@@ -35,7 +35,8 @@ from utils.core.files import append_json_line, copy_atomic, save_atomic
 from utils.core.model_builder import adopt_recorded_switches, with_recorded_switches
 from utils.core.safe_io import check_scheduler_state, check_step_checkpoint
 from utils.core.signals import StopRequested
-from utils.train.engine import AmpConfig, MetricMeter
+from utils.core.precision import AmpConfig
+from utils.train.engine import MetricMeter
 
 __all__ = [
     'CHECKPOINT_NAME', 'STEP_CHECKPOINT_NAME', 'BEST_CHECKPOINT_NAME', 'LOG_NAME', 'TENSORBOARD_DIR', 'TrainingRun',

@@ -13,26 +13,27 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.folder import DatasetError, unreadable_images
+from datasets.folder import DatasetError, unpack_batch, unreadable_images
 
 from utils.core.cli import user_message
 from utils.core.dist import (
     PeerFailedError, collective_device, is_dist_initialized, is_main_process, reduce, step_status,
 )
 from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from utils.core.precision import AmpConfig
 from utils.core.signals import check_stop, step_boundary, stop_at_steps
-from utils.inference.predict import autocast_context, top_k_hits, unpack_batch
+from utils.inference.predict import top_k_hits
 from utils.train.losses import class_logits
 
-__all__ = ['AmpConfig', 'MetricMeter', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'unwrap_model']
+__all__ = ['MetricMeter', 'NonFiniteLossError', 'TrainStep', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,26 +46,6 @@ BatchTransform = Callable[[torch.Tensor, Any], Tuple[torch.Tensor, Any]]
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: the run failed on its own (exit 1)."""
     exit_code = EXIT_FAILED
-
-
-@dataclass
-class AmpConfig:
-    """Mixed precision of a run.
-
-    Attributes:
-        dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or None for full precision.
-        scaler: gradient scaler (float16 only), or None.
-    """
-    dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.dtype is not None
-
-    def autocast(self, device: torch.device) -> ContextManager:
-        """The autocast context for ``device`` (a no-op context in full precision)."""
-        return autocast_context(device, self.dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -151,40 +132,17 @@ def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
         raise ValueError(f'unknown gradient clipping mode {mode!r}')
 
 
-@stop_at_steps()
-def train_one_epoch(
-        model: nn.Module,
-        criterion: Callable[[Any, Any], Any],
-        data_loader: Iterable,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
-        epoch: int,
-        amp: Optional[AmpConfig] = None,
-        clip_grad: Optional[float] = None,
-        clip_mode: str = 'norm',
-        model_ema: Optional[nn.Module] = None,
-        batch_transform: Optional[BatchTransform] = None,
-        lr_scheduler: Optional[Any] = None,
-        log_writer: Optional[Any] = None,
-        print_freq: int = 50,
-        progress: bool = True,
-        start_step: int = 0,
-        meter: Optional[MetricMeter] = None,
-        on_step_end: Optional[Callable[[int, MetricMeter, bool], None]] = None,
-) -> Dict[str, float]:
-    """Train ``model`` for one pass over ``data_loader``.
+@dataclass
+class TrainStep:
+    """What one training step does, the same at every step of every epoch.
 
-    Args:
+    Attributes:
         model: the model (possibly DistributedDataParallel); ``model(images)`` with images
             (B, 3, S_f, S_f) returns ``[coarse_output, fine_output]``.
         criterion: ``criterion(outputs, targets)`` -> scalar loss, or a dict with ``'loss'`` (the
             one to back-propagate) and other scalars to report.
-        data_loader: yields ``(images, targets)``; targets are anything the batch transform and
-            the criterion accept (e.g. (B,) class indices).
         optimizer: the optimizer.
-        device: device of the model.
-        epoch: 0-based epoch (for the progress display and the scheduler's update count).
-        amp: mixed precision; full precision if None.
+        amp: mixed precision (default: full precision).
         clip_grad: clip gradients to this norm (or value), or None.
         clip_mode: ``'norm'`` or ``'value'``.
         model_ema: a ``timm.utils.ModelEmaV3`` updated after every optimizer step, or None.
@@ -192,6 +150,63 @@ def train_one_epoch(
             the forward pass (timm's ``Mixup``), or None.
         lr_scheduler: a timm scheduler; its ``step_update`` is called after every step (a no-op
             for per-epoch schedules).
+    """
+    model: nn.Module
+    criterion: Callable[[Any, Any], Any]
+    optimizer: torch.optim.Optimizer
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    model_ema: Optional[nn.Module] = None
+    batch_transform: Optional[BatchTransform] = None
+    lr_scheduler: Optional[Any] = None
+
+    def forward_loss(self, images: Any, targets: Any, device: torch.device) -> Tuple[int, Dict[str, torch.Tensor]]:
+        """The batch to ``device``, the batch transform, the model under autocast and the criterion.
+        Returns the batch size and the losses (``'loss'`` the one to back-propagate)."""
+        images = _to_device(images, device)
+        targets = _to_device(targets, device)
+        if self.batch_transform is not None:
+            images, targets = self.batch_transform(images, targets)
+        with self.amp.autocast(device):
+            outputs = self.model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
+        losses = self.criterion(outputs, targets)
+        if isinstance(losses, torch.Tensor):
+            losses = {'loss': losses}
+        return images.shape[0], losses
+
+    def update(self, loss: torch.Tensor, num_updates: int) -> float:
+        """Backward and optimizer step, the EMA and the scheduler's update; returns the learning rate."""
+        self.optimizer.zero_grad(set_to_none=True)
+        _backward_step(loss, self.optimizer, self.model, self.amp, self.clip_grad, self.clip_mode)
+        if self.model_ema is not None:
+            self.model_ema.update(unwrap_model(self.model))
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step_update(num_updates=num_updates)
+        return self.optimizer.param_groups[0]['lr']
+
+
+@stop_at_steps()
+def train_one_epoch(
+        train_step: TrainStep,
+        data_loader: Iterable,
+        device: torch.device,
+        epoch: int,
+        log_writer: Optional[Any] = None,
+        print_freq: int = 50,
+        progress: bool = True,
+        start_step: int = 0,
+        meter: Optional[MetricMeter] = None,
+        on_step_end: Optional[Callable[[int, MetricMeter, bool], None]] = None,
+) -> Dict[str, float]:
+    """Train ``train_step.model`` for one pass over ``data_loader``.
+
+    Args:
+        train_step: the model, criterion, optimizer and what each step does besides.
+        data_loader: yields ``(images, targets)``; targets are anything the batch transform and
+            the criterion accept (e.g. (B,) class indices).
+        device: device of the model.
+        epoch: 0-based epoch (for the progress display and the scheduler's update count).
         log_writer: a TensorBoard ``SummaryWriter`` (main process only), or None.
         print_freq: log a line (and a TensorBoard point) every this many steps.
         progress: show a tqdm bar (the caller passes False on non-main processes).
@@ -211,9 +226,7 @@ def train_one_epoch(
             the same step, before the optimizer step, so the weights stay those of the last step.
         PeerFailedError: another process failed to read its batch (it raises its own error), at the same step.
     """
-    amp = amp or AmpConfig()
-    model.train()
-    base_model = unwrap_model(model)
+    train_step.model.train()
     meter = meter if meter is not None else MetricMeter()
     num_steps = len(data_loader)  # type: ignore[arg-type]
     bar = tqdm(data_loader, total=num_steps, initial=start_step, desc=f'epoch {epoch}',
@@ -233,69 +246,63 @@ def train_one_epoch(
         if is_dist_initialized():
             # agree on the batches before the forward: DDP's forward broadcasts buffers (CF-LV-ViT's BatchNorm),
             # a collective that a process without a batch would leave the others waiting in
-            code, _, first = step_status(_failure_code(failure), False,
-                                         '' if failure is None else user_message(failure))
-            if failure is not None:
-                raise failure
-            if code:
-                raise PeerFailedError(f'process {first[0]} stopped the run at epoch {epoch}, step {step}: {first[1]}',
-                                      code)
+            _agree_on_step(_failure_code(failure), failure, False, epoch, step)
         if failure is None:
             try:  # any failure here (a CUDA out-of-memory error too) reaches the step agreement below
-                images = _to_device(images, device)
-                targets = _to_device(targets, device)
-                if batch_transform is not None:
-                    images, targets = batch_transform(images, targets)
-
-                with amp.autocast(device):
-                    outputs = model(images)  # [coarse, fine]; the coarse image is derived from this fine batch
-                losses = criterion(outputs, targets)
-                if isinstance(losses, torch.Tensor):
-                    losses = {'loss': losses}
-                loss = losses['loss']
-                loss_value = float(loss.item())
+                batch_size, losses = train_step.forward_loss(images, targets, device)
+                loss_value = float(losses['loss'].item())
             except Exception as e:
                 failure = e
-        code = _failure_code(failure)
-        if failure is None and not math.isfinite(loss_value):
-            code = NON_FINITE
-        code, stop, first = step_status(code, stop_asked,
-                                        '' if failure is None else user_message(failure))
-        if failure is not None:
-            raise failure
-        if code == NON_FINITE:
-            raise NonFiniteLossError(
-                f'the training loss is not finite (epoch {epoch}, step {step}, loss {loss_value} on this '
-                f'process): stopping. The last checkpoint is left as it was; lower --lr, raise '
-                f'--warmup-epochs or use --clip-grad.')
-        if code:
-            rank, message = first
-            raise PeerFailedError(f'process {rank} stopped the run at epoch {epoch}, step {step}: {message}',
-                                  EXIT_FAILED if code == NON_FINITE else code)
+        code = NON_FINITE if failure is None and not math.isfinite(loss_value) else _failure_code(failure)
+        stop = _agree_on_step(code, failure, stop_asked, epoch, step, loss_value if failure is None else None)
 
-        optimizer.zero_grad(set_to_none=True)
-        _backward_step(loss, optimizer, model, amp, clip_grad, clip_mode)
-        if model_ema is not None:
-            model_ema.update(base_model)
-
-        num_updates = epoch * num_steps + step + 1
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates)
-        lr = optimizer.param_groups[0]['lr']
-        batch_size = images.shape[0]
+        lr = train_step.update(losses['loss'], num_updates=epoch * num_steps + step + 1)
         meter.update(n=batch_size, **{k: v for k, v in losses.items()})
-        if progress:
-            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', refresh=False)
-        if print_freq and (step % print_freq == 0 or step == num_steps - 1) and is_main_process():
-            _logger.info('epoch %d [%d/%d] loss %.4f (mean %.4f) lr %.3e', epoch, step + 1, num_steps,
-                         loss_value, meter.means()['loss'], lr)
-            if log_writer is not None:
-                log_writer.add_scalar('train/loss_step', loss_value, num_updates)
+        _report_step(bar if progress else None, log_writer, print_freq, epoch, step, num_steps, loss_value, meter, lr)
         if on_step_end is not None:
             on_step_end(step + 1, meter, stop)
         if stop:
             break
     bar.close()
+    return _epoch_stats(meter, train_step.optimizer, data_loader, device, epoch)
+
+
+def _agree_on_step(code: int, failure: Optional[BaseException], stop_asked: bool, epoch: int, step: int,
+                   loss_value: Optional[float] = None) -> bool:
+    """The processes' agreement on a step (:func:`utils.core.dist.step_status`), then the same outcome on
+    every process: this process's own failure re-raised, :class:`NonFiniteLossError` when some loss was not
+    finite, :class:`PeerFailedError` when another process failed. Returns whether any process was asked
+    to stop."""
+    code, stop, first = step_status(code, stop_asked, '' if failure is None else user_message(failure))
+    if failure is not None:
+        raise failure
+    if code == NON_FINITE:
+        raise NonFiniteLossError(
+            f'the training loss is not finite (epoch {epoch}, step {step}, loss {loss_value} on this '
+            f'process): stopping. The last checkpoint is left as it was; lower --lr, raise '
+            f'--warmup-epochs or use --clip-grad.')
+    if code:
+        rank, message = first
+        raise PeerFailedError(f'process {rank} stopped the run at epoch {epoch}, step {step}: {message}', code)
+    return stop
+
+
+def _report_step(bar: Optional[Any], log_writer: Optional[Any], print_freq: int, epoch: int, step: int,
+                 num_steps: int, loss_value: float, meter: MetricMeter, lr: float) -> None:
+    """The progress bar's postfix; every ``print_freq`` steps (and at the last) a log line and a TensorBoard
+    point on the main process."""
+    if bar is not None:
+        bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', refresh=False)
+    if print_freq and (step % print_freq == 0 or step == num_steps - 1) and is_main_process():
+        _logger.info('epoch %d [%d/%d] loss %.4f (mean %.4f) lr %.3e', epoch, step + 1, num_steps,
+                     loss_value, meter.means()['loss'], lr)
+        if log_writer is not None:
+            log_writer.add_scalar('train/loss_step', loss_value, epoch * num_steps + step + 1)
+
+
+def _epoch_stats(meter: MetricMeter, optimizer: torch.optim.Optimizer, data_loader: Iterable,
+                 device: torch.device, epoch: int) -> Dict[str, float]:
+    """The epoch's means over every process, the last learning rate and the unreadable reads (summed)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     stats = meter.global_means()
@@ -346,7 +353,7 @@ def evaluate(
     bar = tqdm(data_loader, desc='eval', disable=not progress or None, dynamic_ncols=True, leave=False)
     for batch in bar:
         check_stop()  # a stop signal ends the run at the next step
-        images, targets, skipped = unpack_batch(batch, device)
+        images, targets, skipped, _ = unpack_batch(batch, device)
         totals[6] += skipped
         if images is None:
             continue

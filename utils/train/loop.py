@@ -21,7 +21,7 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,13 +35,14 @@ from utils.core.cli import parse_model_kwargs
 from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import ConfigError, OutputDirError
+from utils.core.precision import AmpConfig, training_amp
 from utils.train.checkpointing import (
     CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state,
     resolve_resume, resume, training_state, write_epoch_outputs,
 )
-from utils.train.engine import AmpConfig, evaluate, format_eval, train_one_epoch
+from utils.train.engine import TrainStep, evaluate, format_eval, train_one_epoch
 from utils.train.setup import (
-    build_amp, build_ema, build_loaders, build_optimizer, build_scheduler, set_selection,
+    build_ema, build_loaders, build_optimizer, build_scheduler, set_selection,
     step_scheduler,
 )
 
@@ -68,7 +69,7 @@ def train_or_evaluate(args: argparse.Namespace, info: DistInfo, output_dir: Opti
     _logger.info('%s, %d classes, input %s, %.2fM parameters%s', args.model, num_classes, model.img_size_list,
                  n_parameters / 1e6, f'; {summary}' if summary else '')
 
-    amp = build_amp(args, device)
+    amp = training_amp(args.amp, args.amp_dtype, device)
     if args.eval:
         evaluate_only(args, info, model, val_set, amp)
         return
@@ -121,7 +122,56 @@ def fit(run: TrainingRun) -> None:
     mid-epoch checkpoint is written too (:class:`StepCheckpointer`); a run resumed from it continues at
     the same sample with the same random state."""
     args, info, output_dir = run.args, run.info, run.output_dir
-    model_ema, lr_scheduler, amp = run.model_ema, run.lr_scheduler, run.amp
+    start_epoch, best_metric, mid_epoch, resume_from = _resume_or_start(run)
+    metric_name = run.eval_metric or 'fine top-1'
+    fault = FaultInjection(args.debug_fault, info.rank) if args.debug_fault else None
+    end_epoch = end_epoch_of(args, start_epoch, resume_from)
+    writer = None
+    if output_dir is not None and info.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
+    _log_plan(run, start_epoch, end_epoch, metric_name)
+    train_step = TrainStep(run.model, run.criterion, run.optimizer, amp=run.amp, clip_grad=args.clip_grad,
+                           clip_mode=args.clip_mode, model_ema=run.model_ema, batch_transform=run.batch_transform,
+                           lr_scheduler=run.lr_scheduler)
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            selection = epoch > args.selection_start_epoch
+            train_stats = _train_epoch(run, train_step, epoch, mid_epoch if epoch == start_epoch else None,
+                                       fault, writer, best_metric)
+            test_stats, ema_stats = _evaluate_epoch(run)
+            metric = (ema_stats or test_stats)[run.metric_key]
+            if run.lr_scheduler is not None:
+                step_scheduler(run.lr_scheduler, args, epoch, metric)
+            is_best = metric > best_metric
+            best_metric = max(best_metric, metric)
+            _logger.info('epoch %d: selection %s | %s%s | best %s %.3f', epoch, 'on' if selection else 'off',
+                         format_eval(test_stats), f' | EMA: {format_eval(ema_stats)}' if ema_stats else '',
+                         metric_name, best_metric)
+            record: Dict[str, Any] = {
+                'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                **{f'test_{k}': v for k, v in test_stats.items()},
+                **{f'test_ema_{k}': v for k, v in (ema_stats or {}).items()}}
+            if run.eval_metric:
+                record.update(eval_metric=run.eval_metric, best_metric=best_metric)
+            record.update(informative_selection=selection, n_parameters=run.n_parameters)
+            _write_epoch(run, writer, epoch, best_metric, test_stats, is_best, record)
+    finally:
+        if writer is not None:
+            writer.close()
+    _logger.info('done in %.1f s; best %s %.3f', time.time() - started, metric_name, best_metric)
+    if args.debug_weights_digest:
+        digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
+                  'model_ema': weights_digest(run.model_ema.module) if run.model_ema is not None else None}
+        Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+
+
+def _resume_or_start(run: TrainingRun) -> Tuple[int, float, Optional[Dict[str, Any]], str]:
+    """``(start epoch, best metric, mid-epoch state or None, the checkpoint resumed from or '')``: the run
+    resumed if asked (its scheduler stepped to the start epoch), else a new one (warning when it replaces
+    an earlier run's checkpoint)."""
+    args, info, output_dir = run.args, run.info, run.output_dir
     start_epoch, best_metric = args.start_epoch, -1.0  # the first epoch's checkpoint is always a best one
     mid_epoch: Optional[Dict[str, Any]] = None
     resume_from = resolve_resume(args, info, output_dir)
@@ -130,16 +180,14 @@ def fit(run: TrainingRun) -> None:
     elif output_dir is not None and info.rank == 0 and (output_dir / CHECKPOINT_NAME).is_file():
         _logger.warning('%s holds an earlier run\'s checkpoint: this new run starts over and replaces it '
                         '(--resume %s or --resume auto continues it instead)', output_dir, output_dir / CHECKPOINT_NAME)
-    if lr_scheduler is not None and start_epoch > 0:
-        step_scheduler(lr_scheduler, args, start_epoch - 1)
-    metric_name = run.eval_metric or 'fine top-1'
-    fault = FaultInjection(args.debug_fault, info.rank) if args.debug_fault else None
+    if run.lr_scheduler is not None and start_epoch > 0:
+        step_scheduler(run.lr_scheduler, args, start_epoch - 1)
+    return start_epoch, best_metric, mid_epoch, resume_from
 
-    end_epoch = end_epoch_of(args, start_epoch, resume_from)
-    writer = None
-    if output_dir is not None and info.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
+
+def _log_plan(run: TrainingRun, start_epoch: int, end_epoch: int, metric_name: str) -> None:
+    """The log lines that say which epochs run, and from which epoch informative selection is on."""
+    args = run.args
     _logger.info('training epochs %d..%d of %d, %d steps each; best checkpoint by %s%s', start_epoch,
                  end_epoch - 1, args.epochs, len(run.train_loader), metric_name, ' of the EMA' if run.ema_eval else '')
     if start_epoch <= args.selection_start_epoch:
@@ -148,73 +196,61 @@ def fit(run: TrainingRun) -> None:
                      'patch (its line says "selection off"), so its fine top-1 is not what --eval and '
                      'dynamic_inference.py measure (they always select)',
                      f'from epoch {first}' if first < end_epoch else f'not in these epochs (from epoch {first})')
-    started = time.time()
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank, info.world_size))
-            sampler = run.train_loader.sampler
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(epoch)
-            start_step, meter = 0, None
-            if mid_epoch is not None and epoch == start_epoch:  # the same order, from the same sample on
-                start_step, meter = mid_epoch['step'], mid_epoch['meter']
-                sampler.start_after(start_step * run.train_loader.batch_size,
-                                    partial(restore_rng_state, mid_epoch['rng']))
-            selection = epoch > args.selection_start_epoch
-            set_selection(selection, run.model_without_ddp, model_ema.module if model_ema is not None else None)
 
-            loader = fault.wrap(run.train_loader, epoch, start_step) if fault is not None else run.train_loader
-            train_stats = train_one_epoch(
-                run.model, run.criterion, loader, run.optimizer, info.device, epoch, amp=amp,
-                clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
-                batch_transform=run.batch_transform, lr_scheduler=lr_scheduler, log_writer=writer,
-                print_freq=args.print_freq, progress=info.rank == 0, start_step=start_step, meter=meter,
-                on_step_end=StepCheckpointer(run, epoch, len(run.train_loader), best_metric))
-            if run.dist_bn and info.distributed:  # e.g. the conv stem's BatchNorm statistics differ across processes
-                sync_batchnorm_statistics(run)
-            reduce = info.distributed and args.dist_eval
-            test_stats = evaluate(run.model_without_ddp, run.val_loader, info.device, amp,
-                                  reduce_over_processes=reduce, progress=info.rank == 0)
-            ema_stats = evaluate(model_ema.module, run.val_loader, info.device, amp, reduce_over_processes=reduce,
-                                 progress=info.rank == 0) if run.ema_eval else None
-            metric = (ema_stats or test_stats)[run.metric_key]
-            if lr_scheduler is not None:
-                step_scheduler(lr_scheduler, args, epoch, metric)
-            is_best = metric > best_metric
-            best_metric = max(best_metric, metric)
-            _logger.info('epoch %d: selection %s | %s%s | best %s %.3f', epoch, 'on' if selection else 'off',
-                         format_eval(test_stats), f' | EMA: {format_eval(ema_stats)}' if ema_stats else '',
-                         metric_name, best_metric)
 
-            record: Dict[str, Any] = {
-                'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                **{f'test_{k}': v for k, v in test_stats.items()},
-                **{f'test_ema_{k}': v for k, v in (ema_stats or {}).items()}}
-            if run.eval_metric:
-                record.update(eval_metric=run.eval_metric, best_metric=best_metric)
-            record.update(informative_selection=selection, n_parameters=run.n_parameters)
-            problem = None
-            if output_dir is not None and info.rank == 0:
-                checkpoint = {
-                    **training_state(run, epoch, best_metric),
-                    'coarse_acc1': test_stats['coarse_acc1'],
-                    'fine_acc1': test_stats['fine_acc1'],
-                    **({'eval_metric': run.eval_metric} if run.eval_metric else {}),
-                }
-                try:
-                    write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
-                except OSError as e:
-                    problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
-            if not all_agree(problem is None):  # every process stops together
-                raise OutputDirError(problem or 'the main process could not write its outputs')
-    finally:
-        if writer is not None:
-            writer.close()
-    _logger.info('done in %.1f s; best %s %.3f', time.time() - started, metric_name, best_metric)
-    if args.debug_weights_digest:
-        digest = {'rank': info.rank, 'model': weights_digest(run.model_without_ddp),
-                  'model_ema': weights_digest(model_ema.module) if model_ema is not None else None}
-        Path(f'{args.debug_weights_digest}.rank{info.rank}.json').write_text(json.dumps(digest))
+def _train_epoch(run: TrainingRun, train_step: TrainStep, epoch: int, mid_epoch: Optional[Dict[str, Any]],
+                 fault: Optional[FaultInjection], writer: Any, best_metric: float) -> Dict[str, float]:
+    """One epoch's training (from ``mid_epoch``'s sample on, with its random state, when resuming one), with
+    its seed, sampler epoch and selection switch; then ``--dist-bn``. Returns the epoch's training means."""
+    args, info = run.args, run.info
+    seed_everything(epoch_seed(args.seed, epoch, info.rank, info.world_size))
+    sampler = run.train_loader.sampler
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+    start_step, meter = 0, None
+    if mid_epoch is not None:  # the same order, from the same sample on
+        start_step, meter = mid_epoch['step'], mid_epoch['meter']
+        sampler.start_after(start_step * run.train_loader.batch_size, partial(restore_rng_state, mid_epoch['rng']))
+    set_selection(epoch > args.selection_start_epoch, run.model_without_ddp,
+                  run.model_ema.module if run.model_ema is not None else None)
+    loader = fault.wrap(run.train_loader, epoch, start_step) if fault is not None else run.train_loader
+    train_stats = train_one_epoch(
+        train_step, loader, info.device, epoch, log_writer=writer, print_freq=args.print_freq,
+        progress=info.rank == 0, start_step=start_step, meter=meter,
+        on_step_end=StepCheckpointer(run, epoch, len(run.train_loader), best_metric))
+    if run.dist_bn and info.distributed:  # e.g. the conv stem's BatchNorm statistics differ across processes
+        sync_batchnorm_statistics(run)
+    return train_stats
+
+
+def _evaluate_epoch(run: TrainingRun) -> Tuple[Dict[str, float], Optional[Dict[str, float]]]:
+    """The epoch's evaluation of the model, and of its EMA when the run evaluates it (else None)."""
+    info, reduce = run.info, run.info.distributed and run.args.dist_eval
+    test_stats = evaluate(run.model_without_ddp, run.val_loader, info.device, run.amp,
+                          reduce_over_processes=reduce, progress=info.rank == 0)
+    ema_stats = evaluate(run.model_ema.module, run.val_loader, info.device, run.amp, reduce_over_processes=reduce,
+                         progress=info.rank == 0) if run.ema_eval else None
+    return test_stats, ema_stats
+
+
+def _write_epoch(run: TrainingRun, writer: Any, epoch: int, best_metric: float, test_stats: Dict[str, float],
+                 is_best: bool, record: Dict[str, Any]) -> None:
+    """The main process writes the epoch's checkpoints, ``log.txt`` line and TensorBoard scalars; every
+    process stops together (:class:`OutputDirError`) when it could not."""
+    problem, output_dir = None, run.output_dir
+    if output_dir is not None and run.info.rank == 0:
+        checkpoint = {
+            **training_state(run, epoch, best_metric),
+            'coarse_acc1': test_stats['coarse_acc1'],
+            'fine_acc1': test_stats['fine_acc1'],
+            **({'eval_metric': run.eval_metric} if run.eval_metric else {}),
+        }
+        try:
+            write_epoch_outputs(output_dir, writer, checkpoint, is_best, record)
+        except OSError as e:
+            problem = f'cannot write the epoch {epoch} outputs to {output_dir}: {e.strerror or e}'
+    if not all_agree(problem is None):  # every process stops together
+        raise OutputDirError(problem or 'the main process could not write its outputs')
 
 
 def end_epoch_of(args: argparse.Namespace, start_epoch: int, resume_from: str) -> int:

@@ -2,8 +2,9 @@
 
 - the process set-up (distributed, logging, determinism, the output folder) and the data sets
   (:func:`setup_process`, :func:`load_datasets`);
-- the builders: model (:func:`build_model`, :func:`load_finetune_weights`), loaders, optimizer,
-  scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, AMP;
+- the builders: model (:func:`build_model_from_args`, :func:`load_finetune_weights`), loaders, optimizer,
+  scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, the mixup flags
+  (:func:`mixup_active`, :func:`mixup_kwargs`); precision is :mod:`utils.core.precision`;
 - the entry-point error handling: bad input becomes one line and exit status 2 (:func:`run_main`).
 
 The flags are :mod:`utils.train.args`; the epoch loop around these (resume, checkpoints, ``log.txt``)
@@ -42,7 +43,7 @@ from utils.core.checkpoint import check_state_dict, extract_state_dict, load_che
 from utils.core.cli import (
     busy_cpu_hint, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging,
 )
-from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
+from utils.core.precision import describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.files import remove_stale_temp_files
@@ -52,7 +53,6 @@ from utils.core.safe_io import UnsafeInputError, check_fixed_names, refuse_overw
 from utils.core.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
 from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
-from utils.train.engine import AmpConfig
 from utils.train.samplers import ResumableSampler, ShardSampler
 
 _logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
+def build_model_from_args(args: argparse.Namespace, num_classes: int, dense: bool = False) -> nn.Module:
     """The CF model of ``--model`` at ``--coarse-stage-size`` with the requested overrides.
 
     ``dense``: the caller trains with token labeling (main_lvvit.py), so the model must be one
@@ -151,6 +151,18 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
         model.dense_train_outputs = True  # training outputs for token labeling, as released
     model.set_grad_checkpointing(args.grad_checkpointing)
     return model
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    """Mixup or cutmix is on (``--mixup``, ``--cutmix`` above 0, or ``--cutmix-minmax``)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def mixup_kwargs(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
+    """The arguments of timm's ``Mixup`` (and its token-labeling subclass) that the mixup/cutmix flags give."""
+    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                num_classes=num_classes)
 
 
 def load_finetune_weights(model: nn.Module, path: str, unsafe: bool = False, model_kwargs: Sequence[str] = ()) -> None:
@@ -258,22 +270,6 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, world_size: int)
                      args.weight_decay)
     return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                param_group_fn=group_fn, **opt_kwargs)
-
-
-def build_amp(args: argparse.Namespace, device: torch.device) -> AmpConfig:
-    """Autocast dtype and (float16 only) gradient scaler; the log says which precision."""
-    enabled = args.amp if args.amp is not None else device.type == 'cuda'
-    amp = AmpConfig()
-    if enabled:
-        dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
-        try:
-            check_amp_dtype(dtype, device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        amp = AmpConfig(dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
-    _logger.info('precision: %s', f'autocast {str(amp.dtype).replace("torch.", "")}' + (
-        ' with a gradient scaler' if amp.scaler is not None else '') if amp.enabled else 'float32')
-    return amp
 
 
 def set_selection(enabled: bool, *models_: Optional[nn.Module]) -> None:

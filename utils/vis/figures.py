@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.folder import unpack_batch
 from models.token_ops import FINE_SCALE, fine_children
 
 from utils.core import files
@@ -310,8 +311,8 @@ def collect_details(model: nn.Module, loader: DataLoader, threshold: float, devi
     bar = tqdm(loader, desc='visualize', unit='batch', disable=not progress or None, dynamic_ncols=True)  # None: no bar off a terminal
     for batch in bar:
         check_stop()  # a stop signal ends the run at the next step
-        images, targets, indices = batch[0], batch[1], batch[3] if len(batch) > 3 else None
-        if images.numel() == 0:
+        images, targets, _, indices = unpack_batch(batch)
+        if images is None:
             continue
         out = model.forward_details(images.to(device, non_blocking=True), threshold)
         exited = out.exited.cpu()
