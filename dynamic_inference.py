@@ -32,21 +32,21 @@ if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one 
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
 from datasets import collate_skipping, eval_transform, open_image_folder  # noqa: E402
 from datasets.folder import find_image_folder  # noqa: E402
+import models  # noqa: E402
+from utils.core.atomic import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
 from utils.core.checkpoint_schema import architecture_from_checkpoint  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
-    worker_count,
-)
 from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32, tf32_state  # noqa: E402
+from utils.core.entry import run_entry_point  # noqa: E402
 from utils.core.errors import BadInputError  # noqa: E402
-from utils.core.files import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
+from utils.core.flags import (  # noqa: E402
+    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, worker_count,
+)
+from utils.core.logs import setup_logging  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
-from utils.core.run_folder import new_run_folder, prepare_output_dir  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
 from utils.inference.cpu import (  # noqa: E402
     AMP_CHOICES, cast_weights_for_autocast, has_mallopt, keep_freed_memory, resolve_amp_dtype,

@@ -32,10 +32,12 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import grid_side, positive_int, run_entry_point, setup_logging  # noqa: E402
+from utils.core.entry import run_entry_point  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: E402, F401 (export_onnx.EXIT_BAD_INPUT)
+from utils.core.flags import grid_side, positive_int  # noqa: E402
+from utils.core.logs import setup_logging  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.core.run_folder import refuse_overwriting_inputs  # noqa: E402
 from utils.inference.onnx_export import (  # noqa: E402
     DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, export_early_exit,
 )

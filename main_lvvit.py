@@ -50,8 +50,8 @@ from datasets.token_label import (  # noqa: E402
     keep_zero_bit_posterize,
 )
 from datasets.token_targets import SMOOTHING_MODES, ClassLabelBatch  # noqa: E402
-from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
+from utils.core.flags import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
 from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
 from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
 from utils.train.loop import train_or_evaluate  # noqa: E402

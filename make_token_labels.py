@@ -55,19 +55,21 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import models  # noqa: E402  (registers the CF models with timm)
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
 from datasets.token_label import (  # noqa: E402
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
+import models  # noqa: E402  (registers the CF models with timm)
 from models.token_ops import scatter_to_fine_grid  # noqa: E402
+from utils.core.atomic import save_atomic, sha256_file, write_json_atomic  # noqa: E402
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging, worker_count,
-)
 from utils.core.dist import default_device  # noqa: E402
+from utils.core.entry import run_entry_point  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
-from utils.core.files import save_atomic, sha256_file, write_json_atomic  # noqa: E402
+from utils.core.flags import (  # noqa: E402
+    default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
+)
+from utils.core.logs import setup_logging  # noqa: E402
 from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
 from utils.core.run_folder import prepare_output_dir  # noqa: E402
 from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
@@ -279,38 +281,23 @@ IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_
             'pretrained')
 
 
-@contextlib.contextmanager
-def _metadata_lock(out: Path):
-    """A blocking lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
+def _metadata_lock(out: Path) -> RunLock:
+    """A waiting lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
     file stays, as removing it would let two shards lock two files)."""
-    import fcntl
-
-    from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
-    try:
-        fd = open_regular_nofollow(out / LABELS_LOCK, os.O_RDWR | os.O_CREAT, what='the label-folder lock')
-    except UnsafeInputError as e:
-        raise OutputDirError(str(e)) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # file systems without locks: unguarded, as RunLock
-            pass
-        yield
-    finally:
-        os.close(fd)
+    return RunLock(out, LABELS_LOCK, wait=True, what='the label-folder lock')
 
 
 def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
     """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
     folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
     maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
-    from utils.core.safe_io import UnsafeInputError, read_structured
+    from datasets.safe_read import UnsafeFileError, read_structured
     path = out / METADATA_NAME
     with _metadata_lock(out):  # the shards of one job check and write it one at a time
         if os.path.lexists(path):
             try:
                 meta = read_structured(path, what='the label-map metadata', follow=False)
-            except (OSError, UnsafeInputError) as e:
+            except (OSError, UnsafeFileError) as e:
                 raise OutputDirError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
             if not isinstance(meta, dict):
                 raise OutputDirError(f'{path} is not label-map metadata: choose another --output')

@@ -36,12 +36,13 @@ if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one 
 
 import torch  # noqa: E402
 
-import models  # noqa: E402,F401  (registers the CF models with timm)
 from datasets.synthetic import default_synthetic_root, load_boxes, make_synthetic_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
+import models  # noqa: E402,F401  (registers the CF models with timm)
+from utils.core.atomic import write_json_atomic  # noqa: E402
 from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point  # noqa: E402
-from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.entry import run_entry_point  # noqa: E402
+from utils.core.flags import default_workers, device_name, float_in, int_at_least, positive_int  # noqa: E402
 from utils.core.model_builder import build_from_checkpoint  # noqa: E402
 from utils.core.run_folder import prepare_output_dir  # noqa: E402
 

@@ -39,19 +39,19 @@ if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one 
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
 from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images  # noqa: E402
 from datasets.transforms import data_config, eval_transform  # noqa: E402
+import models  # noqa: E402
+from utils.core.atomic import write_json_atomic  # noqa: E402
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
-    setup_logging, shown_name, worker_count,
-)
+from utils.core.entry import run_entry_point  # noqa: E402
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
-from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.flags import (  # noqa: E402
+    MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, worker_count,
+)
+from utils.core.logs import setup_logging, shown_name  # noqa: E402
 from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
-from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
+from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file  # noqa: E402
 from utils.core.signals import quiet_worker_signals  # noqa: E402
 from utils.vis.figures import (  # noqa: E402
     FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,

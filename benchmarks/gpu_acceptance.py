@@ -43,7 +43,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
-from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.atomic import write_json_atomic  # noqa: E402
 from utils.inference.early_exit import threshold_for_count  # noqa: E402
 
 #: The goal of issue 25: images/s of early exit at 50 % exits over DeiT-S's, batch 1024, float16.

@@ -16,13 +16,14 @@ import argparse
 import logging
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 
 from utils.core.checkpoint import extract_state_dict, load_model_weights
 from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.cli import parse_model_kwargs
 from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
+from utils.core.flags import parse_model_kwargs
 
 __all__ = ['ModelBuildError', 'resolve_architecture', 'build_model', 'build_from_checkpoint', 'create_model_checked',
            'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
@@ -159,7 +160,6 @@ def _base_name(name: Optional[str]) -> Optional[str]:
 def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(name, **kwargs)``; an impossible configuration (width not divisible by the heads,
     an unknown argument, ...) raises ``error`` with one line instead of timm's traceback."""
-    import timm
     try:
         return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:

@@ -5,7 +5,7 @@ traceback from inside the import machinery (sometimes a RecursionError, exit 1),
 with 143 and no line. :func:`stop_while_starting`, called by every script first thing under
 ``if __name__ == '__main__':`` (this module imports nothing slow), ends the process at once with one line
 and 128 + the signal number: nothing has been written yet. The entry point
-(:func:`utils.core.cli.run_entry_point`) replaces the handler with the run's own while it runs.
+(:func:`utils.core.entry.run_entry_point`) replaces the handler with the run's own while it runs.
 :func:`draw_to_files` makes their figures independent of ``MPLBACKEND``.
 """
 from __future__ import annotations
