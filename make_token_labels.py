@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -71,7 +70,7 @@ from utils.core.flags import (  # noqa: E402
 )
 from utils.core.logs import setup_logging  # noqa: E402
 from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
-from utils.core.run_folder import prepare_output_dir  # noqa: E402
+from utils.core.run_folder import RunLock, prepare_output_dir  # noqa: E402
 from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
 
 _logger = logging.getLogger('make_token_labels')
