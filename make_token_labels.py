@@ -38,40 +38,35 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('make_token_labels.py')
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
-from datasets.token_label import (  # noqa: E402
+from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip
+from datasets.token_label import (
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
-import models  # noqa: E402  (registers the CF models with timm)
-from models.token_ops import scatter_to_fine_grid  # noqa: E402
-from utils.core.atomic import save_atomic, sha256_file, write_json_atomic  # noqa: E402
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.dist import default_device  # noqa: E402
-from utils.core.entry import run_entry_point  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
-from utils.core.flags import (  # noqa: E402
+import models  # (registers the CF models with timm)
+from models.token_ops import scatter_to_fine_grid
+from utils.core.atomic import save_atomic, sha256_file, write_json_atomic
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.dist import default_device
+from utils.core.entry import run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: F401 (make_token_labels.EXIT_BAD_INPUT)
+from utils.core.flags import (
     default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
 )
-from utils.core.logs import setup_logging  # noqa: E402
-from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
-from utils.core.run_folder import RunLock, prepare_output_dir  # noqa: E402
-from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
+from utils.core.logs import setup_logging
+from utils.core.model_builder import build_model, resolve_architecture
+from utils.core.run_folder import RunLock, prepare_output_dir
+from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps
 
 _logger = logging.getLogger('make_token_labels')
 

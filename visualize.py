@@ -32,28 +32,25 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('visualize.py')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-import torch  # noqa: E402
+import torch
 
-from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images  # noqa: E402
-from datasets.transforms import data_config, eval_transform  # noqa: E402
-import models  # noqa: E402
-from utils.core.atomic import write_json_atomic  # noqa: E402
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.entry import run_entry_point  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
-from utils.core.flags import (  # noqa: E402
+from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
+from datasets.transforms import data_config, eval_transform
+import models
+from utils.core.atomic import write_json_atomic
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.entry import run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
+from utils.core.flags import (
     MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, worker_count,
 )
-from utils.core.logs import setup_logging, shown_name  # noqa: E402
-from utils.core.model_builder import build_model, resolve_architecture  # noqa: E402
-from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file  # noqa: E402
-from utils.core.signals import quiet_worker_signals  # noqa: E402
-from utils.vis.figures import (  # noqa: E402
+from utils.core.logs import setup_logging, shown_name
+from utils.core.model_builder import build_model, resolve_architecture
+from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file
+from utils.core.signals import quiet_worker_signals
+from utils.vis.figures import (
     FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )
@@ -484,5 +481,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     sys.exit(main())

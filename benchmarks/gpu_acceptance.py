@@ -38,7 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import utils.core.startup  # noqa: E402, F401  (first, before torch: HF_HUB_OFFLINE)
 
 import torch  # noqa: E402
 

@@ -44,7 +44,7 @@ from utils.core.checkpoint import check_state_dict, extract_state_dict, load_che
 from utils.core.cuda import check_amp_dtype, describe_float32, set_tf32
 from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
 from utils.core.entry import run_entry_point
-from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
+from utils.core.errors import CheckpointError, ConfigError, OutputDirError, UserError
 from utils.core.flags import busy_cpu_hint
 from utils.core.flags import parse_model_kwargs as _parse_model_kwargs
 from utils.core.logs import log_thread_os_errors, setup_logging
@@ -60,8 +60,6 @@ _logger = logging.getLogger(__name__)
 
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
-#: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
-EXIT_TRAINING_FAILED = EXIT_FAILED
 
 
 #: What the training scripts report as bad input (exit 2): every user error, and unreadable data.
