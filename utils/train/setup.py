@@ -48,7 +48,9 @@ from utils.core.errors import CheckpointError, ConfigError, OutputDirError, User
 from utils.core.flags import busy_cpu_hint
 from utils.core.flags import parse_model_kwargs as _parse_model_kwargs
 from utils.core.logs import log_thread_os_errors, setup_logging
-from utils.core.model_builder import adopt_recorded_switches, check_flag_switches, create_model_checked
+from utils.core.model_builder import (
+    adopt_recorded_switches, check_flag_switches, create_model_checked, without_fixed_kwargs,
+)
 from utils.core.run_folder import LOCK_NAME, check_fixed_names, prepare_output_dir, refuse_overwriting_inputs
 from utils.core.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
@@ -92,11 +94,8 @@ def build_model(args: argparse.Namespace, num_classes: int, dense: bool = False)
     for name in ('embed_dim', 'depth', 'num_heads'):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    extra = parse_model_kwargs(args.model_kwargs)
-    clash = [f'{k}={extra[k]!r}' for k in ('num_classes', 'coarse_stage_size') if k in extra and extra[k] != kwargs[k]]
-    if clash:  # the data set decides the classes, --coarse-stage-size the grid: never a silent other head
-        raise ConfigError(f'--model-kwargs {", ".join(clash)} contradicts the run (num_classes={num_classes} from the '
-                          f'data set, --coarse-stage-size {args.coarse_stage_size}): drop it from --model-kwargs')
+    fixed = {'num_classes': num_classes, 'coarse_stage_size': args.coarse_stage_size}
+    extra = without_fixed_kwargs(parse_model_kwargs(args.model_kwargs), fixed, 'the data set and --coarse-stage-size')
     kwargs.update(extra)
     pretrained = getattr(args, 'pretrained', None)
     if args.model.split('.', 1)[0] not in timm.list_models('cf_*'):  # a CF model name may carry a pretrained tag
