@@ -50,10 +50,11 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip
+from datasets.safe_read import UnsafeFileError, read_structured
 from datasets.token_label import (
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
-import models  # (registers the CF models with timm)
+import models  # registers the CF models with timm
 from models.token_ops import scatter_to_fine_grid
 from utils.core.atomic import save_atomic, sha256_file, write_json_atomic
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
@@ -285,7 +286,6 @@ def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) 
     """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
     folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
     maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
-    from datasets.safe_read import UnsafeFileError, read_structured
     path = out / METADATA_NAME
     with _metadata_lock(out):  # the shards of one job check and write it one at a time
         if os.path.lexists(path):

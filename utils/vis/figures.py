@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.safe_read import UnsafeFileError, read_capped, read_structured
 from models.token_ops import FINE_SCALE, fine_children
 
 from utils.core import atomic
@@ -118,7 +119,6 @@ def read_class_index(path: PathLike, num_classes: int) -> ClassIndex:
     path = Path(path)
     if not path.exists() and not path.is_symlink():  # a pipe or device is refused below
         raise BadInputError(f'--class-index-file {path} does not exist')
-    from datasets.safe_read import UnsafeFileError, read_capped, read_structured
     out = ClassIndex()
     try:  # a regular file of bounded size (and nesting): a pipe or /dev/zero is refused, never read
         if path.suffix.lower() == '.json':
