@@ -25,36 +25,33 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('dynamic_inference.py')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from datasets import collate_skipping, eval_transform, open_image_folder  # noqa: E402
-from datasets.folder import find_image_folder  # noqa: E402
-from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.checkpoint_schema import architecture_from_checkpoint  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point, setup_logging,
-    worker_count,
+from datasets import collate_skipping, eval_transform, open_image_folder
+from datasets.folder import find_image_folder
+import models
+from utils.core.atomic import NAME_MAX, save_atomic, write_json_atomic
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.checkpoint_schema import architecture_from_checkpoint
+from utils.core.entry import run_entry_point
+from utils.core.errors import BadInputError
+from utils.core.flags import (
+    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, worker_count,
 )
-from utils.core.precision import (  # noqa: E402
+from utils.core.logs import setup_logging
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.precision import (
     AMP_CHOICES, check_amp_dtype, describe_float32, resolve_amp_dtype, set_tf32, tf32_state,
 )
-from utils.core.errors import BadInputError  # noqa: E402
-from utils.core.files import NAME_MAX, save_atomic, write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_from_checkpoint  # noqa: E402
-from utils.core.run_folder import new_run_folder, prepare_output_dir  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
-from utils.core.signals import quiet_worker_signals  # noqa: E402
-from utils.inference.cpu import bf16_pays, cast_weights_for_autocast, has_mallopt, keep_freed_memory  # noqa: E402
-from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions  # noqa: E402
-from utils.inference.flops import stage_gflops  # noqa: E402
-from utils.inference.predict import StagePredictions, model_device, predict_stages, timed_early_exit  # noqa: E402
-from utils.vis.plots import plot_budgeted_curve  # noqa: E402
+from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs
+from utils.core.signals import quiet_worker_signals
+from utils.inference.cpu import bf16_pays, cast_weights_for_autocast, has_mallopt, keep_freed_memory
+from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
+from utils.inference.flops import stage_gflops
+from utils.inference.predict import StagePredictions, model_device, predict_stages, timed_early_exit
+from utils.vis.plots import plot_budgeted_curve
 
 _logger = logging.getLogger('dynamic_inference')
 

@@ -23,23 +23,22 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('export_onnx.py')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import grid_side, positive_int, run_entry_point, setup_logging  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: E402, F401 (export_onnx.EXIT_BAD_INPUT)
-from utils.core.model_builder import build_from_checkpoint  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
-from utils.inference.onnx_export import (  # noqa: E402
+import models
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.entry import run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
+from utils.core.flags import grid_side, positive_int
+from utils.core.logs import setup_logging
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.run_folder import refuse_overwriting_inputs
+from utils.inference.onnx_export import (
     DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, export_early_exit,
 )
-from utils.inference.onnx_runtime import OnnxEarlyExit  # noqa: E402
+from utils.inference.onnx_runtime import OnnxEarlyExit
 
 _logger = logging.getLogger('export_onnx')
 
@@ -128,5 +127,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     sys.exit(main())

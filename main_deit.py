@@ -24,32 +24,26 @@ loop that ``main_lvvit.py`` shares are in :mod:`utils.train.setup` and :mod:`uti
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence, Tuple
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('main_deit.py')
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import torch.nn as nn  # noqa: E402
-from timm.data import Mixup  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-
-from datasets.build import attach_transform, build_transform  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
-from utils.train.args import adopt_recorded_architecture, flags_given, get_args_parser  # noqa: E402
-from utils.train.loop import train_or_evaluate  # noqa: E402
-from utils.train.losses import CFViTLoss  # noqa: E402
-from utils.train.setup import (  # noqa: E402
-    EXIT_TRAINING_FAILED, USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active,
-    mixup_kwargs, run_main, setup_process,
+from datasets.build import attach_transform, build_transform
+from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
+from utils.train.args import adopt_recorded_architecture, flags_given, get_args_parser
+from utils.train.loop import train_or_evaluate
+from utils.train.losses import CFViTLoss
+from utils.train.setup import (
+    USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active, mixup_kwargs, run_main,
+    setup_process,
 )
 
-__all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_TRAINING_FAILED',
+__all__ = ['get_args_parser', 'build_criterion', 'run', 'main', 'EXIT_BAD_INPUT', 'EXIT_FAILED',
            'USER_ERRORS']
 
 

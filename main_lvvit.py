@@ -29,41 +29,35 @@ epoch in ``log.txt`` and TensorBoard scalars under ``--output`` (:mod:`utils.tra
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('main_lvvit.py')
+import torch.nn as nn
+from timm.data import Mixup
 
-import torch.nn as nn  # noqa: E402
-from timm.data import Mixup  # noqa: E402
-
-from datasets.build import attach_transform, build_transform  # noqa: E402
-from datasets.token_labels.augment import build_token_label_transform  # noqa: E402
-from datasets.token_labels.batch import ClassLabelBatch, TokenLabelBatch  # noqa: E402
-from datasets.token_labels.dataset import TokenLabelDataset  # noqa: E402
-from datasets.token_labels.maps import folder_samples  # noqa: E402
-from datasets.token_labels.mixup import TokenLabelMixup  # noqa: E402
-from datasets.token_labels.targets import CROP_MODES, SMOOTHING_MODES  # noqa: E402
-from utils.core.cli import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, ConfigError  # noqa: E402
-from utils.train.args import adopt_recorded_architecture, flags_given  # noqa: E402
-from utils.train.args import get_args_parser as training_args_parser  # noqa: E402
-from utils.train.loop import train_or_evaluate  # noqa: E402
-from utils.train.setup import (  # noqa: E402
-    EXIT_TRAINING_FAILED, USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active,
-    mixup_kwargs, run_main, setup_process,
+from datasets.build import attach_transform, build_transform
+from datasets.token_labels.augment import build_token_label_transform
+from datasets.token_labels.batch import ClassLabelBatch, TokenLabelBatch
+from datasets.token_labels.dataset import TokenLabelDataset
+from datasets.token_labels.maps import folder_samples
+from datasets.token_labels.mixup import TokenLabelMixup
+from datasets.token_labels.targets import CROP_MODES, SMOOTHING_MODES
+from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
+from utils.core.flags import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count
+from utils.train.args import adopt_recorded_architecture, flags_given
+from utils.train.args import get_args_parser as training_args_parser
+from utils.train.loop import train_or_evaluate
+from utils.train.setup import (
+    USER_ERRORS, build_model_from_args, load_datasets, load_finetune_weights, mixup_active, mixup_kwargs, run_main,
+    setup_process,
 )
-from utils.train.token_label_loss import CFTokenLabelingLoss, TokenLabelingLoss  # noqa: E402
+from utils.train.token_label_loss import CFTokenLabelingLoss, TokenLabelingLoss
 
 __all__ = ['get_args_parser', 'check_args', 'build_objective', 'run', 'main', 'EXIT_BAD_INPUT',
-           'EXIT_TRAINING_FAILED', 'USER_ERRORS']
+           'EXIT_FAILED', 'USER_ERRORS']
 #: ``--eval-metric`` -> the key of :func:`utils.train.engine.evaluate`'s result.
 EVAL_METRICS = {'top1_f': 'fine_acc1', 'top1_c': 'coarse_acc1'}
 #: LV-ViT's learning rate and the global batch it was tuned for (8 GPUs x 128, or 4 x 256).

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -39,38 +38,36 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('make_token_labels.py')
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import models  # noqa: E402  (registers the CF models with timm)
-from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip  # noqa: E402
-from datasets.token_labels.maps import (  # noqa: E402
+from datasets.folder import DatasetError, collate_skipping, open_image_folder, read_or_skip
+from datasets.safe_read import UnsafeFileError, read_structured
+from datasets.token_labels.maps import (
     LABEL_MAP_SUFFIX, METADATA_NAME, check_distinct_label_maps, label_map_path,
 )
-from models.token_ops import scatter_to_fine_grid  # noqa: E402
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    default_workers, device_name, grid_side, int_at_least, positive_int, run_entry_point, setup_logging, worker_count,
+import models  # registers the CF models with timm
+from models.token_ops import scatter_to_fine_grid
+from utils.core.atomic import save_atomic, sha256_file, write_json_atomic
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.dist import default_device
+from utils.core.entry import run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: F401 (make_token_labels.EXIT_BAD_INPUT)
+from utils.core.flags import (
+    default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
 )
-from utils.core.dist import default_device  # noqa: E402
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: E402,F401 (make_token_labels.EXIT_BAD_INPUT)
-from utils.core.files import save_atomic, sha256_file, write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_model_from_name, resolve_architecture  # noqa: E402
-from utils.core.run_folder import prepare_output_dir  # noqa: E402
-from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps  # noqa: E402
+from utils.core.logs import setup_logging
+from utils.core.model_builder import build_model_from_name, resolve_architecture
+from utils.core.run_folder import RunLock, prepare_output_dir
+from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps
 
 _logger = logging.getLogger('make_token_labels')
 
@@ -279,38 +276,22 @@ IDENTITY = ('teacher', 'checkpoint_sha256', 'use_ema', 'full_fine_grid', 'input_
             'pretrained')
 
 
-@contextlib.contextmanager
-def _metadata_lock(out: Path):
-    """A blocking lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
+def _metadata_lock(out: Path) -> RunLock:
+    """A waiting lock on ``out/.cfvit-labels.lock`` (held for milliseconds: shards wait for each other; the
     file stays, as removing it would let two shards lock two files)."""
-    import fcntl
-
-    from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
-    try:
-        fd = open_regular_nofollow(out / LABELS_LOCK, os.O_RDWR | os.O_CREAT, what='the label-folder lock')
-    except UnsafeInputError as e:
-        raise OutputDirError(str(e)) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # file systems without locks: unguarded, as RunLock
-            pass
-        yield
-    finally:
-        os.close(fd)
+    return RunLock(out, LABELS_LOCK, wait=True, what='the label-folder lock')
 
 
 def claim_label_folder(out: Path, identity: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
     """Write (or check) ``token_labels.json`` before any map, so that maps of two teachers never mix in one
     folder: a folder whose metadata names another teacher, checkpoint or map layout is refused; one with
     maps but no metadata (an older or foreign folder) is refused too. Returns the metadata."""
-    from utils.core.safe_io import UnsafeInputError, read_structured
     path = out / METADATA_NAME
     with _metadata_lock(out):  # the shards of one job check and write it one at a time
         if os.path.lexists(path):
             try:
                 meta = read_structured(path, what='the label-map metadata', follow=False)
-            except (OSError, UnsafeInputError) as e:
+            except (OSError, UnsafeFileError) as e:
                 raise OutputDirError(f'{e}; --output must be a label-map folder of this teacher or a new one') from None
             if not isinstance(meta, dict):
                 raise OutputDirError(f'{path} is not label-map metadata: choose another --output')

@@ -19,31 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('MPLBACKEND', 'Agg')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('quickstart.py')
+import torch
 
-import torch  # noqa: E402
-
-import models  # noqa: E402,F401  (registers the CF models with timm)
-from datasets.synthetic import default_synthetic_root, load_boxes, make_synthetic_dataset  # noqa: E402
-from datasets.transforms import eval_transform  # noqa: E402
-from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
-from utils.core.cli import default_workers, device_name, float_in, int_at_least, positive_int, run_entry_point  # noqa: E402
-from utils.core.files import write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_from_checkpoint  # noqa: E402
-from utils.core.run_folder import prepare_output_dir  # noqa: E402
+from datasets.synthetic import default_synthetic_root, load_boxes, make_synthetic_dataset
+from datasets.transforms import eval_transform
+import models  # noqa: F401  (registers the CF models with timm)
+from utils.core.atomic import write_json_atomic
+from utils.core.checkpoint import load_checkpoint_file
+from utils.core.entry import run_entry_point
+from utils.core.flags import default_workers, device_name, float_in, int_at_least, positive_int
+from utils.core.model_builder import build_from_checkpoint
+from utils.core.run_folder import prepare_output_dir
 
 
 ROOT = Path(__file__).resolve().parent

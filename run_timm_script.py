@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import runpy
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing downloads at run time
+import utils.core.startup  # noqa: F401  (first, before timm: HF_HUB_OFFLINE, nothing downloads at run time)
 
 EXIT_BAD_INPUT = 2
 USAGE = 'usage: run_timm_script.py SCRIPT.py [ARGS ...]  (SCRIPT: one of timm\'s scripts, e.g. validate.py)'

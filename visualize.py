@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import math
 import os
@@ -32,28 +31,26 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if __name__ == '__main__':  # Ctrl-C / SIGTERM while the imports below run: one line, exit 130 / 143
-    from utils.core.startup import draw_to_files, stop_while_starting
-    draw_to_files()
-    stop_while_starting('visualize.py')
+import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images  # noqa: E402
-from datasets.transforms import data_config, eval_transform  # noqa: E402
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
-from utils.core.cli import (  # noqa: E402
-    MAX_SEED, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, run_entry_point,
-    setup_logging, shown_name, worker_count,
+from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
+from datasets.transforms import data_config, eval_transform
+import models
+from utils.core.atomic import write_json_atomic
+from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.core.entry import run_entry_point
+from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
+from utils.core.flags import (
+    MAX_SEED, KeyValues, default_workers, device_name, device_problem, float_in, grid_side, int_at_least,
+    positive_int, worker_count,
 )
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: E402, F401 (visualize.EXIT_BAD_INPUT)
-from utils.core.files import write_json_atomic  # noqa: E402
-from utils.core.model_builder import build_model_from_name, resolve_architecture  # noqa: E402
-from utils.core.run_folder import new_run_folder, prepare_output_dir, same_file  # noqa: E402
-from utils.core.safe_io import refuse_overwriting_inputs  # noqa: E402
-from utils.core.signals import quiet_worker_signals  # noqa: E402
-from utils.vis.figures import (  # noqa: E402
+from utils.core.logs import setup_logging, shown_name
+from utils.core.model_builder import build_model_from_name, resolve_architecture, without_fixed_kwargs
+from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file
+from utils.core.signals import quiet_worker_signals
+from utils.vis.figures import (
     FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,
 )
@@ -69,23 +66,6 @@ OUTPUT_NAMES = ('coarse_correct.png', 'fine_only_correct.png', 'coarse_exit.png'
                 'confidence_histogram.png', 'summary.json')
 CHECK, CROSS = '\u2713', '\u2717'
 GREEN, RED, GREY, BLACK = '#1b7f3b', '#c1121f', '#6c757d', '#111111'
-
-
-class _KeyValues(argparse.Action):
-    """``key=value`` pairs into a dict; values are Python literals when they parse as one."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
-        out: Dict[str, Any] = {}
-        for item in values:
-            key, sep, value = item.partition('=')
-            if not sep or not key:
-                parser.error(f'{option_string} expects key=value pairs, got {item!r}')
-            try:
-                out[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key] = value
-        setattr(namespace, self.dest, out)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -106,7 +86,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--num-classes', '--num_classes', type=int_at_least(1), default=None,
                    help='classes of a model without checkpoint (default: the dataset\'s class folders, '
                         'else 1000); with --resume the checkpoint\'s head decides')
-    p.add_argument('--model-kwargs', '--model_kwargs', nargs='*', default={}, action=_KeyValues,
+    p.add_argument('--model-kwargs', '--model_kwargs', nargs='*', default={}, action=KeyValues,
                    metavar='KEY=VALUE', help='more timm.create_model arguments, e.g. embed_dim=48 depth=4')
     src = p.add_mutually_exclusive_group(required=False)
     src.add_argument('--data-path', '--data_path', default=None, metavar='PATH',
@@ -146,8 +126,9 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise BadInputError(f'--device {name!r} is not a device: {e}') from e
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise BadInputError(f'--device {name} asked for, but CUDA is not available (use --device cpu)')
+    problem = device_problem(device)
+    if problem is not None:
+        raise BadInputError(f'--device {name}: {problem}')
     return device
 
 
@@ -237,13 +218,11 @@ def _display_names_only(index: ClassIndex, folders: Optional[List[str]], num_cla
 def _build_model(args: argparse.Namespace, num_classes: int,
                  state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    given = sorted({'num_classes', 'coarse_stage_size'} & set(args.model_kwargs))
-    if given:  # one line instead of create_model's "multiple values for keyword argument" TypeError
-        raise BadInputError(f'--model-kwargs {", ".join(given)}: set by the checkpoint head / --num-classes and '
-                            f'--coarse-stage-size; drop it from --model-kwargs')
+    fixed = {'num_classes': num_classes, 'coarse_stage_size': args.coarse_stage_size}
+    extra = without_fixed_kwargs(args.model_kwargs, fixed, "the checkpoint's head or --num-classes, and "
+                                 '--coarse-stage-size', BadInputError)
     try:
-        model = build_model_from_name(args.model, state_dict, BadInputError, coarse_stage_size=args.coarse_stage_size,
-                            num_classes=num_classes, **args.model_kwargs)
+        model = build_model_from_name(args.model, state_dict, BadInputError, **fixed, **extra)
     except CheckpointError as e:
         raise CheckpointError(f'{args.resume}: {e}') from e
     if state_dict is not None:
@@ -526,5 +505,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     sys.exit(main())

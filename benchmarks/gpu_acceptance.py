@@ -38,12 +38,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import utils.core.startup  # noqa: E402, F401  (first, before torch: HF_HUB_OFFLINE)
 
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
-from utils.core.files import write_json_atomic  # noqa: E402
+from utils.core.atomic import write_json_atomic  # noqa: E402
 from utils.inference.early_exit import threshold_for_share  # noqa: E402
 
 #: The goal of issue 25: images/s of early exit at 50 % exits over DeiT-S's, batch 1024, float16.

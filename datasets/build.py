@@ -25,6 +25,7 @@ from torchvision import datasets as tv_datasets
 from .folder import (
     DatasetError, RobustImageFolder, UnreadableCounter, read_or_skip, read_substituting, unwrap_subset,
 )
+from .safe_read import UnsafeFileError, read_structured
 from .transforms import data_config, eval_transform, keep_zero_bit_posterize
 
 __all__ = [
@@ -135,7 +136,6 @@ class INatDataset(Dataset):
 
     @staticmethod
     def _load(path: Path) -> Any:
-        from .safe_read import UnsafeFileError, read_structured
         try:  # a regular file (iNaturalist's largest is about 300 MB), bounded nesting
             return read_structured(path, max_bytes=2 << 30, max_depth=16, what='iNaturalist annotations')
         except (OSError, UnsafeFileError) as e:

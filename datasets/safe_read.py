@@ -1,22 +1,28 @@
 """Reading files and structures that come from outside the run so that they cannot hurt it (plain
-functions, no ``utils/`` import: the data sets use them, and ``utils.core.safe_io`` builds on them).
+functions, no ``utils/`` import: the data sets and the scripts use them alike).
 
-- :func:`open_regular_nofollow`: open a file without following a symbolic link and without blocking on a
-  named pipe; anything but a regular file is refused.
+- :func:`open_regular`: the one open of a file from outside or under a fixed name: never blocking on a
+  named pipe, anything but a regular file refused, a symbolic link too when asked (``follow=False``: a
+  link named ``.cfvit-run.lock`` never lets a run truncate the file it points to, a FIFO named ``log.txt``
+  never blocks it).
 - :func:`read_structured`: a JSON file read from outside (an export manifest, ``token_labels.json``, a
   class-index file, iNaturalist annotations): regular files only (a pipe or ``/dev/zero`` is refused,
   never read), at most ``max_bytes``, nesting at most ``max_depth`` deep, optionally checked against a
-  small schema.
-- :func:`bounded_depth`: the nesting of an already loaded structure, walked without recursion.
+  small schema (:func:`check_schema`).
+- :func:`bounded_depth`: the nesting of an already loaded structure (a checkpoint's extra fields), walked
+  without recursion, so a list nested 200,000 deep is refused instead of raising ``RecursionError``.
+- :func:`check_like`: a loaded state (a scheduler's ``state_dict``) has the keys, types and lengths of
+  the run's own one (a string where a number belongs is refused before it is used).
 - :func:`special_filesystem` / :func:`link_above_root`: what a data-folder walk must not enter
   (``/proc``-like file systems; a link to a folder that contains the walk's own root).
 
-Every refusal is :class:`UnsafeFileError` (a ``ValueError``); ``utils.core.safe_io`` re-raises it as its
-``UnsafeInputError``, a user error (one line, exit status 2 in every script).
+Every refusal is :class:`UnsafeFileError` (a ``ValueError``), which every script's entry point
+(``utils.core.entry.run_entry_point``) reports as bad input: one line, exit status 2.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import math
 import numbers
@@ -24,8 +30,9 @@ import os
 import stat
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
-__all__ = ['UnsafeFileError', 'open_regular_nofollow', 'read_structured', 'read_capped', 'bounded_depth',
-           'check_schema', 'special_filesystem', 'link_above_root', 'MAX_JSON_BYTES', 'MAX_DEPTH']
+__all__ = ['UnsafeFileError', 'open_regular', 'read_structured', 'read_capped', 'bounded_depth', 'check_schema',
+           'check_like', 'is_number', 'short_repr', 'file_kind', 'special_filesystem', 'link_above_root', 'MAX_JSON_BYTES',
+           'MAX_DEPTH']
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,7 +50,8 @@ class UnsafeFileError(ValueError):
     """A file or structure that is refused before use (message meant for a person)."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for a message (``'a named pipe'``, ``'a folder'``...)."""
     for test, name in ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a named pipe'), (stat.S_ISSOCK, 'a socket'),
                        (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'),
                        (stat.S_ISLNK, 'a symbolic link')):
@@ -52,32 +60,38 @@ def _kind(mode: int) -> str:
     return 'not a regular file'
 
 
-def open_regular_nofollow(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o644,
-                          what: str = 'file') -> int:
-    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` and anything but a regular file.
+def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o644, what: str = 'file',
+                 follow: bool = True) -> int:
+    """``os.open(path, flags)`` of a regular file, never blocking on a named pipe: the one open of a file from
+    outside or under a fixed name (the readers here, the image decoder, the run lock, ``log.txt``).
 
-    The file is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO is refused at once, never waited on;
-    ``O_NONBLOCK`` is cleared again for a regular file). Pass ``O_CREAT`` to create it; never pass
-    ``O_TRUNC`` (truncate after this check, with ``os.ftruncate``).
+    The file is opened with ``O_NONBLOCK`` (a FIFO is refused at once, never waited on; ``O_NONBLOCK`` is
+    cleared again for a regular file) and, when ``follow`` is False, ``O_NOFOLLOW`` (a symbolic link at
+    ``path`` is refused). Pass ``O_CREAT`` to create it; never pass ``O_TRUNC`` (truncate after this check,
+    with ``os.ftruncate``).
 
     Returns:
         The file descriptor (the caller closes it).
 
     Raises:
-        UnsafeFileError: a link, a pipe, a device, a folder... (``what`` names the file in the message).
-        OSError: any other failure to open (permissions, a missing folder).
+        UnsafeFileError: a pipe, a device, a folder... (``what`` names the file in the message); with
+            ``follow`` False also a link.
+        OSError: any other failure to open (a missing file, permissions); with ``follow`` every failure
+            to open.
     """
     if flags & os.O_TRUNC:
-        raise ValueError('open_regular_nofollow: truncate after the check (os.ftruncate), not with O_TRUNC')
+        raise ValueError('open_regular: truncate after the check (os.ftruncate), not with O_TRUNC')
     try:
-        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, mode)
+        fd = os.open(path, flags | (0 if follow else _NOFOLLOW) | _NONBLOCK | _CLOEXEC, mode)
     except OSError as e:
+        if follow:
+            raise
         if e.errno == errno.ELOOP or (e.errno == errno.EMLINK and os.path.islink(path)):
             raise UnsafeFileError(f'{what} {path} is a symbolic link: refused (the run never writes through a link '
-                                   f'there; remove it)') from None
+                                  f'there; remove it)') from None
         if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a FIFO without reader, a folder, a device
             try:
-                kind = _kind(os.lstat(path).st_mode)
+                kind = file_kind(os.lstat(path).st_mode)
             except OSError:
                 kind = 'not a regular file'
             raise UnsafeFileError(f'{what} {path} is {kind}: refused (expected a regular file)') from None
@@ -85,9 +99,8 @@ def open_regular_nofollow(path: PathLike, flags: int = os.O_RDONLY, mode: int = 
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError(f'{what} {path} is {_kind(st.st_mode)}: refused (expected a regular file)')
+            raise UnsafeFileError(f'{what} {path} is {file_kind(st.st_mode)}: refused (expected a regular file)')
         if _NONBLOCK:
-            import fcntl
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
     except BaseException:
         os.close(fd)
@@ -97,22 +110,12 @@ def open_regular_nofollow(path: PathLike, flags: int = os.O_RDONLY, mode: int = 
 
 def read_capped(path: PathLike, max_bytes: int, what: str, follow: bool = True) -> bytes:
     """At most ``max_bytes`` of a regular file (links to one are followed unless ``follow`` is False)."""
-    if follow:
-        try:
-            fd = os.open(path, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise
-            raise UnsafeFileError(f'cannot read {what} {path}: {e.strerror or e}') from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFileError(f'{what} {path} is {_kind(st.st_mode)}: refused (expected a regular file)')
-        except BaseException:
-            os.close(fd)
+    try:
+        fd = open_regular(path, what=what, follow=follow)
+    except OSError as e:
+        if not follow or e.errno == errno.ENOENT:
             raise
-    else:
-        fd = open_regular_nofollow(path, what=what)
+        raise UnsafeFileError(f'cannot read {what} {path}: {e.strerror or e}') from None
     try:
         if os.fstat(fd).st_size > max_bytes:
             raise UnsafeFileError(f'{what} {path} is larger than {max_bytes} bytes: refused')
@@ -195,10 +198,11 @@ def check_schema(obj: Any, schema: Mapping[str, Any], where: str) -> None:
         raise UnsafeFileError(f'{where} lacks {", ".join(missing)}')
     for key, kind in schema.items():
         if not _type_ok(obj[key], kind):
-            raise UnsafeFileError(f'{where}: {key} is {_short(obj[key])}, expected {_type_name(kind)}')
+            raise UnsafeFileError(f'{where}: {key} is {short_repr(obj[key])}, expected {_type_name(kind)}')
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for a one-line message (never raises)."""
     try:
         text = repr(value)
     except (RecursionError, ValueError):
@@ -238,6 +242,52 @@ def bounded_depth(obj: Any, max_depth: int = MAX_DEPTH, where: str = 'the data',
         deepest = max(deepest, depth)
         stack.extend((child, depth) for child in children)
     return deepest
+
+
+def check_like(value: Any, reference: Any, where: str, error: Type[Exception] = UnsafeFileError,
+               _path: str = '') -> None:
+    """Raise ``error`` unless ``value`` has the shape of ``reference`` (e.g. a loaded scheduler state
+    against the run's own): dict keys among the reference's, numbers where numbers are (finite or not,
+    never a bool or text), text where text is, lists of the same length item by item. A reference None
+    takes None or a number; anything else must be of the reference's type."""
+    name = _path or 'it'
+    if isinstance(reference, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(reference, numbers.Real):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    elif reference is None:  # an optional number (timm: metric, noise_range_t), or a list of numbers
+        ok = value is None or is_number(value) or (isinstance(value, (list, tuple)) and len(value) <= 16
+                                                 and all(is_number(v) for v in value))
+    elif isinstance(reference, str):
+        ok = isinstance(value, str)
+    elif isinstance(reference, Mapping):
+        if not isinstance(value, Mapping):
+            raise error(f'{where}: {name} is {short_repr(value)}, expected an object')
+        extra = [k for k in value if k not in reference]
+        if extra:
+            raise error(f'{where}: {name} has entries this run does not know: {", ".join(map(str, extra[:5]))}')
+        for k, v in value.items():
+            check_like(v, reference[k], where, error, f'{_path}.{k}' if _path else str(k))
+        return
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(reference):
+            raise error(f'{where}: {name} is {short_repr(value)}, expected a list of {len(reference)} values')
+        for i, (v, r) in enumerate(zip(value, reference)):
+            check_like(v, r, where, error, f'{_path}[{i}]')
+        return
+    elif type(reference).__name__ == 'Tensor' and hasattr(reference, 'dtype'):
+        ok = (type(value) is type(reference) and value.dtype == reference.dtype
+              and tuple(value.shape) == tuple(reference.shape))
+    else:
+        ok = isinstance(value, type(reference))
+    if not ok:
+        raise error(f'{where}: {name} is {short_repr(value)}, expected {short_repr(reference)}-like '
+                    f'({type(reference).__name__})')
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------------- folder walks

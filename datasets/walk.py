@@ -27,7 +27,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 import numpy as np
 from PIL import Image
 
-from .safe_read import link_above_root, special_filesystem
+from .safe_read import UnsafeFileError, link_above_root, open_regular, special_filesystem
 
 __all__ = ['MAX_PIXELS', 'MAX_ASPECT_RATIO', 'UnreadableImageError', 'WalkResult', 'walk_files', 'image_files',
            'class_folder_samples', 'decode_image']
@@ -126,16 +126,14 @@ def _inside(path: str, folders: Sequence[str]) -> bool:
     return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
 
-def _open_regular(path: str) -> bytes:
+def _read_regular(path: str) -> bytes:
     """The bytes of ``path``, refusing anything but a regular file without blocking on it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnreadableImageError(f'{path} is not a regular file')
-        with os.fdopen(fd, 'rb', closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
+        fd = open_regular(path, what='image')
+    except UnsafeFileError:
+        raise UnreadableImageError(f'{path} is not a regular file') from None
+    with os.fdopen(fd, 'rb') as f:
+        return f.read()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -166,7 +164,7 @@ def decode_image(path: str, max_pixels: int = MAX_PIXELS, max_aspect_ratio: floa
             or anything PIL raises while reading it (corrupt, truncated, crafted files).
     """
     try:
-        data = _open_regular(path)
+        data = _read_regular(path)
     except UnreadableImageError:
         raise
     except OSError as e:

@@ -18,7 +18,8 @@ import timm
 import torch
 
 import export_onnx
-from utils.inference.onnx_export import GRAPH_FILES, MANIFEST_NAME, sha256_file
+from utils.core.atomic import sha256_file
+from utils.inference.onnx_export import GRAPH_FILES, MANIFEST_NAME
 
 from helpers import one_line_error, run_main, script_env
 

@@ -318,8 +318,8 @@ def disk_full(monkeypatch):
     writing part of its temporary file, as on a full disk."""
     import contextlib
 
-    import utils.core.files
-    real = utils.core.files.atomic_file  # every module writes through this one
+    import utils.core.atomic
+    real = utils.core.atomic.atomic_file  # every module writes through this one
 
     @contextlib.contextmanager
     def full(path, mode='wb'):
@@ -327,7 +327,7 @@ def disk_full(monkeypatch):
             yield f
             f.write(b'\0' if 'b' in mode else '\0')
             raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(utils.core.files, 'atomic_file', full)
+    monkeypatch.setattr(utils.core.atomic, 'atomic_file', full)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import main_deit
-from utils.core import signals as preemption
+from utils.core import signals
 from utils.core.checkpoint import load_checkpoint_file
 
 from helpers import TINY_DEIT as TINY
@@ -54,7 +54,7 @@ def _stop_at(monkeypatch, calls: int) -> None:
     def predicate() -> bool:
         count['n'] += 1
         return count['n'] == calls
-    monkeypatch.setattr(preemption, 'preemption_requested', predicate)
+    monkeypatch.setattr(signals, 'preemption_requested', predicate)
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -70,11 +70,11 @@ def test_stop_mid_epoch_then_resume_auto_equals_uninterrupted(image_folder, tmp_
     assert main_deit.main(argv + ['--output', str(full)]) == 0
     assert len(log_lines(full)) == 3
     _stop_at(monkeypatch, 5 + 2)  # 5 steps per epoch (21 images, batch 4): epoch 1, after its 2nd step
-    assert main_deit.main(argv + ['--output', str(part), '--resume', 'auto']) == preemption.EXIT_STOPPED
+    assert main_deit.main(argv + ['--output', str(part), '--resume', 'auto']) == signals.EXIT_STOPPED
     step_ckpt = load_checkpoint_file(part / 'checkpoint_step.pth')
     assert (step_ckpt['epoch'], step_ckpt['step_in_epoch'], step_ckpt['world_size']) == (1, 2, 1)
     assert len(log_lines(part)) == 1
-    monkeypatch.setattr(preemption, 'preemption_requested', lambda: False)
+    monkeypatch.setattr(signals, 'preemption_requested', lambda: False)
     assert main_deit.main(argv + ['--output', str(part), '--resume', 'auto']) == 0
     _assert_same_weights(full, part)
     assert [r['train_loss'] for r in log_lines(part)] == [r['train_loss'] for r in log_lines(full)]
@@ -87,9 +87,9 @@ def test_main_lvvit_stop_mid_epoch_then_resume_auto_equals_uninterrupted(image_f
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert main_lvvit.main(argv + ['--output', str(full)]) == 0
     _stop_at(monkeypatch, 3)  # 5 steps per epoch: epoch 0, after its 3rd step
-    assert main_lvvit.main(argv + ['--output', str(part), '--resume', 'auto']) == preemption.EXIT_STOPPED
+    assert main_lvvit.main(argv + ['--output', str(part), '--resume', 'auto']) == signals.EXIT_STOPPED
     assert not (part / 'checkpoint.pth').exists()
-    monkeypatch.setattr(preemption, 'preemption_requested', lambda: False)
+    monkeypatch.setattr(signals, 'preemption_requested', lambda: False)
     assert main_lvvit.main(argv + ['--output', str(part), '--resume', 'auto']) == 0
     _assert_same_weights(full, part)
     assert [r['train_loss'] for r in log_lines(part)] == [r['train_loss'] for r in log_lines(full)]

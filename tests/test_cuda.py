@@ -246,7 +246,7 @@ def test_ddp_training_step(device, tmp_path):
 @torch.no_grad()
 def test_checkpoint_saved_on_the_device_loads_on_cpu(device, tmp_path):
     from utils.core.checkpoint import load_model_weights
-    from utils.core.files import save_atomic
+    from utils.core.atomic import save_atomic
     model = tiny('cf_lvvit_tiny').to(device).eval()
     x = images(model, 2)
     expected = model.forward_details(x.to(device), 0.5).fine_logits.cpu()

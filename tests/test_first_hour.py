@@ -22,8 +22,8 @@ import main_deit
 import run_timm_script
 import visualize
 from helpers import make_image_folder, script_env
+from utils.core.atomic import save_atomic
 from utils.core.checkpoint import check_state_dict
-from utils.core.files import save_atomic
 from utils.train.args import flags_given, get_args_parser
 from utils.train.setup import build_scheduler
 from utils.vis.figures import Details
@@ -466,16 +466,16 @@ def test_pytest_filters_framework_warnings_and_keeps_the_projects(tmp_path):
 
 # ------------------------------------------------------------------ issue 32 item 2: shared cores
 def test_a_cpu_run_on_busy_cores_hints_at_fewer_threads(monkeypatch):
-    from utils.core import cli
+    from utils.core import flags
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-    monkeypatch.setattr(cli, 'available_cores', lambda: 2)
-    hint = cli.busy_cpu_hint('cpu', threads=2, load=3.0)
+    monkeypatch.setattr(flags, 'available_cores', lambda: 2)
+    hint = flags.busy_cpu_hint('cpu', threads=2, load=3.0)
     assert hint.startswith('the CPUs are busy with other work (load average 3.0 on 2 cores) and torch runs 2 threads')
     assert 'OMP_NUM_THREADS=1' in hint and 'docs/training.md, "On shared CPUs"' in hint
-    assert cli.busy_cpu_hint('cpu', threads=2, load=0.5) is None  # idle cores: nothing to say
-    assert cli.busy_cpu_hint('cpu', threads=1, load=3.0) is None  # one thread already
-    assert cli.busy_cpu_hint('cuda', threads=2, load=3.0) is None
+    assert flags.busy_cpu_hint('cpu', threads=2, load=0.5) is None  # idle cores: nothing to say
+    assert flags.busy_cpu_hint('cpu', threads=1, load=3.0) is None  # one thread already
+    assert flags.busy_cpu_hint('cuda', threads=2, load=3.0) is None
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
-    assert cli.busy_cpu_hint('cpu', threads=2, load=3.0) is None  # the user chose
+    assert flags.busy_cpu_hint('cpu', threads=2, load=3.0) is None  # the user chose
     doc = (ROOT / 'docs' / 'training.md').read_text()
     assert '## On shared CPUs' in doc and 'OMP_NUM_THREADS=1' in doc

@@ -430,8 +430,8 @@ def test_a_classes_txt_at_the_dataset_root_names_classes_but_never_relabels_fold
 def test_visualize_refuses_what_it_sets_itself_and_huge_grids(inputs, tmp_path, capsys, caplog):
     base = ['--data-path', inputs['data'], '--resume', inputs['ckpt'], '--num-workers', '0', '--no-progress',
             '--output-dir', tmp_path / 'vis']
-    code, text = run(visualize, [*base, *EVAL_ARCH, 'num_classes=3'], capsys, caplog)
-    one_line_error(code, text, '--model-kwargs num_classes: set by the checkpoint head')
+    code, text = run(visualize, [*base, *EVAL_ARCH, 'num_classes=5'], capsys, caplog)
+    one_line_error(code, text, '--model-kwargs num_classes=5 contradicts the run (num_classes=3, coarse_stage_size=2')
     code, text = run(visualize, [*base, '--model', 'cf_deit_tiny', '--coarse-stage-size', '1000'], capsys, caplog)
     assert code == 2 and 'Traceback' not in text and 'coarse-stage-size' in text, text[-3000:]
 

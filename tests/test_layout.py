@@ -38,7 +38,7 @@ PATH_IMPORT_CALLS = {'spec_from_file_location', 'run_path', 'SourceFileLoader'}
 
 
 def module_name(path: Path) -> str:
-    """``utils/core/files.py`` -> ``utils.core.files``; ``utils/core/__init__.py`` -> ``utils.core``."""
+    """``utils/core/atomic.py`` -> ``utils.core.atomic``; ``utils/core/__init__.py`` -> ``utils.core``."""
     parts = list(path.relative_to(ROOT).with_suffix('').parts)
     if parts[-1] == '__init__':
         parts.pop()

@@ -229,7 +229,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, image_folder, 
     monkeypatch.setattr(utils.train.losses, 'coarse_fine_kl', lambda c, f: torch.tensor(float('nan')))
     code = main_deit.main(TINY + ['--data-path', str(image_folder), '--output', str(out),
                                   '--resume', str(out / 'checkpoint.pth')])
-    assert code == main_deit.EXIT_TRAINING_FAILED
+    assert code == main_deit.EXIT_FAILED
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert 'not finite' in error
     assert (out / 'checkpoint.pth').read_bytes() == before

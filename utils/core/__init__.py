@@ -1,5 +1,6 @@
-"""What every script needs: errors and exit codes (``errors``), atomic files (``files``), checkpoints
-(``checkpoint``, ``checkpoint_schema``), flags, logging and the entry point (``cli``), output folders
-(``run_folder``), stop signals (``signals``), processes (``dist``), the model a checkpoint holds
-(``model_builder``), files and structures from outside checked before use (``safe_io``, over
-``datasets.safe_read``)."""
+"""What every script needs: errors, exit codes and their one-line messages (``errors``), atomic writes
+(``atomic``), checkpoints (``checkpoint``, ``checkpoint_schema``), flag types and ``KEY=VALUE`` parsing
+(``flags``), log lines (``logs``), the entry point that turns what ends a run into an exit status
+(``entry``), output folders and their locks (``run_folder``), stop signals (``signals``) and what runs
+before the imports (``startup``), processes (``dist``), the model a checkpoint holds (``model_builder``).
+Files and structures from outside are read through ``datasets.safe_read``."""

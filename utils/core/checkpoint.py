@@ -4,7 +4,7 @@
   types that released and training checkpoints hold. Anything else is refused with a message
   naming the type, unless the caller opts in with ``unsafe=True`` (``--unsafe-load``).
 - What is read is checked before any use (:mod:`utils.core.checkpoint_schema`); files are written
-  through :mod:`utils.core.files` (atomically).
+  through :mod:`utils.core.atomic` (atomically).
 - Model weights are matched against the model before loading, and every mismatch is reported in
   one message.
 """
@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from utils.core.checkpoint_schema import check_checkpoint
 from utils.core.errors import CheckpointError, first_line
@@ -48,7 +49,6 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}')
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
         try:
             return load_file(str(path), device='cpu')
         except Exception as e:  # safetensors raises its own error types

@@ -20,8 +20,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from utils.core.cli import parse_model_kwargs
+from datasets.safe_read import MAX_DEPTH, bounded_depth
 from utils.core.errors import CheckpointError
+from utils.core.flags import MAX_COARSE_STAGE_SIZE, parse_model_kwargs
 
 __all__ = [
     'CHECKPOINT_MODEL_KWARGS', 'check_checkpoint', 'checkpoint_model_kwargs', 'check_optimizer_state',
@@ -118,7 +119,7 @@ def _check_args(args: Any, where: str) -> None:
     if model is not None and not (isinstance(model, str) and re.fullmatch(r'[A-Za-z0-9_.\-]+', model)):
         raise CheckpointError(f'{where}: args.model is {model!r}, not a model name')
     g = get('coarse_stage_size')
-    if g is not None and not (_is_int(g) and 1 <= g <= 32):  # utils.core.cli.MAX_COARSE_STAGE_SIZE
+    if g is not None and not (_is_int(g) and 1 <= g <= MAX_COARSE_STAGE_SIZE):
         raise CheckpointError(f'{where}: args.coarse_stage_size is {g!r}, not a grid side')
     for key in ('embed_dim', 'depth', 'num_heads'):
         v = get(key)
@@ -141,7 +142,6 @@ def check_checkpoint(checkpoint: Any, where: str) -> Any:
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{where} holds a {type(checkpoint).__name__}, expected a dict checkpoint')
-    from utils.core.safe_io import MAX_DEPTH, bounded_depth  # e.g. a flop list nested 200,000 deep: refused, no RecursionError
     bounded_depth(checkpoint, MAX_DEPTH, where, CheckpointError, leaves=(torch.Tensor,))
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         problem = _state_dict_problem(checkpoint)

@@ -17,23 +17,27 @@ The backend is NCCL when the device is CUDA and gloo otherwise.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from utils.core.errors import DistributedSetupError, UserError
+from utils.core.flags import device_problem
 
 __all__ = [
     'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
     'is_main_process', 'barrier', 'reduce', 'all_agree', 'collective_device', 'seed_everything', 'epoch_seed',
     'cleanup', 'default_device', 'PeerFailedError', 'step_status', 'gather_objects', 'broadcast_object',
+    'check_dist_env',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -82,6 +86,78 @@ def _env_int(name: str) -> Optional[int]:
         raise DistributedSetupError(f'environment variable {name}={value!r} is not an integer') from e
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What a launcher's environment says about this process (:func:`_read_launch`)."""
+    rank: int
+    world: int
+    local: int
+    source: str  # where rank and world size came from, for messages
+    slurm: bool
+
+
+def _read_launch(dist_url: str, local_rank: Optional[int], world_size: Optional[int]) -> Optional[_Launch]:
+    """Rank, world size and local rank from the launch environment (module docstring: first match wins),
+    or None for a single process; a SLURM launch also sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``."""
+    rank, env_world, env_local = _env_int('RANK'), _env_int('WORLD_SIZE'), _env_int('LOCAL_RANK')
+    if rank is not None and env_world is not None:
+        local = env_local if env_local is not None else (local_rank if local_rank is not None else 0)
+        return _Launch(rank, env_world, local, 'RANK/WORLD_SIZE', False)
+    if _env_int('SLURM_PROCID') is None or (_env_int('SLURM_NTASKS') or world_size or 1) <= 1:
+        return None
+    rank = _env_int('SLURM_PROCID')
+    world = _env_int('SLURM_NTASKS') or int(world_size)
+    local = _env_int('SLURM_LOCALID')
+    if local is None:
+        local = rank % max(torch.cuda.device_count(), 1)
+    if dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
+        raise DistributedSetupError(
+            f'SLURM task {rank} of {world}: set MASTER_ADDR and MASTER_PORT, or pass --dist_url '
+            f'(e.g. tcp://HOST:PORT or file:///shared/path/init) so the tasks can find each other')
+    os.environ.setdefault('RANK', str(rank))
+    os.environ.setdefault('WORLD_SIZE', str(world))
+    os.environ.setdefault('LOCAL_RANK', str(local))
+    return _Launch(rank, world, local, 'SLURM_PROCID/SLURM_NTASKS', True)
+
+
+def _pick_device(device: str, launch: _Launch) -> Tuple[torch.device, str, int]:
+    """``(device, backend, local rank)`` of one of many processes: ``cuda:<local rank>`` and NCCL on CUDA,
+    else the requested device and gloo."""
+    dev = torch.device(device)
+    if dev.type != 'cuda':
+        return dev, 'gloo', launch.local
+    problem = device_problem(torch.device('cuda'))
+    if problem is not None:
+        raise DistributedSetupError(f'--device {device}: {problem}')
+    local = launch.local
+    if launch.slurm:  # as DeiT: clusters that show each task only its own GPU(s) make the local id too high
+        local = local % torch.cuda.device_count()
+    if local >= torch.cuda.device_count():
+        raise DistributedSetupError(
+            f'local rank {local} but only {torch.cuda.device_count()} GPUs are visible: '
+            f'launch at most that many processes per node')
+    dev = torch.device('cuda', local)
+    torch.cuda.set_device(dev)
+    return dev, 'nccl', local
+
+
+def _connect(dev: torch.device, backend: str, rank: int, world: int, dist_url: str, timeout_minutes: float) -> None:
+    """Join the process group (then wait for every process)."""
+    timeout = timedelta(minutes=timeout_minutes)
+    bound = {'device_id': dev} if backend == 'nccl' else {}  # NCCL communicators bound to this process's GPU
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '')
+    if dist_url == 'env://' and attempt:
+        # Restarted by torchrun (--max-restarts): the processes of this attempt meet under their own keys,
+        # never reading the addresses that the processes of an earlier attempt (now dead) left in the store.
+        store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world, timeout=timeout))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f'cfvit/attempt_{attempt}', store),
+                                world_size=world, rank=rank, timeout=timeout, **bound)
+    else:
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout,
+                                **bound)
+    dist.barrier()
+
+
 def init_distributed(
         device: str,
         dist_url: str = 'env://',
@@ -106,72 +182,68 @@ def init_distributed(
     Raises:
         DistributedSetupError: a launch environment that cannot work (e.g. more processes than GPUs).
     """
-    slurm = False
-    rank = _env_int('RANK')
-    env_world = _env_int('WORLD_SIZE')
-    env_local = _env_int('LOCAL_RANK')
-    source = 'RANK/WORLD_SIZE'
-    if rank is not None and env_world is not None:
-        world = env_world
-        local = env_local if env_local is not None else (local_rank if local_rank is not None else 0)
-    elif _env_int('SLURM_PROCID') is not None and (_env_int('SLURM_NTASKS') or world_size or 1) > 1:
-        rank, source = _env_int('SLURM_PROCID'), 'SLURM_PROCID/SLURM_NTASKS'
-        world = _env_int('SLURM_NTASKS') or int(world_size)
-        local = _env_int('SLURM_LOCALID')
-        if local is None:
-            local = rank % max(torch.cuda.device_count(), 1)
-        slurm = True
-        if dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
-            raise DistributedSetupError(
-                f'SLURM task {rank} of {world}: set MASTER_ADDR and MASTER_PORT, or pass --dist_url '
-                f'(e.g. tcp://HOST:PORT or file:///shared/path/init) so the tasks can find each other')
-        os.environ.setdefault('RANK', str(rank))
-        os.environ.setdefault('WORLD_SIZE', str(world))
-        os.environ.setdefault('LOCAL_RANK', str(local))
-    else:
+    launch = _read_launch(dist_url, local_rank, world_size)
+    if launch is None:
         return DistInfo(False, 0, 1, 0, torch.device(device), None)
-
+    rank, world = launch.rank, launch.world
     if world < 1:
         raise DistributedSetupError(f'WORLD_SIZE={world}: a launch needs at least one process')
-    from utils.core.safe_io import check_dist_env  # before connecting: a bad rank or address would wait for the timeout
-    problem = check_dist_env(rank, world, local, dist_url, source) if world > 1 or rank != 0 else None
+    # before connecting: a bad rank or address would wait for the timeout
+    problem = check_dist_env(rank, world, launch.local, dist_url, launch.source) if world > 1 or rank != 0 else None
     if problem is not None:
         raise DistributedSetupError(problem)
     if world == 1 and dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
         return DistInfo(False, 0, 1, 0, torch.device(device), None)  # RANK=0 WORLD_SIZE=1 without a launcher
     # a launcher's single process (torchrun --nproc_per_node=1) still gets a process group: one-GPU runs use
     # NCCL and DistributedDataParallel as multi-GPU runs do
-
-    dev = torch.device(device)
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise DistributedSetupError('--device cuda was requested but no GPU is visible; use --device cpu')
-        if slurm:  # as DeiT: clusters that show each task only its own GPU(s) make the local id too high
-            local = local % torch.cuda.device_count()
-        if local >= torch.cuda.device_count():
-            raise DistributedSetupError(
-                f'local rank {local} but only {torch.cuda.device_count()} GPUs are visible: '
-                f'launch at most that many processes per node')
-        dev = torch.device('cuda', local)
-        torch.cuda.set_device(dev)
-        backend = 'nccl'
-    else:
-        backend = 'gloo'
+    dev, backend, local = _pick_device(device, launch)
     _logger.debug('process group: rank %d/%d, local rank %d, %s on %s', rank, world, local, backend, dist_url)
-    timeout = timedelta(minutes=timeout_minutes)
-    bound = {'device_id': dev} if backend == 'nccl' else {}  # NCCL communicators bound to this process's GPU
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '')
-    if dist_url == 'env://' and attempt:
-        # Restarted by torchrun (--max-restarts): the processes of this attempt meet under their own keys,
-        # never reading the addresses that the processes of an earlier attempt (now dead) left in the store.
-        store, _, _ = next(dist.rendezvous(dist_url, rank=rank, world_size=world, timeout=timeout))
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f'cfvit/attempt_{attempt}', store),
-                                world_size=world, rank=rank, timeout=timeout, **bound)
-    else:
-        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank, timeout=timeout,
-                                **bound)
-    dist.barrier()
+    _connect(dev, backend, rank, world, dist_url, timeout_minutes)
     return DistInfo(True, rank, world, local, dev, backend)
+
+
+def check_dist_env(rank: int, world: int, local: int, dist_url: str, source: str,
+                   environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """What makes a distributed launch environment unusable, in one line, or None; checked before
+    connecting (a wrong rank or address otherwise waits for the rendezvous timeout or fails inside torch).
+
+    ``source`` names where rank and world size came from (``RANK/WORLD_SIZE``, ``SLURM_PROCID/SLURM_NTASKS``).
+    """
+    env = os.environ if environ is None else environ
+    if world < 1:
+        return f'{source}: the world size is {world}, expected at least 1'
+    if not 0 <= rank < world:
+        return f'{source}: rank {rank} is not below the world size {world} (ranks are 0..{world - 1})'
+    if local < 0:
+        return f'the local rank is {local}, expected at least 0'
+    if world == 1 or dist_url != 'env://':
+        return None
+    addr, port_text = env.get('MASTER_ADDR', ''), env.get('MASTER_PORT', '')
+    if not addr:
+        return f'{source} ask for {world} processes but MASTER_ADDR is not set: set it to the address of rank 0'
+    if not port_text:
+        return f'{source} ask for {world} processes but MASTER_PORT is not set: set it to a free port of rank 0'
+    try:
+        port = int(port_text)
+    except ValueError:
+        return f'MASTER_PORT={port_text!r} is not a port number'
+    if not 1 <= port <= 65535:
+        return f'MASTER_PORT={port} is outside 1..65535'
+    # rank 0 serves the rendezvous on MASTER_PORT unless torchrun's agent already does
+    if rank == 0 and env.get('TORCHELASTIC_USE_AGENT_STORE', '').lower() != 'true':
+        try:
+            infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            return f'MASTER_ADDR={addr!r} cannot be resolved: {e.strerror or e}'
+        for family, kind, proto, _, sockaddr in infos[:1]:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's own socket
+                try:
+                    s.bind(('' if family == socket.AF_INET else '::', port))
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        return f'MASTER_PORT {port} is already in use on this machine: choose another free port'
+    return None
 
 
 def is_dist_initialized() -> bool:

@@ -16,17 +16,18 @@ import argparse
 import logging
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 
 from utils.core.checkpoint import extract_state_dict, load_model_weights
 from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.cli import parse_model_kwargs
 from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
+from utils.core.flags import parse_model_kwargs
 
 __all__ = ['ModelBuildError', 'resolve_architecture', 'build_model_from_name', 'build_from_checkpoint', 'create_model_checked',
            'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
-           'check_flag_switches']
+           'check_flag_switches', 'without_fixed_kwargs']
 
 _logger = logging.getLogger(__name__)
 
@@ -151,6 +152,27 @@ def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coar
     return name, g, kwargs
 
 
+def without_fixed_kwargs(kwargs: Mapping[str, Any], fixed: Mapping[str, Any], origin: str,
+                         error: type = ConfigError) -> Dict[str, Any]:
+    """``kwargs`` (``--model-kwargs``) without the model arguments the run fixes itself (``fixed``:
+    ``num_classes``, ``coarse_stage_size``), which they may repeat but never contradict: never a silent other
+    head or grid, and never create_model's "multiple values for keyword argument" TypeError.
+
+    Args:
+        origin: where the fixed values come from, for the message (``'the data set and --coarse-stage-size'``).
+
+    Raises:
+        error: ``--model-kwargs num_classes=7 contradicts the run (num_classes=5, coarse_stage_size=3 from
+            ...): drop it from --model-kwargs``.
+    """
+    clash = [f'{k}={kwargs[k]!r}' for k in fixed if k in kwargs and kwargs[k] != fixed[k]]
+    if clash:
+        run = ', '.join(f'{k}={v}' for k, v in fixed.items())
+        raise error(f'--model-kwargs {", ".join(clash)} contradicts the run ({run} from {origin}): drop it from '
+                    f'--model-kwargs')
+    return {k: v for k, v in kwargs.items() if k not in fixed}
+
+
 def _base_name(name: Optional[str]) -> Optional[str]:
     """A model name without its pretrained tag (``cf_deit_small_patch16_224.fb_in1k`` -> ``cf_deit_small_patch16_224``)."""
     return name.split('.', 1)[0] if isinstance(name, str) else name
@@ -159,7 +181,6 @@ def _base_name(name: Optional[str]) -> Optional[str]:
 def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(name, **kwargs)``; an impossible configuration (width not divisible by the heads,
     an unknown argument, ...) raises ``error`` with one line instead of timm's traceback."""
-    import timm
     try:
         return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
@@ -201,11 +222,8 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     head = state_dict.get('head.weight')
     if head is None:
         raise ModelBuildError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    for key, value in (('num_classes', head.shape[0]), ('coarse_stage_size', g)):
-        given = extra.pop(key, value)  # a model argument the checkpoint or a flag already fixes
-        if given != value:
-            raise ModelBuildError(f'model_kwargs (from --model-kwargs or recorded in the checkpoint) say {key}={given}, '
-                                  f'but the checkpoint\'s weights and the flags give {key}={value}')
+    extra = without_fixed_kwargs(extra, {'num_classes': int(head.shape[0]), 'coarse_stage_size': g},
+                                 "the checkpoint's weights and the flags", ModelBuildError)
     model = build_model_from_name(name, state_dict, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g

@@ -10,11 +10,14 @@
 - :func:`check_outside_inputs` refuses an output folder equal to or inside an input data folder
   (checkpoints, label maps or TensorBoard files written into ``DATA/train`` would become part of the
   dataset of the next run).
+- :func:`check_fixed_names` refuses a file the run writes under a fixed name (its log) that is a link, a
+  pipe or a device; :func:`refuse_overwriting_inputs` refuses an output file that is one of the run's inputs.
 - :class:`RunLock` holds an exclusive ``flock`` on a lock file in the run folder while a script
   writes there, so a second run on the same folder is refused with one line instead of
   interleaving ``log.txt`` or overwriting checkpoints. The kernel drops the lock when its process
   dies, so the lock file of a killed run is taken over (and the log says so). A clean exit removes
   the file. Every lock a process takes is released by :func:`release_locks` (scripts call it on exit).
+  Its waiting mode (``wait=True``) guards a short critical section instead (make_token_labels.py's shards).
 """
 from __future__ import annotations
 
@@ -23,17 +26,19 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 
+from datasets.safe_read import UnsafeFileError, file_kind, open_regular
 from utils.core.errors import OutputDirError
-from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
 
-__all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'release_locks', 'same_file', 'make_dirs',
-           'remove_created_empty_dirs', 'check_writable_dir', 'prepare_output_dir', 'new_run_folder']
+__all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'check_fixed_names', 'refuse_overwriting_inputs',
+           'release_locks', 'same_file', 'make_dirs', 'remove_created_empty_dirs', 'check_writable_dir',
+           'prepare_output_dir', 'new_run_folder']
 
 _logger = logging.getLogger(__name__)
 
@@ -146,23 +151,83 @@ def same_file(a: PathLike, b: Optional[PathLike]) -> bool:
         return False
 
 
-class RunLock:
-    """An exclusive lock on ``folder/name`` for the life of a run.
+def check_fixed_names(folder: PathLike, names: Iterable[str], what: str = 'output folder') -> None:
+    """Refuse a ``folder/<name>`` that exists and is not a regular file, a link included: the files a run
+    writes under fixed names (its log, which is appended in place) must not lead elsewhere or block.
 
     Raises:
-        OutputDirError: another live process holds it (its pid and host are named).
+        OutputDirError: such an entry, or one that cannot be inspected.
+    """
+    for name in names:
+        path = Path(folder) / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputDirError(f'cannot inspect {path}: {e.strerror or e}') from None
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputDirError(f'{path} in the {what} is {file_kind(st.st_mode)}: refused (the run writes a '
+                                 f'regular file of that name; remove it or choose another folder)')
+
+
+def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[PathLike]],
+                              error: Type[Exception] = OutputDirError) -> None:
+    """Raise ``error`` if a file the run will write (``outputs``, replaced by a rename) is one of its input files:
+    the same file as an input (followed through links and any spelling), so that the input's path would then
+    hold the run's output. Only outputs that already exist are compared, by device and inode (cheap for the
+    50,000 images of a validation set: one ``stat`` each, and none when the output folder is new)."""
+    existing: Dict[Tuple[int, int], str] = {}
+    for out in outputs:
+        try:
+            st = os.lstat(out)  # the entry the rename replaces (a link there is replaced, not its target)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            existing[(st.st_dev, st.st_ino)] = os.fspath(out)
+    if not existing:
+        return
+    for given in inputs:
+        if not given:
+            continue
+        try:
+            st = os.stat(given)
+        except OSError:
+            continue
+        out = existing.get((st.st_dev, st.st_ino))
+        if out is not None:
+            raise error(f'the output {out} is the input {os.fspath(given)}: the run would replace its own input; '
+                        f'choose another output folder')
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``folder/name``, in one of two modes.
+
+    - ``wait=False`` (a run folder, for the life of a run): refused at once while another live process holds
+      it (its pid and host, written in the file, are named); the file is removed on release, and
+      :func:`release_locks` releases it when the process ends.
+    - ``wait=True`` (a short critical section: the shards of ``make_token_labels.py`` checking and writing one
+      metadata file): waits for the holder; the file stays (removing it would let two processes lock two files).
+
+    Either way the file is never opened through a link, a pipe or a device (``what`` names it in the message),
+    and a file system without locks leaves the run unguarded rather than stopped.
+
+    Raises:
+        OutputDirError: the lock file is not a regular file, or (``wait=False``) another live process holds it.
     """
 
-    def __init__(self, folder: PathLike, name: str = LOCK_NAME) -> None:
+    def __init__(self, folder: PathLike, name: str = LOCK_NAME, wait: bool = False,
+                 what: str = 'the run lock') -> None:
         self.path = Path(folder) / name
+        self.wait = wait
         self.fd: Optional[int] = None
         while True:
-            try:  # never through a link, never a pipe or device (utils.core.safe_io)
-                fd = open_regular_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644, what='the run lock')
-            except UnsafeInputError as e:
+            try:  # never through a link, never a pipe or device
+                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, what=what, follow=False)
+            except UnsafeFileError as e:
                 raise OutputDirError(str(e)) from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read(fd)
                 os.close(fd)
@@ -170,8 +235,9 @@ class RunLock:
                                      f'to end or choose another output folder') from None
             except OSError as e:  # file systems without locks: run unguarded rather than not at all
                 os.close(fd)
-                _logger.warning('cannot lock %s (%s): another run on this folder would not be detected',
-                                self.path, e.strerror or e)
+                if not wait:
+                    _logger.warning('cannot lock %s (%s): another run on this folder would not be detected',
+                                    self.path, e.strerror or e)
                 return
             try:  # the previous holder may have removed the file between our open and our lock: retry
                 if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
@@ -179,25 +245,32 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        previous = _read(fd)
+        self.fd = fd
+        if not wait:
+            self._claim(folder)
+
+    def _claim(self, folder: PathLike) -> None:
+        """Say who holds the run lock, for the message of a refused run (best effort: the disk may be full)."""
+        assert self.fd is not None
+        previous = _read(self.fd)
         if previous:
             _logger.warning('took over the lock of %s in %s: that process is no longer running', previous, folder)
-        try:  # who holds it, for the message of a refused run (best effort: the disk may be full)
-            os.ftruncate(fd, 0)
-            os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv[:3])}\n'.encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f'pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv[:3])}\n'.encode())
         except OSError:
             pass
-        self.fd = fd
         _HELD.append(self)
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (idempotent)."""
+        """Drop the lock, removing the file of a run lock (idempotent)."""
         if self.fd is None:
             return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if not self.wait:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
         os.close(self.fd)
         self.fd = None
         if self in _HELD:

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-__all__ = ['DEFAULT_THRESHOLDS', 'dynamic_evaluate', 'budgeted_sweep', 'sweep_from_predictions', 'stage_accuracy',
-           'threshold_for_count', 'threshold_for_share', 'threshold_for_budget']
+__all__ = ['DEFAULT_THRESHOLDS', 'dynamic_evaluate', 'budgeted_sweep', 'sweep_from_predictions', 'threshold_for_count',
+           'threshold_for_share', 'threshold_for_budget']
 
 #: The release's sweep: 0.00, 0.01, ..., 0.99 for the coarse stage.
 DEFAULT_THRESHOLDS: List[float] = [0.01 * p for p in range(100)]
@@ -89,12 +89,6 @@ def sweep_from_predictions(coarse_conf: torch.Tensor, coarse_correct: torch.Tens
     share_fine = (n - n_exit).float() / n
     expected = share_coarse * flops[0] + share_fine * flops[1]
     return [[float(v) for v in expected.tolist()], accuracy]
-
-
-def stage_accuracy(probs: torch.Tensor, targets: torch.Tensor) -> List[float]:
-    """Top-1 (%) of each stage (the released ``anytime_classification``), (S, N, C) -> S floats."""
-    pred = probs.argmax(dim=2)
-    return [float(v) for v in (pred.eq(targets.view(1, -1)).double().mean(dim=1) * 100.0).tolist()]
 
 
 def threshold_for_count(confidence: torch.Tensor, n_exit: int) -> float:

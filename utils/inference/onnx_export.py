@@ -27,14 +27,14 @@ import torch.nn as nn
 
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
+from utils.core.atomic import atomic_file
 from utils.core.errors import OutputDirError
-from utils.core.files import atomic_file, sha256_file
 from utils.core.run_folder import RunLock, check_writable_dir
 from utils.inference.flops import stage_gflops
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
            'DEFAULT_OPSET', 'ExportExistsError', 'export_graph', 'quantize_dynamic_bytes', 'export_early_exit',
-           'sha256_file', 'STAGING_PREFIX', 'STAGING_SUFFIX']
+           'STAGING_PREFIX', 'STAGING_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 

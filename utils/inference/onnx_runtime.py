@@ -21,14 +21,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from datasets.safe_read import UnsafeFileError, check_schema, read_structured
 from models.cf_vit import CFOutput, exit_mask
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
+from utils.core.atomic import sha256_file
 from utils.core.errors import BadInputError
-from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME, sha256_file
-from utils.core.safe_io import UnsafeInputError, check_schema, read_structured
+from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME
 
-#: What the runtime reads from a manifest, with its type (``utils.core.safe_io.check_schema``).
+#: What the runtime reads from a manifest, with its type (``datasets.safe_read.check_schema``).
 MANIFEST_SCHEMA = {'model': str, 'img_size_list': [int], 'num_classes': int, 'coarse_stage_size': int,
                    'gflops': [float], 'data_config': dict, 'graphs': dict}
 
@@ -51,7 +52,7 @@ def read_manifest(folder: PathLike) -> Dict[str, Any]:
         manifest = read_structured(path, 1 << 20, 8, 'the export manifest')
     except FileNotFoundError:
         raise ExportFolderError(f'{folder} has no {MANIFEST_NAME}: it is not a folder written by export_onnx.py') from None
-    except UnsafeInputError as e:
+    except UnsafeFileError as e:
         raise ExportFolderError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get('format') != EXPORT_FORMAT:
         raise ExportFolderError(f'{path} is not a CF-ViT early-exit export manifest (format {EXPORT_FORMAT!r})')
@@ -70,7 +71,7 @@ def _check_manifest_values(manifest: Dict[str, Any], path: Path) -> None:
     """Types and ranges of every manifest field the runtime uses (one line naming the first bad one)."""
     try:
         check_schema(manifest, MANIFEST_SCHEMA, f'the export manifest {path}')
-    except UnsafeInputError as e:
+    except UnsafeFileError as e:
         raise ExportFolderError(str(e)) from None
     cfg = manifest['data_config']
     problems = [

@@ -8,6 +8,8 @@
 - :class:`StepCheckpointer`: the mid-epoch ``checkpoint_step.pth`` (``--save-interval-steps``, a stop request);
 - :func:`capture_rng_state` / :func:`restore_rng_state`: Python's ``random``, NumPy's and torch's global
   generators and those of every CUDA device, as plain data (loads with ``weights_only=True``);
+- :func:`check_scheduler_state` / :func:`check_step_checkpoint`: what a checkpoint holds of the scheduler and
+  of a mid-epoch position fits this run, checked before any of it is used;
 - :func:`resolve_resume` (``--resume auto``: :func:`find_auto_resume` picks the furthest readable
   checkpoint) and :func:`resume` (also mid-epoch, at the same sample with the same random state).
 """
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,14 +29,14 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from datasets.safe_read import check_like, is_number, short_repr
+from utils.core.atomic import append_json_line, copy_atomic, save_atomic
 from utils.core.checkpoint import load_checkpoint_file, load_model_weights
 from utils.core.checkpoint_schema import check_optimizer_state
-from utils.core.cli import parse_model_kwargs
 from utils.core.dist import DistInfo, all_agree, broadcast_object, gather_objects
 from utils.core.errors import CheckpointError, ConfigError, OutputDirError
-from utils.core.files import append_json_line, copy_atomic, save_atomic
+from utils.core.flags import parse_model_kwargs
 from utils.core.model_builder import adopt_recorded_switches, with_recorded_switches
-from utils.core.safe_io import check_scheduler_state, check_step_checkpoint
 from utils.core.signals import StopRequested
 from utils.core.precision import AmpConfig
 from utils.train.engine import MetricMeter
@@ -41,7 +44,7 @@ from utils.train.engine import MetricMeter
 __all__ = [
     'CHECKPOINT_NAME', 'STEP_CHECKPOINT_NAME', 'BEST_CHECKPOINT_NAME', 'LOG_NAME', 'TENSORBOARD_DIR', 'TrainingRun',
     'training_state', 'StepCheckpointer', 'write_epoch_outputs', 'capture_rng_state', 'restore_rng_state',
-    'progress_of', 'find_auto_resume', 'resolve_resume', 'resume',
+    'check_scheduler_state', 'check_step_checkpoint', 'progress_of', 'find_auto_resume', 'resolve_resume', 'resume',
 ]
 
 CHECKPOINT_NAME = 'checkpoint.pth'
@@ -115,6 +118,62 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         else:  # written before 'cuda_current' was recorded
             raise CheckpointError(f'the mid-epoch checkpoint was written with {len(state["cuda"])} visible GPUs per '
                                   f'process, this run sees {torch.cuda.device_count()}')
+
+
+def check_scheduler_state(saved: Any, own: Mapping[str, Any], where: str) -> None:
+    """A saved timm scheduler state fits the run's own (:func:`check_like`; timm's ``load_state_dict``
+    copies every entry onto the scheduler, so the names of the fields it writes must also be the run's)."""
+    check_like(saved, own, where, CheckpointError)
+    for key in ('param_group_field', '_initial_param_group_field'):
+        if key in saved and saved[key] != own.get(key):
+            raise CheckpointError(f'{where}: {key} is {short_repr(saved[key])}, this run schedules '
+                                  f'{short_repr(own.get(key))}')
+
+
+def check_step_checkpoint(checkpoint: Mapping[str, Any], world_size: int, steps_per_epoch: int, rank: int,
+                          where: str) -> None:
+    """What a mid-epoch checkpoint says about its position and its per-process states fits this run: the step
+    lies inside its epoch, there is one state per process, the running means are numbers, and this
+    process's RNG states have the run's own layout and are accepted by the generators (tried, then the
+    run's states are put back: :func:`capture_rng_state`, :func:`restore_rng_state`).
+
+    Raises:
+        CheckpointError: one line naming what does not fit.
+    """
+    step = checkpoint.get('step_in_epoch')
+    if not (is_number(step) and float(step).is_integer() and 0 <= step <= steps_per_epoch):
+        raise CheckpointError(f'{where}: step_in_epoch is {short_repr(step)}, but its epoch has {steps_per_epoch} steps '
+                              f'(a step beyond its epoch would skip the epoch and save it as trained)')
+    states = checkpoint.get('process_states')
+    if not isinstance(states, (list, tuple)) or len(states) != world_size:
+        raise CheckpointError(f'{where}: process_states is {short_repr(states)}, expected one state per process '
+                              f'({world_size})')
+    state = states[rank]
+    if not (isinstance(state, Mapping) and isinstance(state.get('rng'), Mapping)
+            and isinstance(state.get('meter'), Mapping)):
+        raise CheckpointError(f'{where}: the state of process {rank} is {short_repr(state)}, expected its rng and meter')
+    meter = state['meter']
+    for part in ('sums', 'counts'):
+        values = meter.get(part)
+        if not (isinstance(values, Mapping) and all(isinstance(k, str) and is_number(v) and math.isfinite(v)
+                                                     for k, v in values.items())):
+            raise CheckpointError(f'{where}: meter.{part} of process {rank} is {short_repr(values)}, '
+                                  f'expected named finite numbers')
+    if any(v < 0 for v in meter['counts'].values()):
+        raise CheckpointError(f'{where}: meter.counts of process {rank} holds a negative count')
+    rng, own = state['rng'], capture_rng_state()
+    check_like({k: v for k, v in rng.items() if k != 'cuda'}, {k: v for k, v in own.items() if k != 'cuda'},
+               f'{where}: rng of process {rank}', CheckpointError)
+    cuda = rng.get('cuda', [])
+    if not (isinstance(cuda, (list, tuple)) and all(type(t).__name__ == 'Tensor' for t in cuda)):
+        raise CheckpointError(f'{where}: rng.cuda of process {rank} is {short_repr(cuda)}, expected generator states')
+    try:
+        restore_rng_state(rng)
+    except Exception as e:  # noqa: BLE001 (the generators reject garbage with many types)
+        raise CheckpointError(f'{where}: the RNG states of process {rank} are not valid generator states '
+                              f'({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
+    finally:
+        restore_rng_state(own)
 
 
 # ---------------------------------------------------------------------------------------------- --resume auto
@@ -295,8 +354,7 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
         return args.start_epoch, -1.0, None
     check_optimizer_state(checkpoint['optimizer'], optimizer, path, _recorded(checkpoint, 'opt'), args.opt)
     if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:  # e.g. a string for a number
-        check_scheduler_state(checkpoint['lr_scheduler'], lr_scheduler.state_dict(), f'{path}: lr_scheduler',
-                              CheckpointError)
+        check_scheduler_state(checkpoint['lr_scheduler'], lr_scheduler.state_dict(), f'{path}: lr_scheduler')
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
@@ -323,8 +381,8 @@ def resume(args: argparse.Namespace, path: str, run: TrainingRun,
             f'{path} is a mid-epoch checkpoint of {checkpoint.get("world_size")} processes with '
             f'{checkpoint.get("steps_per_epoch")} steps per epoch; this run has {info.world_size} processes and '
             f'{len(run.train_loader)} steps: resume from {CHECKPOINT_NAME} instead (the epoch restarts)')
-    check_step_checkpoint(checkpoint, info.world_size, len(run.train_loader), info.rank, capture_rng_state,
-                          restore_rng_state, str(path), CheckpointError)  # position and states, before any use
+    check_step_checkpoint(checkpoint, info.world_size, len(run.train_loader), info.rank,
+                          str(path))  # position and states, before any use
     state = checkpoint['process_states'][info.rank]
     meter = MetricMeter()
     meter.sums.update(state['meter']['sums'])

@@ -23,11 +23,10 @@ from tqdm import tqdm
 
 from datasets.folder import DatasetError, unpack_batch, unreadable_images
 
-from utils.core.cli import user_message
 from utils.core.dist import (
     PeerFailedError, collective_device, is_dist_initialized, is_main_process, reduce, step_status,
 )
-from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError, user_message
 from utils.core.precision import AmpConfig
 from utils.core.signals import check_stop, step_boundary, stop_at_steps
 from utils.inference.predict import top_k_hits

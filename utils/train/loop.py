@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 from datasets.build import unwrap_subset
 from datasets.folder import DatasetError
 from utils.core.checkpoint import load_model_weights
-from utils.core.cli import parse_model_kwargs
-from utils.core.model_builder import adopt_recorded_switches
 from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
 from utils.core.errors import ConfigError, OutputDirError
+from utils.core.flags import parse_model_kwargs
+from utils.core.model_builder import adopt_recorded_switches
 from utils.core.precision import AmpConfig, training_amp
 from utils.train.checkpointing import (
     CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state,

@@ -32,24 +32,27 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
+from datasets.build import build_dataset, check_same_classes
+from datasets.folder import DatasetError, collate_skipping
+from datasets.safe_read import UnsafeFileError
 import models  # noqa: F401  (registers the CF models with timm)
 from models.cf_vit import CFVisionTransformer, WeightsNotFoundError
 from models.convert import (
     CONVERTED_SWITCHES, ConversionError, convert_state_dict, is_cf_state_dict, plain_vit_state_dict, pretrained_overlay,
 )
-from datasets.build import build_dataset, check_same_classes
-from datasets.folder import DatasetError, collate_skipping
+from utils.core.atomic import remove_stale_temp_files
 from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
-from utils.core.cli import (
-    busy_cpu_hint, log_thread_os_errors, parse_model_kwargs as _parse_model_kwargs, run_entry_point, setup_logging,
+from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
+from utils.core.entry import run_entry_point
+from utils.core.errors import CheckpointError, ConfigError, OutputDirError, UserError
+from utils.core.flags import busy_cpu_hint
+from utils.core.flags import parse_model_kwargs as _parse_model_kwargs
+from utils.core.logs import log_thread_os_errors, setup_logging
+from utils.core.model_builder import (
+    adopt_recorded_switches, check_flag_switches, create_model_checked, without_fixed_kwargs,
 )
 from utils.core.precision import describe_float32, set_tf32
-from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
-from utils.core.errors import EXIT_FAILED, CheckpointError, ConfigError, OutputDirError, UserError
-from utils.core.files import remove_stale_temp_files
-from utils.core.model_builder import adopt_recorded_switches, check_flag_switches, create_model_checked
-from utils.core.run_folder import LOCK_NAME, prepare_output_dir
-from utils.core.safe_io import UnsafeInputError, check_fixed_names, refuse_overwriting_inputs
+from utils.core.run_folder import LOCK_NAME, check_fixed_names, prepare_output_dir, refuse_overwriting_inputs
 from utils.core.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
 from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
@@ -59,12 +62,10 @@ _logger = logging.getLogger(__name__)
 
 #: Evaluation batches are this much larger than training ones (no gradients to hold).
 EVAL_BATCH_FACTOR = 1.5
-#: Exit code of a failed training run (non-finite loss); bad input exits with EXIT_BAD_INPUT.
-EXIT_TRAINING_FAILED = EXIT_FAILED
 
 
 #: What the training scripts report as bad input (exit 2): every user error, and unreadable data.
-USER_ERRORS = (UserError, DatasetError)
+USER_ERRORS = (UserError, DatasetError, UnsafeFileError)
 
 #: cuBLAS's documented setting for deterministic results (``--deterministic`` sets it when the environment has none).
 DETERMINISTIC_CUBLAS_WORKSPACE = ':4096:8'
@@ -93,11 +94,8 @@ def build_model_from_args(args: argparse.Namespace, num_classes: int, dense: boo
     for name in ('embed_dim', 'depth', 'num_heads'):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    extra = parse_model_kwargs(args.model_kwargs)
-    clash = [f'{k}={extra[k]!r}' for k in ('num_classes', 'coarse_stage_size') if k in extra and extra[k] != kwargs[k]]
-    if clash:  # the data set decides the classes, --coarse-stage-size the grid: never a silent other head
-        raise ConfigError(f'--model-kwargs {", ".join(clash)} contradicts the run (num_classes={num_classes} from the '
-                          f'data set, --coarse-stage-size {args.coarse_stage_size}): drop it from --model-kwargs')
+    fixed = {'num_classes': num_classes, 'coarse_stage_size': args.coarse_stage_size}
+    extra = without_fixed_kwargs(parse_model_kwargs(args.model_kwargs), fixed, 'the data set and --coarse-stage-size')
     kwargs.update(extra)
     pretrained = getattr(args, 'pretrained', None)
     if args.model.split('.', 1)[0] not in timm.list_models('cf_*'):  # a CF model name may carry a pretrained tag
@@ -319,7 +317,7 @@ def setup_process(args: argparse.Namespace) -> Tuple[DistInfo, torch.device, Opt
                 outputs = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, STEP_CHECKPOINT_NAME, LOG_NAME)
                 check_fixed_names(output_dir, (LOG_NAME,))  # appended in place: never a link or a pipe
                 refuse_overwriting_inputs([output_dir / n for n in outputs], [args.finetune])
-        except (OutputDirError, UnsafeInputError) as e:
+        except OutputDirError as e:
             problem = str(e)
         else:
             if not getattr(args, 'eval', False):  # left by a run killed while saving (SIGKILL, power loss)
@@ -388,7 +386,7 @@ def end_process() -> None:
 
 
 def run_main(run_fn: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """The training scripts' ``main``: :func:`utils.core.cli.run_entry_point` with their settings. Bad input,
+    """The training scripts' ``main``: :func:`utils.core.entry.run_entry_point` with their settings. Bad input,
     a non-finite loss, SIGINT or SIGTERM become one log line and an exit code (2, 1, 130, 143). SIGTERM (a
     scheduler's preemption notice) is deferred to the next step boundary, where training writes its mid-epoch
     checkpoint and exits 143 (:mod:`utils.train.checkpointing`); SIGINT ends the run at the next step, 130."""

@@ -11,7 +11,7 @@ module only
   re-split ones (:func:`fade_unselected`, pure tensor functions);
 - draws grids and a histogram with matplotlib's object API at exact pixel sizes
   (:func:`draw_grid`, :func:`grid_png_size`, :func:`draw_confidence_histogram`);
-- writes every file atomically (``utils.core.files.atomic_file``).
+- writes every file atomically (``utils.core.atomic.atomic_file``).
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.folder import unpack_batch
+from datasets.safe_read import UnsafeFileError, read_capped, read_structured
 from models.token_ops import FINE_SCALE, fine_children
 
-from utils.core import files
-from utils.core.cli import shown_name
+from utils.core import atomic
 from utils.core.errors import BadInputError
+from utils.core.logs import shown_name
 from utils.core.signals import check_stop, stop_at_steps
 
 __all__ = [
@@ -119,15 +120,14 @@ def read_class_index(path: PathLike, num_classes: int) -> ClassIndex:
     path = Path(path)
     if not path.exists() and not path.is_symlink():  # a pipe or device is refused below
         raise BadInputError(f'--class-index-file {path} does not exist')
-    from utils.core.safe_io import UnsafeInputError, read_capped, read_structured
     out = ClassIndex()
     try:  # a regular file of bounded size (and nesting): a pipe or /dev/zero is refused, never read
         if path.suffix.lower() == '.json':
             data = read_structured(path, what='--class-index-file')
         else:
             text = read_capped(path, 16 << 20, '--class-index-file').decode('utf-8')
-    except (OSError, UnicodeDecodeError, UnsafeInputError) as e:
-        raise BadInputError(str(e) if isinstance(e, UnsafeInputError) else f'cannot read --class-index-file {path}: '
+    except (OSError, UnicodeDecodeError, UnsafeFileError) as e:
+        raise BadInputError(str(e) if isinstance(e, UnsafeFileError) else f'cannot read --class-index-file {path}: '
                             f'{e}') from None
     if path.suffix.lower() == '.json':
         _read_json_index(data, out, path)
@@ -568,5 +568,5 @@ def save_figure(fig: Any, path: PathLike, dpi: int) -> None:
     """Save a matplotlib figure as PNG atomically, at its own size (no tight bounding box)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=dpi, facecolor='white')
-    with files.atomic_file(path) as f:
+    with atomic.atomic_file(path) as f:
         f.write(buffer.getvalue())

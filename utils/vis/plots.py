@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from utils.core import files
+from utils.core import atomic
 
 __all__ = ['plot_budgeted_curve', 'label_positions']
 
@@ -76,5 +76,5 @@ def plot_budgeted_curve(
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)
-    with files.atomic_file(path) as f:
+    with atomic.atomic_file(path) as f:
         f.write(buf.getvalue())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import IO, Any, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors.torch import save as safetensors_save
 
+from datasets.safe_read import UnsafeFileError, open_regular
 from utils.core.errors import first_line
 
 __all__ = ['atomic_file', 'save_atomic', 'write_json_atomic', 'copy_atomic', 'append_json_line',
@@ -100,8 +103,7 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     path = Path(path)
     with atomic_file(path) as f:
         if path.suffix == '.safetensors':
-            from safetensors.torch import save
-            f.write(save({k: v.contiguous() for k, v in obj.items()}))
+            f.write(safetensors_save({k: v.contiguous() for k, v in obj.items()}))
         else:
             try:
                 torch.save(obj, f)
@@ -132,10 +134,9 @@ def write_json_atomic(obj: Any, path: PathLike) -> None:
 
 def append_json_line(path: PathLike, record: Mapping[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``path`` (the DeiT ``log.txt`` format)."""
-    from utils.core.safe_io import UnsafeInputError, open_regular_nofollow
     try:  # a link or a named pipe called log.txt is refused, never written through or waited on
-        fd = open_regular_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, what='the log')
-    except UnsafeInputError as e:
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, what='the log', follow=False)
+    except UnsafeFileError as e:
         raise OSError(errno.EINVAL, str(e)) from None
     with os.fdopen(fd, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record, sort_keys=False) + '\n')
@@ -150,7 +151,6 @@ def copy_atomic(src: PathLike, dst: PathLike) -> None:
 
 def sha256_file(path: PathLike) -> str:
     """The SHA-256 of a file's bytes, read in 1 MiB blocks (export graphs, a teacher checkpoint)."""
-    import hashlib
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
