@@ -323,53 +323,33 @@ def resolve_image_folder(data: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> int:
-    """Write the missing maps (unreadable images are skipped, counted and logged). Returns 0."""
-    if args.topk is not None and args.topk < 1:
-        raise BadInputError('--topk must be >= 1')
-    if not 0 <= args.shard_index < args.num_shards:
-        raise BadInputError(f'--shard-index must be in [0, --num-shards={args.num_shards})')
-    folder = resolve_image_folder(args.data)
-    dataset = open_image_folder(folder)
-    samples, classes = dataset.samples, dataset.classes
-    out = prepare_output_dir(args.output, [args.data, folder],  # shards may share the folder: a lock each
-                             lock=f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')
-    targets = [label_map_path(out, path) for path, _ in samples]
-    check_distinct_label_maps(samples, targets)
-    if args.topk is None:
-        args.topk = min(DEFAULT_TOPK, len(classes))
-    if args.topk > len(classes):
-        raise BadInputError(f'--topk {args.topk} exceeds the {len(classes)} classes of {folder}')
-
-    device = torch.device(args.device)
-    model, name = build_teacher(args, len(classes))
-    model.to(device)
-    size = teacher_input_size(model, args.input_size)
+def _teacher_transform(model: nn.Module, size: int) -> transforms.Compose:
+    """The teacher's evaluation transform: a bicubic resize to ``size`` and its normalization."""
     cfg = resolve_data_config({}, model=model)
-    transform = transforms.Compose([
+    return transforms.Compose([
         transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(cfg['mean'], cfg['std']),
     ])
-    identity = {  # what makes two runs' maps interchangeable; token_labels.json names it from the start
+
+
+def _identity(args: argparse.Namespace, name: str, size: int) -> Dict[str, Any]:
+    """What makes two runs' maps interchangeable; token_labels.json names it from the start."""
+    return {
         'teacher': name, 'checkpoint': str(args.checkpoint) if args.checkpoint else None,
         'checkpoint_sha256': sha256_file(args.checkpoint) if args.checkpoint else None,
         'use_ema': args.use_ema, 'full_fine_grid': args.full_fine_grid, 'input_size': size, 'topk': args.topk,
         'map_size': args.map_size, 'pretrained': bool(args.pretrained and not args.checkpoint),
     }
-    meta = claim_label_folder(out, identity, list(classes))
-    shard = [i for i in range(len(samples)) if i % args.num_shards == args.shard_index]
-    pending = [i for i in shard if not targets[i].is_file()]
-    _logger.info('teacher %s at %dx%d on %s: %d images in %s (%d classes), shard %d/%d: %d to write, %d already done',
-                 name, size, size, device, len(samples), folder, len(classes), args.shard_index, args.num_shards,
-                 len(pending), len(shard) - len(pending))
-    loader = DataLoader(_PendingImages(samples, pending, transform), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda',
-                        worker_init_fn=quiet_worker_signals)
+
+
+def _write_maps(args: argparse.Namespace, model: nn.Module, loader: DataLoader, targets: List[Path],
+                device: torch.device) -> Tuple[int, int, Optional[Tuple[int, ...]]]:
+    """Run the teacher over ``loader`` and write each image's map to its target, on ``--write-threads``
+    threads. Returns ``(maps written, unreadable images, the maps' shape or None)``."""
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     written = unreadable = 0
     map_shape: Optional[Tuple[int, ...]] = None
-    started = time.time()
     futures: List[Future] = []
     with stop_at_steps(), ThreadPoolExecutor(max_workers=max(1, args.write_threads)) as pool:
         bar = tqdm(loader, total=len(loader), desc='label maps', unit='batch', dynamic_ncols=True,
@@ -396,6 +376,42 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         for f in futures:
             f.result()
+    return written, unreadable, map_shape
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the missing maps (unreadable images are skipped, counted and logged). Returns 0."""
+    if args.topk is not None and args.topk < 1:
+        raise BadInputError('--topk must be >= 1')
+    if not 0 <= args.shard_index < args.num_shards:
+        raise BadInputError(f'--shard-index must be in [0, --num-shards={args.num_shards})')
+    folder = resolve_image_folder(args.data)
+    dataset = open_image_folder(folder)
+    samples, classes = dataset.samples, dataset.classes
+    out = prepare_output_dir(args.output, [args.data, folder],  # shards may share the folder: a lock each
+                             lock=f'.cfvit-run.shard{args.shard_index}of{args.num_shards}.lock')
+    targets = [label_map_path(out, path) for path, _ in samples]
+    check_distinct_label_maps(samples, targets)
+    if args.topk is None:
+        args.topk = min(DEFAULT_TOPK, len(classes))
+    if args.topk > len(classes):
+        raise BadInputError(f'--topk {args.topk} exceeds the {len(classes)} classes of {folder}')
+
+    device = torch.device(args.device)
+    model, name = build_teacher(args, len(classes))
+    model.to(device)
+    size = teacher_input_size(model, args.input_size)
+    meta = claim_label_folder(out, _identity(args, name, size), list(classes))
+    shard = [i for i in range(len(samples)) if i % args.num_shards == args.shard_index]
+    pending = [i for i in shard if not targets[i].is_file()]
+    _logger.info('teacher %s at %dx%d on %s: %d images in %s (%d classes), shard %d/%d: %d to write, %d already done',
+                 name, size, size, device, len(samples), folder, len(classes), args.shard_index, args.num_shards,
+                 len(pending), len(shard) - len(pending))
+    loader = DataLoader(_PendingImages(samples, pending, _teacher_transform(model, size)), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=collate_skipping, pin_memory=device.type == 'cuda',
+                        worker_init_fn=quiet_worker_signals)
+    started = time.time()
+    written, unreadable, map_shape = _write_maps(args, model, loader, targets, device)
     if map_shape is not None:
         with _metadata_lock(out):
             write_json_atomic({**meta, 'map_shape': list(map_shape)}, out / METADATA_NAME)

@@ -438,7 +438,7 @@ def test_training_set_without_a_readable_image_is_one_line_even_from_a_worker(in
 
 
 # ===================================================================== inputs made for real, at the boundaries
-# (datasets/walk.py, utils/core/cli.py, utils/core/run_folder.py, utils/core/signals.py)
+# (datasets/walk.py, utils/core/flags.py, utils/core/run_folder.py, utils/core/signals.py)
 @pytest.fixture(scope='module')
 def hostile(tmp_path_factory) -> Dict[str, Path]:
     """A dataset with two symlink loops and a FIFO in every split, and a 16-bit PNG; its own digest."""

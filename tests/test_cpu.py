@@ -261,4 +261,5 @@ def test_model_kwargs_may_repeat_what_the_checkpoint_fixes_but_not_contradict_it
             str(path), '--coarse-stage-size', '3', '--num-workers', '0']
     kw = dict(TINY, num_classes=7)
     assert dynamic_inference.main(argv + ['--model-kwargs', json.dumps(kw), '--output-dir', str(tmp_path / 'a')]) == 2
-    assert '--model-kwargs num_classes=7 contradicts the run (num_classes=5' in capsys.readouterr().err
+    assert ('--model-kwargs num_classes=7 (given, or recorded in the checkpoint) contradicts the run (num_classes=5'
+            in capsys.readouterr().err)

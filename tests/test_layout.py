@@ -7,6 +7,7 @@ Parsed with ``ast`` (nothing is imported). Rules:
 - ``models/`` and ``datasets/`` (the ground floor) import nothing from ``utils/``;
 - no file imports a top-level script's module, also not through ``importlib``/``__import__``/``runpy``
   (a script runs another as a program: a subprocess with the same interpreter);
+- no function of a script, a benchmark or the library is longer than 80 lines (:data:`MAX_FUNCTION_LINES`);
 - ``utils/`` holds packages only (``core``, ``inference``, ``vis``, ``train``), no flat modules, and they
   import one another only down the order ``utils/__init__.py`` states (:data:`UTILS_ORDER`);
 - no test file imports another test file (what tests share lives in ``tests/helpers.py`` or
@@ -273,3 +274,27 @@ def test_the_test_import_check_sees_one(tmp_path):
     sample = tmp_path / 'test_sample.py'
     sample.write_text('from helpers import make_image_folder\ndef f():\n    from test_main_lvvit import TINY\n')
     assert imported_modules(sample) & TEST_MODULES == {'test_main_lvvit'}
+
+
+#: The longest a function of the library, a script or a benchmark may grow (lines, signature and docstring
+#: included): a longer one holds several jobs and is split along its seams.
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> List[str]:
+    """``name (N lines)`` for every function or method of ``path`` longer than ``limit`` lines."""
+    return [f'{node.name} ({node.end_lineno - node.lineno + 1} lines)' for node in ast.walk(_tree(path))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_the_length_check_sees_a_long_method(tmp_path):
+    sample = tmp_path / 's.py'
+    sample.write_text('class A:\n    def f(self):\n' + '        x = 1\n' * 80 + '\ndef g():\n    pass\n')
+    assert long_functions(sample) == ['f (81 lines)']
+    assert long_functions(sample, limit=81) == []
+
+
+@pytest.mark.parametrize('path', PROJECT_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_functions_stay_short(path):
+    assert long_functions(path) == [], f'{path.relative_to(ROOT)}: split along its seams'

@@ -125,7 +125,9 @@ def test_build_from_checkpoint_reads_the_class_count_from_the_head_and_selects()
 
 @pytest.mark.parametrize('change,message', [
     (lambda c: c['model'].pop('head.weight'), 'no head.weight: it is not a classification checkpoint'),
-    (lambda c: c['args'].update(model_kwargs=['num_classes=5']), 'say num_classes=5, but the checkpoint'),
+    (lambda c: c['args'].update(model_kwargs=['num_classes=5']),
+     r'--model-kwargs num_classes=5 \(given, or recorded in the checkpoint\) contradicts the run \(num_classes=3, '
+     r"coarse_stage_size=2 .*drop it from --model-kwargs, or from the checkpoint's args.model_kwargs$"),
 ])
 def test_build_from_checkpoint_refusals(change, message):
     checkpoint = {'args': dict(RECORD['args']), 'model': tiny_model().state_dict()}
@@ -138,3 +140,4 @@ def test_build_from_checkpoint_refuses_weights_of_another_size():
     checkpoint = {'args': {**RECORD['args'], 'depth': 3}, 'model': tiny_model().state_dict()}
     with pytest.raises(CheckpointError):
         build_from_checkpoint(checkpoint)
+

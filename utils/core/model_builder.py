@@ -153,13 +153,15 @@ def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coar
 
 
 def without_fixed_kwargs(kwargs: Mapping[str, Any], fixed: Mapping[str, Any], origin: str,
-                         error: type = ConfigError) -> Dict[str, Any]:
+                         error: type = ConfigError, recorded: bool = False) -> Dict[str, Any]:
     """``kwargs`` (``--model-kwargs``) without the model arguments the run fixes itself (``fixed``:
     ``num_classes``, ``coarse_stage_size``), which they may repeat but never contradict: never a silent other
     head or grid, and never create_model's "multiple values for keyword argument" TypeError.
 
     Args:
         origin: where the fixed values come from, for the message (``'the data set and --coarse-stage-size'``).
+        recorded: ``kwargs`` may also come from a checkpoint's record (``build_from_checkpoint``): the message
+            says so.
 
     Raises:
         error: ``--model-kwargs num_classes=7 contradicts the run (num_classes=5, coarse_stage_size=3 from
@@ -168,7 +170,11 @@ def without_fixed_kwargs(kwargs: Mapping[str, Any], fixed: Mapping[str, Any], or
     clash = [f'{k}={kwargs[k]!r}' for k in fixed if k in kwargs and kwargs[k] != fixed[k]]
     if clash:
         run = ', '.join(f'{k}={v}' for k, v in fixed.items())
-        raise error(f'--model-kwargs {", ".join(clash)} contradicts the run ({run} from {origin}): drop it from '
+        given = ', '.join(clash)
+        if recorded:
+            raise error(f'--model-kwargs {given} (given, or recorded in the checkpoint) contradicts the run ({run} '
+                        f"from {origin}): drop it from --model-kwargs, or from the checkpoint's args.model_kwargs")
+        raise error(f'--model-kwargs {given} contradicts the run ({run} from {origin}): drop it from '
                     f'--model-kwargs')
     return {k: v for k, v in kwargs.items() if k not in fixed}
 
@@ -223,7 +229,8 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     if head is None:
         raise ModelBuildError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
     extra = without_fixed_kwargs(extra, {'num_classes': int(head.shape[0]), 'coarse_stage_size': g},
-                                 "the checkpoint's weights and the flags", ModelBuildError)
+                                 "the checkpoint's weights and the flags", ModelBuildError,
+                                 recorded=True)
     model = build_model_from_name(name, state_dict, coarse_stage_size=g, num_classes=head.shape[0], **extra)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g
