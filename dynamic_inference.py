@@ -38,7 +38,8 @@ from utils.core.checkpoint_schema import architecture_from_checkpoint
 from utils.core.entry import run_entry_point
 from utils.core.errors import BadInputError
 from utils.core.flags import (
-    default_workers, device_name, float_in, grid_side, int_at_least, positive_int, worker_count,
+    default_device, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, usable_device,
+    worker_count,
 )
 from utils.core.logs import setup_logging
 from utils.core.model_builder import build_from_checkpoint
@@ -94,7 +95,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         'models; default: what a training checkpoint records, else 7)')
     p.add_argument('--threshold', type=float_in(0, 1), default=None,
                    help=f'early-exit threshold of mode 2, in [0, 1] (default: {DEFAULT_MODE2_THRESHOLD}, said in the log)')
-    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', type=device_name, default=default_device())
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the two stages (model.compile_stages()): faster at small batches after a '
                         'compilation of a few minutes; needs a C++ compiler on CPU')
@@ -307,11 +308,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.eval_mode == 2 and args.threshold is None:
         args.threshold = DEFAULT_MODE2_THRESHOLD
         _logger.info('no --threshold given: mode 2 exits at the default threshold %g', args.threshold)
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise BadInputError(f'device {args.device!r} is not available: {e}')
+    device = usable_device(args.device)
     model, loader, flops, device = prepare_model(args, predictor, checkpoint, device)
     amp = prepare_precision(args, model, device, onnx)
     result = run_record(args, model, device, amp, flops)

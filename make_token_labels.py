@@ -58,11 +58,10 @@ import models  # registers the CF models with timm
 from models.token_ops import scatter_to_fine_grid
 from utils.core.atomic import save_atomic, sha256_file, write_json_atomic
 from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
-from utils.core.dist import default_device
 from utils.core.entry import run_entry_point
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: F401 (make_token_labels.EXIT_BAD_INPUT)
 from utils.core.flags import (
-    default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
+    default_device, default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
 )
 from utils.core.logs import setup_logging
 from utils.core.model_builder import build_model_from_name, resolve_architecture

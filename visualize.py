@@ -43,8 +43,8 @@ from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
 from utils.core.entry import run_entry_point
 from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
 from utils.core.flags import (
-    MAX_SEED, KeyValues, default_workers, device_name, device_problem, float_in, grid_side, int_at_least,
-    positive_int, worker_count,
+    MAX_SEED, KeyValues, default_device, default_workers, device_name, float_in, grid_side, int_at_least,
+    positive_int, usable_device, worker_count,
 )
 from utils.core.logs import setup_logging, shown_name
 from utils.core.model_builder import build_model_from_name, resolve_architecture, without_fixed_kwargs
@@ -111,7 +111,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='run the model on at most this many images, a random subset (default: all)')
     p.add_argument('--batch-size', '--batch_size', type=positive_int, default=64)
     p.add_argument('--num-workers', '--num_workers', type=worker_count, default=default_workers(2))
-    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', type=device_name, default=default_device())
     p.add_argument('--panel-size', '--panel_size', type=int_at_least(64, MAX_PANEL_SIZE), default=None,
                    help='pixel side of each picture in the grids (default: the model\'s input size)')
     p.add_argument('--fade', type=float_in(0, 1), default=FADE,
@@ -119,17 +119,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise BadInputError(f'--device {name!r} is not a device: {e}') from e
-    problem = device_problem(device)
-    if problem is not None:
-        raise BadInputError(f'--device {name}: {problem}')
-    return device
 
 
 def _checkpoint_weights(args: argparse.Namespace) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[int],
@@ -309,7 +298,7 @@ def _percent(hits: torch.Tensor) -> Optional[float]:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of :func:`main`; returns the summary that is written to ``summary.json``."""
-    device = _device(args.device)
+    device = usable_device(args.device)
     inputs = [args.data_path, args.img_path]
     out_dir = _named_output_dir(args, inputs)
     files, folders, folder, source = _input_files(args)

@@ -112,3 +112,23 @@ def test_class_folders_renamed_since_training_are_refused_on_resume_and_eval(dat
     code, text = run_main(main_deit, [*TRAIN, '--data-path', moved, '--eval', '--resume', out / 'checkpoint.pth'],
                           capsys, caplog)
     one_line_error(code, text, "trained with label 0 = class folder 'class0'")
+
+
+def test_usable_device_is_the_one_device_check(monkeypatch):
+    import torch
+
+    from utils.core.errors import BadInputError
+    from utils.core.flags import default_device, usable_device
+    assert usable_device('cpu') == torch.device('cpu')
+    assert default_device() == ('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(BadInputError, match=r"^--device 'bogus' is not a device"):
+        usable_device('bogus')
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match='^--device cuda:1: CUDA is not available on this machine'):
+            usable_device('cuda:1')
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('driver failure')
+    monkeypatch.setattr(torch, 'empty', broken)
+    with pytest.raises(BadInputError, match="^device 'cpu' is not available: driver failure$"):
+        usable_device('cpu')

@@ -36,7 +36,7 @@ from utils.core.flags import device_problem
 __all__ = [
     'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
     'is_main_process', 'barrier', 'reduce', 'all_agree', 'collective_device', 'seed_everything', 'epoch_seed',
-    'cleanup', 'default_device', 'PeerFailedError', 'step_status', 'gather_objects', 'broadcast_object',
+    'cleanup', 'PeerFailedError', 'step_status', 'gather_objects', 'broadcast_object',
     'check_dist_env',
 ]
 
@@ -69,11 +69,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: Optional[str]
-
-
-def default_device() -> str:
-    """``'cuda'`` when a GPU is visible, else ``'cpu'``."""
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def _env_int(name: str) -> Optional[int]:

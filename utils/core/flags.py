@@ -22,9 +22,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
+from utils.core.errors import BadInputError
+
 __all__ = [
     'available_cores', 'busy_cpu_hint', 'default_workers', 'positive_int', 'int_at_least', 'float_in',
-    'finite_float', 'device_name', 'device_problem', 'worker_count', 'MAX_WORKERS', 'parse_model_kwargs',
+    'finite_float', 'default_device', 'device_name', 'device_problem', 'usable_device', 'worker_count', 'MAX_WORKERS', 'parse_model_kwargs',
     'KeyValues', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR', 'MAX_COUNT', 'MAX_SEED',
 ]
 
@@ -167,6 +169,32 @@ def device_problem(device: torch.device) -> Optional[str]:
     elif device.type == 'mps' and not torch.backends.mps.is_available():
         return 'MPS is not available on this machine'
     return None
+
+
+def default_device() -> str:
+    """``--device``'s default: ``cuda`` when this machine has a GPU, else ``cpu``."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def usable_device(name: str) -> torch.device:
+    """The device of a ``--device`` value, ready to use: :func:`device_problem`'s check, then one empty
+    allocation on it (a GPU whose driver fails shows it here, not half-way through a run).
+
+    Raises:
+        BadInputError: not a device, a device this machine lacks, or one that fails to allocate.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BadInputError(f'--device {name!r} is not a device: {e}') from e
+    problem = device_problem(device)
+    if problem is not None:
+        raise BadInputError(f'--device {name}: {problem}')
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise BadInputError(f'device {name!r} is not available: {e}') from e
+    return device
 
 
 def device_name(text: str) -> str:

@@ -9,11 +9,10 @@ from typing import List, Optional, Sequence
 from datasets.build import DATA_SETS
 from utils.core.checkpoint import load_checkpoint_file
 from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.dist import default_device
 from utils.core.errors import ConfigError
 from utils.core.flags import (
-    MAX_LR, default_workers, device_name, finite_float, float_in, grid_side, int_at_least, parse_model_kwargs,
-    positive_int, worker_count,
+    MAX_LR, default_device, default_workers, device_name, finite_float, float_in, grid_side, int_at_least,
+    parse_model_kwargs, positive_int, worker_count,
 )
 from utils.core.model_builder import check_against_record
 
