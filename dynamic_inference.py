@@ -25,29 +25,29 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch
 
 from datasets import collate_skipping, eval_transform, open_image_folder
 from datasets.folder import find_image_folder
 import models
-from utils.core.atomic import NAME_MAX, save_atomic, write_json_atomic
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.entry import run_entry_point
-from utils.core.errors import BadInputError
-from utils.core.flags import (
+from utils.common.atomic import NAME_MAX, save_atomic, write_json_atomic
+from utils.common.checkpoint import load_checkpoint_file
+from utils.common.checkpoint_schema import architecture_from_checkpoint
+from utils.common.entry import run_entry_point
+from utils.common.errors import BadInputError
+from utils.common.flags import (
     default_device, default_workers, device_name, float_in, grid_side, int_at_least, positive_int, usable_device,
     worker_count,
 )
-from utils.core.logs import setup_logging
-from utils.core.model_builder import build_from_checkpoint
-from utils.core.precision import (
+from utils.common.logs import setup_logging
+from utils.common.model_builder import build_from_checkpoint
+from utils.common.precision import (
     AMP_CHOICES, check_amp_dtype, describe_float32, resolve_amp_dtype, set_tf32, tf32_state,
 )
-from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs
-from utils.core.signals import quiet_worker_signals
+from utils.common.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs
+from utils.common.signals import quiet_worker_signals
 from utils.inference.cpu import bf16_pays, cast_weights_for_autocast, has_mallopt, keep_freed_memory
 from utils.inference.early_exit import DEFAULT_THRESHOLDS, sweep_from_predictions
 from utils.inference.flops import stage_gflops
@@ -132,7 +132,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def run_name(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> str:
     """``<model>_g<g>`` of the default output folder: the flags, else what the checkpoint records (or the
     export folder's manifest, which sets ``args.model``), else the released defaults (cf_deit_small, 7),
-    as :func:`utils.core.model_builder.build_from_checkpoint` builds it."""
+    as :func:`utils.common.model_builder.build_from_checkpoint` builds it."""
     recorded = architecture_from_checkpoint(checkpoint) if checkpoint else {}
     model = args.model or recorded.get('model', 'cf_deit_small')
     g = args.coarse_stage_size or recorded.get('coarse_stage_size', 7)

@@ -23,18 +23,18 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch
 
 import models
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.entry import run_entry_point
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
-from utils.core.flags import grid_side, positive_int
-from utils.core.logs import setup_logging
-from utils.core.model_builder import build_from_checkpoint
-from utils.core.run_folder import refuse_overwriting_inputs
+from utils.common.checkpoint import load_checkpoint_file
+from utils.common.entry import run_entry_point
+from utils.common.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
+from utils.common.flags import grid_side, positive_int
+from utils.common.logs import setup_logging
+from utils.common.model_builder import build_from_checkpoint
+from utils.common.run_folder import refuse_overwriting_inputs
 from utils.inference.onnx_export import (
     DEFAULT_OPSET, EXPORTERS, GRAPH_FILES, MANIFEST_NAME, QUANTIZE_MODES, export_early_exit,
 )

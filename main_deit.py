@@ -27,14 +27,14 @@ import argparse
 import sys
 from typing import Optional, Sequence, Tuple
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from datasets.build import attach_transform, build_transform
-from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
+from utils.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
 from utils.train.args import adopt_recorded_architecture, flags_given, get_args_parser
 from utils.train.loop import train_or_evaluate
 from utils.train.losses import CFViTLoss

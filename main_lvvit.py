@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch.nn as nn
 from timm.data import Mixup
@@ -45,8 +45,8 @@ from datasets.token_labels.dataset import TokenLabelDataset
 from datasets.token_labels.maps import folder_samples
 from datasets.token_labels.mixup import TokenLabelMixup
 from datasets.token_labels.targets import CROP_MODES, SMOOTHING_MODES
-from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
-from utils.core.flags import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count
+from utils.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
+from utils.common.flags import MAX_LR, default_workers, float_in, int_at_least, positive_int, worker_count
 from utils.train.args import adopt_recorded_architecture, flags_given
 from utils.train.args import get_args_parser as training_args_parser
 from utils.train.loop import train_or_evaluate

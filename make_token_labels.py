@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import timm
 import torch
@@ -56,17 +56,17 @@ from datasets.token_labels.maps import (
 )
 import models  # registers the CF models with timm
 from models.token_ops import scatter_to_fine_grid
-from utils.core.atomic import save_atomic, sha256_file, write_json_atomic
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
-from utils.core.entry import run_entry_point
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: F401 (make_token_labels.EXIT_BAD_INPUT)
-from utils.core.flags import (
+from utils.common.atomic import save_atomic, sha256_file, write_json_atomic
+from utils.common.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.common.entry import run_entry_point
+from utils.common.errors import EXIT_BAD_INPUT, BadInputError, ModelBuildError, OutputDirError  # noqa: F401 (make_token_labels.EXIT_BAD_INPUT)
+from utils.common.flags import (
     default_device, default_workers, device_name, grid_side, int_at_least, positive_int, worker_count,
 )
-from utils.core.logs import setup_logging
-from utils.core.model_builder import build_model_from_name, resolve_architecture
-from utils.core.run_folder import RunLock, prepare_output_dir
-from utils.core.signals import check_stop, quiet_worker_signals, stop_at_steps
+from utils.common.logs import setup_logging
+from utils.common.model_builder import build_model_from_name, resolve_architecture
+from utils.common.run_folder import RunLock, prepare_output_dir
+from utils.common.signals import check_stop, quiet_worker_signals, stop_at_steps
 
 _logger = logging.getLogger('make_token_labels')
 

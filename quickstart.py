@@ -25,19 +25,19 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch
 
 from datasets.synthetic import default_synthetic_root, load_boxes, make_synthetic_dataset
 from datasets.transforms import eval_transform
 import models  # noqa: F401  (registers the CF models with timm)
-from utils.core.atomic import write_json_atomic
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.entry import run_entry_point
-from utils.core.flags import default_workers, device_name, float_in, int_at_least, positive_int
-from utils.core.model_builder import build_from_checkpoint
-from utils.core.run_folder import prepare_output_dir
+from utils.common.atomic import write_json_atomic
+from utils.common.checkpoint import load_checkpoint_file
+from utils.common.entry import run_entry_point
+from utils.common.flags import default_workers, device_name, float_in, int_at_least, positive_int
+from utils.common.model_builder import build_from_checkpoint
+from utils.common.run_folder import prepare_output_dir
 
 
 ROOT = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import utils.core.startup  # noqa: F401  (first, before timm: HF_HUB_OFFLINE, nothing downloads at run time)
+import utils.common.startup  # noqa: F401  (first, before timm: HF_HUB_OFFLINE, nothing downloads at run time)
 
 EXIT_BAD_INPUT = 2
 USAGE = 'usage: run_timm_script.py SCRIPT.py [ARGS ...]  (SCRIPT: one of timm\'s scripts, e.g. validate.py)'
@@ -156,9 +156,9 @@ def checkpoint_problem(script: Path, argv: Sequence[str]) -> Optional[str]:
     path = args.checkpoint or args.initial_checkpoint
     if not path:
         return None
-    from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
-    from utils.core.checkpoint_schema import architecture_from_checkpoint
-    from utils.core.errors import CheckpointError
+    from utils.common.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
+    from utils.common.checkpoint_schema import architecture_from_checkpoint
+    from utils.common.errors import CheckpointError
     try:
         checkpoint = load_checkpoint_file(path)
         state_dict = extract_state_dict(checkpoint)

@@ -31,25 +31,25 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import utils.core.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
+import utils.common.startup  # noqa: F401  (first, before torch and timm: HF_HUB_OFFLINE, stop signals)
 
 import torch
 
 from datasets.folder import ImageList, collate_skipping, find_image_folder, list_image_folder, list_images
 from datasets.transforms import data_config, eval_transform
 import models
-from utils.core.atomic import write_json_atomic
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file
-from utils.core.entry import run_entry_point
-from utils.core.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
-from utils.core.flags import (
+from utils.common.atomic import write_json_atomic
+from utils.common.checkpoint import extract_state_dict, load_checkpoint_file
+from utils.common.entry import run_entry_point
+from utils.common.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError, UserError  # noqa: F401 (visualize.EXIT_BAD_INPUT)
+from utils.common.flags import (
     MAX_SEED, KeyValues, default_device, default_workers, device_name, float_in, grid_side, int_at_least,
     positive_int, usable_device, worker_count,
 )
-from utils.core.logs import setup_logging, shown_name
-from utils.core.model_builder import build_model_from_name, resolve_architecture, without_fixed_kwargs
-from utils.core.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file
-from utils.core.signals import quiet_worker_signals
+from utils.common.logs import setup_logging, shown_name
+from utils.common.model_builder import build_model_from_name, resolve_architecture, without_fixed_kwargs
+from utils.common.run_folder import new_run_folder, prepare_output_dir, refuse_overwriting_inputs, same_file
+from utils.common.signals import quiet_worker_signals
 from utils.vis.figures import (
     FADE, ClassIndex, Details, GridItem, GridLayout, collect_details, draw_confidence_histogram,
     draw_grid, read_class_index, resolve_classes, unnormalize,

@@ -37,9 +37,9 @@ from datasets.build import build_dataset  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 import models  # noqa: E402,F401  (registers the CF models; common put the repository on sys.path)
 from models.baseline import create_baseline  # noqa: E402
-from utils.core.atomic import write_json_atomic  # noqa: E402
-from utils.core.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights  # noqa: E402
-from utils.core.model_builder import build_from_checkpoint  # noqa: E402
+from utils.common.atomic import write_json_atomic  # noqa: E402
+from utils.common.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights  # noqa: E402
+from utils.common.model_builder import build_from_checkpoint  # noqa: E402
 from utils.inference.compare import accuracy_interval, bootstrap_weights, compare_paired  # noqa: E402
 from utils.inference.early_exit import threshold_for_budget  # noqa: E402
 from utils.inference.flops import count_gflops, stage_gflops  # noqa: E402

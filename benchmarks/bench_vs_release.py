@@ -271,7 +271,7 @@ def write_profiles(args, workers: Dict[str, subprocess.Popen], configs: List[Dic
                    record: Dict[str, Any]) -> Path:
     """--profile: each program's operator table (self CPU time) for each configuration, in one text file."""
     from common import RESULTS
-    from utils.core.atomic import atomic_file
+    from utils.common.atomic import atomic_file
     parts = [f'# {args.name}: torch.profiler operator tables of bench_vs_release.py --profile',
              f"# machine: {record['cpu']}, torch {record['torch']}, {record['date']}; load: {record.get('load') or '-'}",
              '# command: python benchmarks/bench_vs_release.py ' + shlex.join(sys.argv[1:]), '']

@@ -18,7 +18,7 @@ RESULTS = Path(os.environ.get('CFVIT_BENCH_RESULTS') or Path(__file__).resolve()
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.core.atomic import write_json_atomic  # noqa: E402
+from utils.common.atomic import write_json_atomic  # noqa: E402
 
 
 def machine() -> Dict[str, object]:

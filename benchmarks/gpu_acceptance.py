@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import utils.core.startup  # noqa: E402, F401  (first, before torch: HF_HUB_OFFLINE)
+import utils.common.startup  # noqa: E402, F401  (first, before torch: HF_HUB_OFFLINE)
 
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
-from utils.core.atomic import write_json_atomic  # noqa: E402
+from utils.common.atomic import write_json_atomic  # noqa: E402
 from utils.inference.early_exit import threshold_for_share  # noqa: E402
 
 #: The goal of issue 25: images/s of early exit at 50 % exits over DeiT-S's, batch 1024, float16.
@@ -199,7 +199,7 @@ def precision_row(run: Run, device: torch.device, cf_run: Any, deit_run: Any, x:
                   flops_cf: List[float], prec: str, dtype: Optional[torch.dtype], compiled: bool) -> Dict[str, Any]:
     """One precision's row: DeiT's images/s, and CF-DeiT's at each exit share of :data:`SHARES` (thresholds
     from this precision's own confidences), with its speed-up over DeiT and expected GFLOPs."""
-    from utils.core.precision import tf32_state
+    from utils.common.precision import tf32_state
     args = run.args
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else torch.no_grad
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def throughput(run: Run, device: torch.device, dry: bool) -> Dict[str, Any]:
     import timm
 
     import models  # noqa: F401  (registers the cf_* models)
-    from utils.core.precision import set_tf32, tf32_state
+    from utils.common.precision import set_tf32, tf32_state
     args = run.args
     cf_name, deit_name = (('cf_deit_tiny', 'deit_tiny_patch16_224') if dry
                           else ('cf_deit_small', 'deit_small_patch16_224'))

@@ -17,7 +17,7 @@ functions, no ``utils/`` import: the data sets and the scripts use them alike).
   (``/proc``-like file systems; a link to a folder that contains the walk's own root).
 
 Every refusal is :class:`UnsafeFileError` (a ``ValueError``), which every script's entry point
-(``utils.core.entry.run_entry_point``) reports as bad input: one line, exit status 2.
+(``utils.common.entry.run_entry_point``) reports as bad input: one line, exit status 2.
 """
 from __future__ import annotations
 

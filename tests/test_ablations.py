@@ -7,7 +7,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the CF models)
-from utils.core.model_builder import build_from_checkpoint
+from utils.common.model_builder import build_from_checkpoint
 from utils.inference.flops import stage_gflops
 
 TINY = dict(coarse_stage_size=4, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=5)
@@ -122,7 +122,7 @@ def test_training_records_the_switches_and_evaluation_overrides_them(tmp_path, c
     import dynamic_inference
     import main_deit
     from helpers import make_image_folder
-    from utils.core.checkpoint import load_checkpoint_file
+    from utils.common.checkpoint import load_checkpoint_file
 
     data = make_image_folder(tmp_path / 'data', {'train': 4, 'val': 2}, 3)
     out = tmp_path / 'run'

@@ -18,7 +18,7 @@ import timm
 import torch
 
 import export_onnx
-from utils.core.atomic import sha256_file
+from utils.common.atomic import sha256_file
 from utils.inference.onnx_export import GRAPH_FILES, MANIFEST_NAME
 
 from helpers import one_line_error, run_main, script_env

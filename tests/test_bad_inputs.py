@@ -36,7 +36,7 @@ import visualize
 from helpers import (
     BROKEN_FILES, UNREADABLE_FILES, log_lines, make_image_folder, one_line_error, run_main, tree_digest, write_broken_images,
 )
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common.checkpoint import load_checkpoint_file
 
 pytestmark = pytest.mark.usefixtures('one_thread', 'own_logging')
 
@@ -318,8 +318,8 @@ def disk_full(monkeypatch):
     writing part of its temporary file, as on a full disk."""
     import contextlib
 
-    import utils.core.atomic
-    real = utils.core.atomic.atomic_file  # every module writes through this one
+    import utils.common.atomic
+    real = utils.common.atomic.atomic_file  # every module writes through this one
 
     @contextlib.contextmanager
     def full(path, mode='wb'):
@@ -327,7 +327,7 @@ def disk_full(monkeypatch):
             yield f
             f.write(b'\0' if 'b' in mode else '\0')
             raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(utils.core.atomic, 'atomic_file', full)
+    monkeypatch.setattr(utils.common.atomic, 'atomic_file', full)
 
 
 @pytest.fixture
@@ -438,7 +438,7 @@ def test_training_set_without_a_readable_image_is_one_line_even_from_a_worker(in
 
 
 # ===================================================================== inputs made for real, at the boundaries
-# (datasets/walk.py, utils/core/flags.py, utils/core/run_folder.py, utils/core/signals.py)
+# (datasets/walk.py, utils/common/flags.py, utils/common/run_folder.py, utils/common/signals.py)
 @pytest.fixture(scope='module')
 def hostile(tmp_path_factory) -> Dict[str, Path]:
     """A dataset with two symlink loops and a FIFO in every split, and a 16-bit PNG; its own digest."""
@@ -601,7 +601,7 @@ def test_output_inside_the_data_is_refused(script, inputs, tmp_path, capsys, cap
 
 @pytest.mark.parametrize('script', ALL)
 def test_a_second_run_on_a_folder_is_refused_and_a_dead_runs_lock_taken_over(script, inputs, tmp_path, capsys, caplog):
-    from utils.core.run_folder import LOCK_NAME, RunLock
+    from utils.common.run_folder import LOCK_NAME, RunLock
     out = tmp_path / 'o'
     out.mkdir()
     name = LOCK_NAME if script != 'make_token_labels' else '.cfvit-run.shard0of1.lock'

@@ -8,9 +8,9 @@ import torch
 
 from helpers import REPO_GOLDEN_DIR, build_from_config, load_case
 
-from utils.core.atomic import save_atomic
-from utils.core.checkpoint import load_checkpoint_file, load_model_weights
-from utils.core.errors import CheckpointError
+from utils.common.atomic import save_atomic
+from utils.common.checkpoint import load_checkpoint_file, load_model_weights
+from utils.common.errors import CheckpointError
 
 MANIFEST = json.loads((REPO_GOLDEN_DIR / 'full_size_manifest.json').read_text())
 
@@ -165,10 +165,10 @@ def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
     """mkstemp makes 0600 files; saved checkpoints must be as readable as any file the user writes."""
     import os
 
-    import utils.core.atomic
+    import utils.common.atomic
     save_atomic({'epoch': 1}, tmp_path / 'checkpoint.pth')
     with open(tmp_path / 'plain', 'wb'):
         pass
     mode = (tmp_path / 'checkpoint.pth').stat().st_mode & 0o777
-    assert mode == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o666 & ~utils.core.atomic._UMASK
+    assert mode == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o666 & ~utils.common.atomic._UMASK
     assert os.access(tmp_path / 'checkpoint.pth', os.R_OK)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import main_deit
-from utils.core import signals
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common import signals
+from utils.common.checkpoint import load_checkpoint_file
 
 from helpers import TINY_DEIT as TINY
 from helpers import TINY_DEIT_CLASSES as NUM_CLASSES

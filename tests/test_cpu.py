@@ -12,7 +12,7 @@ import torch
 
 import models  # noqa: F401
 from helpers import ROOT
-from utils.core.precision import resolve_amp_dtype
+from utils.common.precision import resolve_amp_dtype
 from utils.inference import cpu
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))

@@ -20,7 +20,7 @@ from helpers import TINY_DEIT as TINY
 from helpers import TINY_DEIT_CLASSES as NUM_CLASSES
 from helpers import make_image_folder
 
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common.checkpoint import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 6
@@ -171,14 +171,14 @@ def test_sigint_and_sigterm_end_every_loop_with_130_or_143(tmp_path):
 
 def test_a_process_with_a_leftover_loader_worker_still_exits(tmp_path):
     """A DataLoader iterator left alive (as a caught exception's traceback keeps one) has workers that ignore
-    SIGTERM (utils.core.signals.quiet_worker_signals); multiprocessing's exit handler terminates them with
-    SIGTERM and joins them, so without utils.core.signals' own exit hook the process would never end."""
+    SIGTERM (utils.common.signals.quiet_worker_signals); multiprocessing's exit handler terminates them with
+    SIGTERM and joins them, so without utils.common.signals' own exit hook the process would never end."""
     script = tmp_path / 'leftover.py'
     script.write_text(
         'import sys\n'
         f'sys.path.insert(0, {str(ROOT)!r})\n'
         'import torch\n'
-        'from utils.core.signals import handle_stop_signals, quiet_worker_signals\n'
+        'from utils.common.signals import handle_stop_signals, quiet_worker_signals\n'
         'with handle_stop_signals():\n'
         '    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=2, num_workers=2,\n'
         '                                         worker_init_fn=quiet_worker_signals)\n'

@@ -27,7 +27,7 @@ from helpers import build_from_config, free_port, golden_case_files, load_case
 
 import models  # noqa: F401  (registers the models)
 from utils.inference import predict as inference
-from utils.core.precision import AmpConfig
+from utils.common.precision import AmpConfig
 from utils.train.engine import _backward_step
 
 
@@ -245,8 +245,8 @@ def test_ddp_training_step(device, tmp_path):
 @pytest.mark.parametrize('device', DEVICES)
 @torch.no_grad()
 def test_checkpoint_saved_on_the_device_loads_on_cpu(device, tmp_path):
-    from utils.core.checkpoint import load_model_weights
-    from utils.core.atomic import save_atomic
+    from utils.common.checkpoint import load_model_weights
+    from utils.common.atomic import save_atomic
     model = tiny('cf_lvvit_tiny').to(device).eval()
     x = images(model, 2)
     expected = model.forward_details(x.to(device), 0.5).fine_logits.cpu()

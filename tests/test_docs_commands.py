@@ -290,8 +290,8 @@ def stand_ins(tmp_path_factory):
                                           num_heads=3, model_kwargs=[])
                 torch.save({'model': tiny.state_dict(), 'args': args}, path)
             if name == 'EXPORT_DIR':
-                from utils.core.checkpoint import load_checkpoint_file
-                from utils.core.model_builder import build_from_checkpoint
+                from utils.common.checkpoint import load_checkpoint_file
+                from utils.common.model_builder import build_from_checkpoint
                 from utils.inference.onnx_export import export_early_exit
                 model, _, _ = build_from_checkpoint(load_checkpoint_file(path))
                 path = folder / 'export'

@@ -22,8 +22,8 @@ import main_deit
 import run_timm_script
 import visualize
 from helpers import make_image_folder, script_env
-from utils.core.atomic import save_atomic
-from utils.core.checkpoint import check_state_dict
+from utils.common.atomic import save_atomic
+from utils.common.checkpoint import check_state_dict
 from utils.train.args import flags_given, get_args_parser
 from utils.train.setup import build_scheduler
 from utils.vis.figures import Details
@@ -381,7 +381,7 @@ def test_visualize_makes_a_new_folder_per_run_as_dynamic_inference_does(training
 
 
 def test_new_run_folder_never_returns_an_existing_folder(tmp_path):
-    from utils.core.run_folder import new_run_folder
+    from utils.common.run_folder import new_run_folder
     first = new_run_folder('visualize', 'm_g3', root=tmp_path)
     first.mkdir(parents=True)
     second = new_run_folder('visualize', 'm_g3', root=tmp_path)
@@ -466,7 +466,7 @@ def test_pytest_filters_framework_warnings_and_keeps_the_projects(tmp_path):
 
 # ------------------------------------------------------------------ issue 32 item 2: shared cores
 def test_a_cpu_run_on_busy_cores_hints_at_fewer_threads(monkeypatch):
-    from utils.core import flags
+    from utils.common import flags
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(flags, 'available_cores', lambda: 2)
     hint = flags.busy_cpu_hint('cpu', threads=2, load=3.0)

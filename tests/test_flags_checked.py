@@ -13,7 +13,7 @@ import pytest
 
 import main_deit
 import main_lvvit
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common.checkpoint import load_checkpoint_file
 from utils.train.args import get_args_parser
 
 from helpers import make_image_folder, one_line_error, run_main
@@ -117,8 +117,8 @@ def test_class_folders_renamed_since_training_are_refused_on_resume_and_eval(dat
 def test_usable_device_is_the_one_device_check(monkeypatch):
     import torch
 
-    from utils.core.errors import BadInputError
-    from utils.core.flags import default_device, usable_device
+    from utils.common.errors import BadInputError
+    from utils.common.flags import default_device, usable_device
     assert usable_device('cpu') == torch.device('cpu')
     assert default_device() == ('cuda' if torch.cuda.is_available() else 'cpu')
     with pytest.raises(BadInputError, match=r"^--device 'bogus' is not a device"):

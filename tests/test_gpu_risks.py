@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from helpers import free_port
 
-from utils.core import dist as cfdist
+from utils.common import dist as cfdist
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_cf_lvvit_ddp_failure_of_one_process_stops_both_at_the_step(tmp_path, ki
 
 # ---------------------------------------------------------------------------------------------- precision flags
 def test_tf32_switch_sets_and_reports_both_flags():
-    from utils.core.precision import describe_float32, set_tf32, tf32_state
+    from utils.common.precision import describe_float32, set_tf32, tf32_state
     saved = tf32_state()
     try:
         set_tf32(True)
@@ -133,7 +133,7 @@ def test_tf32_switch_sets_and_reports_both_flags():
 
 @pytest.mark.parametrize('capability,refused', [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
 def test_bfloat16_autocast_refused_on_gpus_without_it(monkeypatch, capability, refused):
-    from utils.core.precision import check_amp_dtype
+    from utils.common.precision import check_amp_dtype
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: capability)
@@ -194,7 +194,7 @@ def test_training_deterministic_sets_cublas_workspace_and_tf32_is_reported(monke
     import logging
 
     from utils.train import setup as train_setup
-    from utils.core.precision import tf32_state
+    from utils.common.precision import tf32_state
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
     for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID'):
@@ -221,8 +221,8 @@ def test_training_deterministic_sets_cublas_workspace_and_tf32_is_reported(monke
 
 
 def test_training_refuses_bfloat16_on_a_gpu_without_it(monkeypatch):
-    from utils.core.errors import ConfigError
-    from utils.core.precision import training_amp
+    from utils.common.errors import ConfigError
+    from utils.common.precision import training_amp
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: (7, 5))
@@ -236,7 +236,7 @@ def test_training_refuses_bfloat16_on_a_gpu_without_it(monkeypatch):
 def test_mid_epoch_rng_state_resumes_with_another_number_of_visible_gpus(monkeypatch):
     """Written by a process that saw 4 GPUs, resumed by one that sees 1 (same world size): this process's own
     GPU generator is restored instead of refusing; a checkpoint without it is still refused in one line."""
-    from utils.core.errors import CheckpointError
+    from utils.common.errors import CheckpointError
     from utils.train.checkpointing import capture_rng_state, restore_rng_state
     own = torch.tensor([7], dtype=torch.uint8)
     calls = {}

@@ -8,7 +8,7 @@ Parsed with ``ast`` (nothing is imported). Rules:
 - no file imports a top-level script's module, also not through ``importlib``/``__import__``/``runpy``
   (a script runs another as a program: a subprocess with the same interpreter);
 - no function of a script, a benchmark or the library is longer than 80 lines (:data:`MAX_FUNCTION_LINES`);
-- ``utils/`` holds packages only (``core``, ``inference``, ``vis``, ``train``), no flat modules, and they
+- ``utils/`` holds packages only (``common``, ``inference``, ``vis``, ``train``), no flat modules, and they
   import one another only down the order ``utils/__init__.py`` states (:data:`UTILS_ORDER`);
 - no test file imports another test file (what tests share lives in ``tests/helpers.py`` or
   ``tests/conftest.py``).
@@ -30,8 +30,8 @@ PROJECT_FILES = SCRIPT_FILES + BENCHMARK_FILES + LIBRARY_FILES
 TEST_FILES = sorted((ROOT / 'tests').glob('*.py'))
 TEST_MODULES = {p.stem for p in TEST_FILES if p.stem.startswith('test_')} | {'conftest'}
 #: utils' packages in the order ``utils/__init__.py`` lists them: each imports only packages before it
-#: (``core`` none of the others; every other package uses ``core``).
-UTILS_ORDER = ['core', 'inference', 'vis', 'train']
+#: (``common`` none of the others; every other package uses ``common``).
+UTILS_ORDER = ['common', 'inference', 'vis', 'train']
 #: Calls that import a module named by their first argument.
 IMPORT_CALLS = {'import_module', '__import__', 'run_module'}
 #: Calls that load a file by path.
@@ -39,7 +39,7 @@ PATH_IMPORT_CALLS = {'spec_from_file_location', 'run_path', 'SourceFileLoader'}
 
 
 def module_name(path: Path) -> str:
-    """``utils/core/atomic.py`` -> ``utils.core.atomic``; ``utils/core/__init__.py`` -> ``utils.core``."""
+    """``utils/common/atomic.py`` -> ``utils.common.atomic``; ``utils/common/__init__.py`` -> ``utils.common``."""
     parts = list(path.relative_to(ROOT).with_suffix('').parts)
     if parts[-1] == '__init__':
         parts.pop()
@@ -181,7 +181,7 @@ def test_the_parser_sees_imports_through_importlib(tmp_path):
 
 
 def test_the_project_graph_is_read():
-    assert project_imports(ROOT / 'utils' / 'core' / 'checkpoint.py') >= {'utils.core.errors', 'utils.core.checkpoint_schema'}
+    assert project_imports(ROOT / 'utils' / 'common' / 'checkpoint.py') >= {'utils.common.errors', 'utils.common.checkpoint_schema'}
     assert 'models.token_ops' in project_imports(ROOT / 'models' / 'cf_vit.py')  # a relative import
 
 
@@ -216,7 +216,7 @@ def test_utils_holds_packages_only():
     flat = sorted(p.name for p in (ROOT / 'utils').glob('*.py') if p.name != '__init__.py')
     assert flat == []
     assert sorted(p.name for p in (ROOT / 'utils').iterdir() if (p / '__init__.py').is_file()) == [
-        'core', 'inference', 'train', 'vis']
+        'common', 'inference', 'train', 'vis']
 
 
 @pytest.mark.parametrize('name', ['main_deit', 'main_lvvit'])
@@ -252,15 +252,15 @@ def test_utils_packages_import_only_packages_before_them():
     for position, package in enumerate(UTILS_ORDER):
         allowed = set(UTILS_ORDER[:position])
         assert imports[package] <= allowed, f'utils.{package} imports utils.{sorted(imports[package] - allowed)}'
-        if package != 'core':
-            assert 'core' in imports[package], f'utils.{package} does not use utils.core'
+        if package != 'common':
+            assert 'common' in imports[package], f'utils.{package} does not use utils.common'
 
 
 def test_the_package_order_check_sees_a_wrong_way_import(monkeypatch):
     real = project_imports
     monkeypatch.setattr(__import__(__name__), 'project_imports', lambda path: real(path) | (
-        {'utils.train.loop'} if path.parent.name == 'core' else set()))
-    assert utils_package_imports()['core'] == {'train'}
+        {'utils.train.loop'} if path.parent.name == 'common' else set()))
+    assert utils_package_imports()['common'] == {'train'}
 
 
 @pytest.mark.parametrize('path', TEST_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())

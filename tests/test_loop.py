@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from datasets.folder import DatasetError
-from utils.core.errors import ConfigError
+from utils.common.errors import ConfigError
 from utils.train.loop import FaultInjection, class_names, end_epoch_of, weights_digest
 
 

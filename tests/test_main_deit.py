@@ -22,7 +22,7 @@ import main_deit
 from utils.train import setup as train_setup
 import utils.train.losses
 from models import CFVisionTransformer
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common.checkpoint import load_checkpoint_file
 
 from helpers import TINY_DEIT, TINY_DEIT_CLASSES, free_port, log_lines, make_image_folder, script_env
 

@@ -20,7 +20,7 @@ import torch
 import main_lvvit
 import make_token_labels
 from models.token_ops import coarse_from_fine, scatter_to_fine_grid
-from utils.core.checkpoint import load_checkpoint_file
+from utils.common.checkpoint import load_checkpoint_file
 from datasets.token_labels.targets import TokenLabelTargets
 from utils.train.token_label_loss import TokenLabelingLoss, soft_target_cross_entropy
 

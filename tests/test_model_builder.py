@@ -1,4 +1,4 @@
-"""utils/core/model_builder.py, directly: which architecture a checkpoint and the flags name, refusals of flags
+"""utils/common/model_builder.py, directly: which architecture a checkpoint and the flags name, refusals of flags
 that contradict a record, the switches a built model takes over, and the model of a classification checkpoint.
 (The scripts that build through it are covered in ``test_recorded_model.py``, ``test_dynamic_inference.py``.)"""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
-from utils.core.model_builder import (
+from utils.common.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
+from utils.common.model_builder import (
     adopt_recorded_switches, build_from_checkpoint, check_against_record, check_flag_switches, create_model_checked,
     resolve_architecture, with_recorded_switches,
 )
@@ -43,7 +43,7 @@ def test_a_training_checkpoint_says_what_it_holds():
 
 
 def test_flags_may_override_an_ablation_switch_but_not_a_size(caplog):
-    with caplog.at_level(logging.INFO, logger='utils.core.model_builder'):
+    with caplog.at_level(logging.INFO, logger='utils.common.model_builder'):
         assert resolve_architecture(RECORD, model_kwargs=['feature_reuse=True'])[2]['feature_reuse'] is True
     assert 'records feature_reuse=False; the flags override it with feature_reuse=True' in caplog.text
     with pytest.raises(ModelBuildError, match=r'the checkpoint records depth=2, but the flags give depth=6'):

@@ -19,8 +19,8 @@ import torch
 import dynamic_inference
 import make_token_labels
 import visualize
-from utils.core.atomic import NAME_MAX, atomic_file, remove_stale_temp_files, temp_prefix
-from utils.core.logs import setup_logging, shown_name
+from utils.common.atomic import NAME_MAX, atomic_file, remove_stale_temp_files, temp_prefix
+from utils.common.logs import setup_logging, shown_name
 
 from helpers import make_image_folder, run_main
 

@@ -17,9 +17,9 @@ import torch
 import main_deit
 import models  # noqa: F401
 from models.convert import ConversionError, convert_state_dict, convert_vit, plain_vit_geometry
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.errors import ConfigError, ModelBuildError
-from utils.core.model_builder import adopt_recorded_switches, build_from_checkpoint, resolve_architecture
+from utils.common.checkpoint import load_checkpoint_file
+from utils.common.errors import ConfigError, ModelBuildError
+from utils.common.model_builder import adopt_recorded_switches, build_from_checkpoint, resolve_architecture
 from utils.train.setup import load_finetune_weights
 
 from helpers import make_image_folder, one_line_error, run_main

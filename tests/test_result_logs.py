@@ -20,7 +20,7 @@ from common import clean_log_text, clean_logs, portable_args  # noqa: E402
 
 import argparse  # noqa: E402
 
-from utils.core.checkpoint import load_checkpoint_file  # noqa: E402
+from utils.common.checkpoint import load_checkpoint_file  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 #: Benchmark 9's folder is written by its own driver (bench_tradeoff.py), under its pre-registered protocol.

@@ -92,7 +92,7 @@ def bf16_speedup(tokens: int = 197, dim: int = 384, reps: int = 5) -> float:
 def bf16_pays() -> bool:
     """bfloat16 pays on this CPU: it has native bfloat16 and a measured MLP runs faster in it
     (:func:`bf16_speedup` > MIN_BF16_SPEEDUP). ``--amp-dtype auto`` asks this
-    (:func:`utils.core.precision.resolve_amp_dtype`)."""
+    (:func:`utils.common.precision.resolve_amp_dtype`)."""
     return cpu_bf16_native() and bf16_speedup() > MIN_BF16_SPEEDUP
 
 

@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
-from utils.core.atomic import atomic_file
-from utils.core.errors import OutputDirError
-from utils.core.run_folder import RunLock, check_writable_dir
+from utils.common.atomic import atomic_file
+from utils.common.errors import OutputDirError
+from utils.common.run_folder import RunLock, check_writable_dir
 from utils.inference.flops import stage_gflops
 
 __all__ = ['EXPORT_FORMAT', 'FORMAT_VERSION', 'MANIFEST_NAME', 'GRAPH_FILES', 'EXPORTERS', 'QUANTIZE_MODES',
@@ -125,7 +125,7 @@ def export_early_exit(model: nn.Module, out_dir: PathLike, exporter: str = 'dyna
         The manifest.
 
     Raises:
-        utils.core.errors.OutputDirError: ``out_dir`` cannot be written. ExportExistsError: it already holds
+        utils.common.errors.OutputDirError: ``out_dir`` cannot be written. ExportExistsError: it already holds
         an export and ``overwrite`` is False. ValueError: an unknown exporter or quantization.
     """
     if quantize not in QUANTIZE_MODES:

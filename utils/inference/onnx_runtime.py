@@ -25,8 +25,8 @@ from datasets.safe_read import UnsafeFileError, check_schema, read_structured
 from models.cf_vit import CFOutput, exit_mask
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS
 from models.token_ops import fine_children, rank_coarse_patches
-from utils.core.atomic import sha256_file
-from utils.core.errors import BadInputError
+from utils.common.atomic import sha256_file
+from utils.common.errors import BadInputError
 from utils.inference.onnx_export import EXPORT_FORMAT, FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME
 
 #: What the runtime reads from a manifest, with its type (``datasets.safe_read.check_schema``).

@@ -2,7 +2,7 @@
 
 Both loops call the model's single coarse-to-fine path (``forward_details``). The pieces every
 evaluation shares are here too, and the training evaluation (:func:`utils.train.engine.evaluate`)
-uses them: :func:`top_k_hits` (and :func:`datasets.folder.unpack_batch`, :func:`utils.core.precision.autocast_context`).
+uses them: :func:`top_k_hits` (and :func:`datasets.folder.unpack_batch`, :func:`utils.common.precision.autocast_context`).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from tqdm import tqdm
 from datasets.folder import DatasetError, unpack_batch
 from models.token_ops import coarse_from_fine
 
-from utils.core.precision import autocast_context
-from utils.core.signals import check_stop, stop_at_steps
+from utils.common.precision import autocast_context
+from utils.common.signals import check_stop, stop_at_steps
 
 __all__ = ['StagePredictions', 'ExitResult', 'predict_stages', 'timed_early_exit',
            'top_k_hits', 'model_device']

@@ -7,14 +7,14 @@ import logging
 from typing import List, Optional, Sequence
 
 from datasets.build import DATA_SETS
-from utils.core.checkpoint import load_checkpoint_file
-from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.errors import ConfigError
-from utils.core.flags import (
+from utils.common.checkpoint import load_checkpoint_file
+from utils.common.checkpoint_schema import architecture_from_checkpoint
+from utils.common.errors import ConfigError
+from utils.common.flags import (
     MAX_LR, default_device, default_workers, device_name, finite_float, float_in, grid_side, int_at_least,
     parse_model_kwargs, positive_int, worker_count,
 )
-from utils.core.model_builder import check_against_record
+from utils.common.model_builder import check_against_record
 
 __all__ = ['LR_REFERENCE_BATCH', 'SCHED_STEPS', 'get_args_parser', 'flags_given', 'adopt_recorded_architecture',
            'timm_optimizer', 'timm_scheduler', 'auto_augment', 'dist_url', 'OrderedPair', 'NoiseRange']

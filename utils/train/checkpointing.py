@@ -30,15 +30,15 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from datasets.safe_read import check_like, is_number, short_repr
-from utils.core.atomic import append_json_line, copy_atomic, save_atomic
-from utils.core.checkpoint import load_checkpoint_file, load_model_weights
-from utils.core.checkpoint_schema import check_optimizer_state
-from utils.core.dist import DistInfo, all_agree, broadcast_object, gather_objects
-from utils.core.errors import CheckpointError, ConfigError, OutputDirError
-from utils.core.flags import parse_model_kwargs
-from utils.core.model_builder import adopt_recorded_switches, with_recorded_switches
-from utils.core.signals import StopRequested
-from utils.core.precision import AmpConfig
+from utils.common.atomic import append_json_line, copy_atomic, save_atomic
+from utils.common.checkpoint import load_checkpoint_file, load_model_weights
+from utils.common.checkpoint_schema import check_optimizer_state
+from utils.common.dist import DistInfo, all_agree, broadcast_object, gather_objects
+from utils.common.errors import CheckpointError, ConfigError, OutputDirError
+from utils.common.flags import parse_model_kwargs
+from utils.common.model_builder import adopt_recorded_switches, with_recorded_switches
+from utils.common.signals import StopRequested
+from utils.common.precision import AmpConfig
 from utils.train.engine import MetricMeter
 
 __all__ = [

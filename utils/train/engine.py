@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from datasets.folder import DatasetError, unpack_batch, unreadable_images
 
-from utils.core.dist import (
+from utils.common.dist import (
     PeerFailedError, collective_device, is_dist_initialized, is_main_process, reduce, step_status,
 )
-from utils.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError, user_message
-from utils.core.precision import AmpConfig
-from utils.core.signals import check_stop, step_boundary, stop_at_steps
+from utils.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError, user_message
+from utils.common.precision import AmpConfig
+from utils.common.signals import check_stop, step_boundary, stop_at_steps
 from utils.inference.predict import top_k_hits
 from utils.train.losses import class_logits
 
@@ -268,7 +268,7 @@ def train_one_epoch(
 
 def _agree_on_step(code: int, failure: Optional[BaseException], stop_asked: bool, epoch: int, step: int,
                    loss_value: Optional[float] = None) -> bool:
-    """The processes' agreement on a step (:func:`utils.core.dist.step_status`), then the same outcome on
+    """The processes' agreement on a step (:func:`utils.common.dist.step_status`), then the same outcome on
     every process: this process's own failure re-raised, :class:`NonFiniteLossError` when some loss was not
     finite, :class:`PeerFailedError` when another process failed. Returns whether any process was asked
     to stop."""

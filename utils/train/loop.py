@@ -30,12 +30,12 @@ from torch.utils.data import Dataset
 
 from datasets.build import unwrap_subset
 from datasets.folder import DatasetError
-from utils.core.checkpoint import load_model_weights
-from utils.core.dist import DistInfo, all_agree, epoch_seed, seed_everything
-from utils.core.errors import ConfigError, OutputDirError
-from utils.core.flags import parse_model_kwargs
-from utils.core.model_builder import adopt_recorded_switches
-from utils.core.precision import AmpConfig, training_amp
+from utils.common.checkpoint import load_model_weights
+from utils.common.dist import DistInfo, all_agree, epoch_seed, seed_everything
+from utils.common.errors import ConfigError, OutputDirError
+from utils.common.flags import parse_model_kwargs
+from utils.common.model_builder import adopt_recorded_switches
+from utils.common.precision import AmpConfig, training_amp
 from utils.train.checkpointing import (
     CHECKPOINT_NAME, TENSORBOARD_DIR, StepCheckpointer, TrainingRun, check_same_class_labels, restore_rng_state,
     resolve_resume, resume, training_state, write_epoch_outputs,

@@ -4,7 +4,7 @@
   (:func:`setup_process`, :func:`load_datasets`);
 - the builders: model (:func:`build_model_from_args`, :func:`load_finetune_weights`), loaders, optimizer,
   scheduler and its per-epoch step rule (:func:`step_scheduler`, ``--sched-step``), EMA, the mixup flags
-  (:func:`mixup_active`, :func:`mixup_kwargs`); precision is :mod:`utils.core.precision`;
+  (:func:`mixup_active`, :func:`mixup_kwargs`); precision is :mod:`utils.common.precision`;
 - the entry-point error handling: bad input becomes one line and exit status 2 (:func:`run_main`).
 
 The flags are :mod:`utils.train.args`; the epoch loop around these (resume, checkpoints, ``log.txt``)
@@ -40,20 +40,20 @@ from models.cf_vit import CFVisionTransformer, WeightsNotFoundError
 from models.convert import (
     CONVERTED_SWITCHES, ConversionError, convert_state_dict, is_cf_state_dict, plain_vit_state_dict, pretrained_overlay,
 )
-from utils.core.atomic import remove_stale_temp_files
-from utils.core.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
-from utils.core.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
-from utils.core.entry import run_entry_point
-from utils.core.errors import CheckpointError, ConfigError, OutputDirError, UserError
-from utils.core.flags import busy_cpu_hint
-from utils.core.flags import parse_model_kwargs as _parse_model_kwargs
-from utils.core.logs import log_thread_os_errors, setup_logging
-from utils.core.model_builder import (
+from utils.common.atomic import remove_stale_temp_files
+from utils.common.checkpoint import check_state_dict, extract_state_dict, load_checkpoint_file
+from utils.common.dist import DistInfo, all_agree, cleanup, init_distributed, seed_everything
+from utils.common.entry import run_entry_point
+from utils.common.errors import CheckpointError, ConfigError, OutputDirError, UserError
+from utils.common.flags import busy_cpu_hint
+from utils.common.flags import parse_model_kwargs as _parse_model_kwargs
+from utils.common.logs import log_thread_os_errors, setup_logging
+from utils.common.model_builder import (
     adopt_recorded_switches, check_flag_switches, create_model_checked, without_fixed_kwargs,
 )
-from utils.core.precision import describe_float32, set_tf32
-from utils.core.run_folder import LOCK_NAME, check_fixed_names, prepare_output_dir, refuse_overwriting_inputs
-from utils.core.signals import quiet_worker_signals
+from utils.common.precision import describe_float32, set_tf32
+from utils.common.run_folder import LOCK_NAME, check_fixed_names, prepare_output_dir, refuse_overwriting_inputs
+from utils.common.signals import quiet_worker_signals
 from utils.train.args import LR_REFERENCE_BATCH, SCHED_STEPS
 from utils.train.checkpointing import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, LOG_NAME, STEP_CHECKPOINT_NAME
 from utils.train.samplers import ResumableSampler, ShardSampler
@@ -386,7 +386,7 @@ def end_process() -> None:
 
 
 def run_main(run_fn: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """The training scripts' ``main``: :func:`utils.core.entry.run_entry_point` with their settings. Bad input,
+    """The training scripts' ``main``: :func:`utils.common.entry.run_entry_point` with their settings. Bad input,
     a non-finite loss, SIGINT or SIGTERM become one log line and an exit code (2, 1, 130, 143). SIGTERM (a
     scheduler's preemption notice) is deferred to the next step boundary, where training writes its mid-epoch
     checkpoint and exits 143 (:mod:`utils.train.checkpointing`); SIGINT ends the run at the next step, 130."""

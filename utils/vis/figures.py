@@ -11,7 +11,7 @@ module only
   re-split ones (:func:`fade_unselected`, pure tensor functions);
 - draws grids and a histogram with matplotlib's object API at exact pixel sizes
   (:func:`draw_grid`, :func:`grid_png_size`, :func:`draw_confidence_histogram`);
-- writes every file atomically (``utils.core.atomic.atomic_file``).
+- writes every file atomically (``utils.common.atomic.atomic_file``).
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from datasets.folder import unpack_batch
 from datasets.safe_read import UnsafeFileError, read_capped, read_structured
 from models.token_ops import FINE_SCALE, fine_children
 
-from utils.core import atomic
-from utils.core.errors import BadInputError
-from utils.core.logs import shown_name
-from utils.core.signals import check_stop, stop_at_steps
+from utils.common import atomic
+from utils.common.errors import BadInputError
+from utils.common.logs import shown_name
+from utils.common.signals import check_stop, stop_at_steps
 
 __all__ = [
     'FADE', 'FADE_COLOR', 'ClassIndex',

@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from utils.core import atomic
+from utils.common import atomic
 
 __all__ = ['plot_budgeted_curve', 'label_positions']
 

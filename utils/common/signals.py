@@ -19,7 +19,7 @@ point that it is the interrupt.
 Training sets ``deferred`` for SIGTERM (a scheduler's preemption notice): the handler then only
 records the signal; the step loop checks :func:`preemption_requested` at its step boundary, writes
 its mid-epoch checkpoint and raises :class:`StopRequested` (exit :data:`EXIT_STOPPED`, 143). This
-module holds the one stop state of a process; the entry point (:func:`utils.core.entry.run_entry_point`)
+module holds the one stop state of a process; the entry point (:func:`utils.common.entry.run_entry_point`)
 installs the handler.
 """
 from __future__ import annotations

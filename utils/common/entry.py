@@ -9,11 +9,11 @@ from typing import Any, Callable, Iterable, Optional, Tuple, Type
 
 from datasets.folder import DatasetError
 from datasets.safe_read import UnsafeFileError
-from utils.core.dist import PeerFailedError
-from utils.core.errors import EXIT_BAD_INPUT, UserError, describe_os_error, user_message
-from utils.core.logs import remove_log_handler
-from utils.core.run_folder import release_locks
-from utils.core.signals import StopRequested, exit_status, handle_stop_signals, stop_requested
+from utils.common.dist import PeerFailedError
+from utils.common.errors import EXIT_BAD_INPUT, UserError, describe_os_error, user_message
+from utils.common.logs import remove_log_handler
+from utils.common.run_folder import release_locks
+from utils.common.signals import StopRequested, exit_status, handle_stop_signals, stop_requested
 
 __all__ = ['run_entry_point']
 
@@ -27,9 +27,9 @@ def run_entry_point(work: Callable[[], Any], script: Optional[str] = None, *,
     """Every script's ``main``: run ``work()`` and turn what ends it into an exit status and one line.
 
     Exit status: 0; 130 / 143 on SIGINT / SIGTERM (also when an error, e.g. a loader worker's, reaches the
-    main process while it stops); a :class:`~utils.core.errors.UserError`'s own ``exit_code`` (2 for bad
+    main process while it stops); a :class:`~utils.common.errors.UserError`'s own ``exit_code`` (2 for bad
     input, 1 for a run that failed on its own, another process's code for
-    :class:`~utils.core.dist.PeerFailedError`); 2 for ``datasets.DatasetError``,
+    :class:`~utils.common.dist.PeerFailedError`); 2 for ``datasets.DatasetError``,
     ``datasets.safe_read.UnsafeFileError``, the ``user_errors`` and an
     ``OSError`` (a full disk: ``writing`` names what could not be done). Anything else is a bug and keeps
     its traceback. Run locks are released and the log handler removed on the way out.
@@ -40,7 +40,7 @@ def run_entry_point(work: Callable[[], Any], script: Optional[str] = None, *,
         script: report on stderr as ``SCRIPT: error: ...`` / ``SCRIPT: interrupted`` (argparse's form);
             None: through the log (``logging.error``), as the training scripts and make_token_labels.py.
         user_errors: more error types reported as bad input (exit 2).
-        interrupted: the line of an interrupt; a :class:`~utils.core.signals.StopRequested` brings its own.
+        interrupted: the line of an interrupt; a :class:`~utils.common.signals.StopRequested` brings its own.
         kept: appended to the line of an ``OSError`` (what stays intact).
         one_line: fold a multi-line message onto one line.
         deferred: signals that only set the stop state (training defers SIGTERM to its step boundary).

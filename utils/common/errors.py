@@ -3,7 +3,7 @@
 Every error meant for a person derives from :class:`UserError`, which carries its exit status
 (``exit_code``): bad input or configuration exits :data:`EXIT_BAD_INPUT` (2, the argparse
 convention); a run that started and failed on its own (a non-finite training loss) exits
-:data:`EXIT_FAILED` (1). The entry-point wrapper (:func:`utils.core.entry.run_entry_point`) prints the
+:data:`EXIT_FAILED` (1). The entry-point wrapper (:func:`utils.common.entry.run_entry_point`) prints the
 message (:func:`user_message`, :func:`describe_os_error`) and returns ``exit_code``. Each class keeps the built-in family it had (``ValueError`` or
 ``RuntimeError``), so code that catches those still does. ``datasets.folder.DatasetError`` stays in
 ``datasets/`` (which imports nothing from ``utils/``) and is reported like a :class:`UserError`, as is

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from datasets.safe_read import UnsafeFileError, open_regular
-from utils.core.errors import first_line
+from utils.common.errors import first_line
 
 __all__ = ['atomic_file', 'save_atomic', 'write_json_atomic', 'copy_atomic', 'append_json_line',
            'remove_stale_temp_files', 'sha256_file', 'temp_prefix', 'NAME_MAX']

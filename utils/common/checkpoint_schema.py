@@ -3,7 +3,7 @@
 - :func:`check_checkpoint` checks the types and shapes of everything a script reads from a
   checkpoint (``model``, ``model_ema``, ``epoch``, ``args`` and its fields, ``flop`` and the stored
   results, optimizer / scheduler / scaler states) before any of it is used, raising
-  :class:`utils.core.errors.CheckpointError` with one line.
+  :class:`utils.common.errors.CheckpointError` with one line.
 - :data:`CHECKPOINT_MODEL_KWARGS` is the allow-list of ``args.model_kwargs`` entries a checkpoint
   may pass to ``timm.create_model``: architecture hyperparameters only, so a checkpoint never
   chooses what else gets opened (``checkpoint_path``, ``pretrained_cfg_overlay=dict(file=...)``);
@@ -21,8 +21,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from datasets.safe_read import MAX_DEPTH, bounded_depth
-from utils.core.errors import CheckpointError
-from utils.core.flags import MAX_COARSE_STAGE_SIZE, parse_model_kwargs
+from utils.common.errors import CheckpointError
+from utils.common.flags import MAX_COARSE_STAGE_SIZE, parse_model_kwargs
 
 __all__ = [
     'CHECKPOINT_MODEL_KWARGS', 'check_checkpoint', 'checkpoint_model_kwargs', 'check_optimizer_state',

@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import IO, Any, Optional
 
-from utils.core.errors import describe_os_error
+from utils.common.errors import describe_os_error
 
 __all__ = ['LOG_FORMATS', 'setup_logging', 'remove_log_handler', 'shown_name', 'log_thread_os_errors']
 
@@ -36,7 +36,7 @@ def setup_logging(is_main: bool = True, level: int = logging.INFO, stream: Optio
             test harness that configured logging itself).
 
     Calling it again replaces the handler, so scripts run in-process (tests) do not stack them;
-    :func:`utils.core.entry.run_entry_point` removes it when the script's run ends (:func:`remove_log_handler`).
+    :func:`utils.common.entry.run_entry_point` removes it when the script's run ends (:func:`remove_log_handler`).
     """
     remove_log_handler()
     root = logging.getLogger()

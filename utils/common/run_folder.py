@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from datasets.safe_read import UnsafeFileError, file_kind, open_regular
-from utils.core.errors import OutputDirError
+from utils.common.errors import OutputDirError
 
 __all__ = ['LOCK_NAME', 'RunLock', 'check_outside_inputs', 'check_fixed_names', 'refuse_overwriting_inputs',
            'release_locks', 'same_file', 'make_dirs', 'remove_created_empty_dirs', 'check_writable_dir',

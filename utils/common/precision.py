@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Dict, Optional
 
 import torch
 
-from utils.core.errors import BadInputError, ConfigError
+from utils.common.errors import BadInputError, ConfigError
 
 __all__ = ['AMP_CHOICES', 'AmpConfig', 'autocast_context', 'check_amp_dtype', 'describe_float32', 'resolve_amp_dtype',
            'set_tf32', 'tf32_state', 'training_amp']

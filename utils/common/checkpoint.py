@@ -3,8 +3,8 @@
 - Loading never runs code: ``torch.load(..., weights_only=True)`` with an allow-list of the plain
   types that released and training checkpoints hold. Anything else is refused with a message
   naming the type, unless the caller opts in with ``unsafe=True`` (``--unsafe-load``).
-- What is read is checked before any use (:mod:`utils.core.checkpoint_schema`); files are written
-  through :mod:`utils.core.atomic` (atomically).
+- What is read is checked before any use (:mod:`utils.common.checkpoint_schema`); files are written
+  through :mod:`utils.common.atomic` (atomically).
 - Model weights are matched against the model before loading, and every mismatch is reported in
   one message.
 """
@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from utils.core.checkpoint_schema import check_checkpoint
-from utils.core.errors import CheckpointError, first_line
+from utils.common.checkpoint_schema import check_checkpoint
+from utils.common.errors import CheckpointError, first_line
 
 __all__ = [
     'CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint_file', 'extract_state_dict', 'check_state_dict',

@@ -2,7 +2,7 @@
 the quick start).
 
 A training checkpoint records its architecture (``args``: model name, grid, size overrides; read
-through the allow-list of :mod:`utils.core.checkpoint_schema`, so a checkpoint never names files to
+through the allow-list of :mod:`utils.common.checkpoint_schema`, so a checkpoint never names files to
 open); a released checkpoint does not, and the caller's flags (or the released defaults:
 cf_deit_small, 7x7) say what it is. :func:`resolve_architecture` decides the name, grid and
 ``create_model`` arguments; :func:`build_model_from_name` creates the model (one line for an impossible
@@ -20,10 +20,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from utils.core.checkpoint import extract_state_dict, load_model_weights
-from utils.core.checkpoint_schema import architecture_from_checkpoint
-from utils.core.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
-from utils.core.flags import parse_model_kwargs
+from utils.common.checkpoint import extract_state_dict, load_model_weights
+from utils.common.checkpoint_schema import architecture_from_checkpoint
+from utils.common.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
+from utils.common.flags import parse_model_kwargs
 
 __all__ = ['ModelBuildError', 'resolve_architecture', 'build_model_from_name', 'build_from_checkpoint', 'create_model_checked',
            'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
@@ -128,7 +128,7 @@ def resolve_architecture(checkpoint: Any, model_name: Optional[str] = None, coar
 
     Raises:
         ModelBuildError: ``model_kwargs`` that are not ``KEY=VALUE``.
-        utils.core.errors.CheckpointError: recorded overrides outside the allow-list.
+        utils.common.errors.CheckpointError: recorded overrides outside the allow-list.
     """
     recorded = architecture_from_checkpoint(checkpoint) if isinstance(checkpoint, Mapping) else {}
     name = model_name or recorded.get('model', default_model)
@@ -198,8 +198,8 @@ def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) 
 def build_model_from_name(name: str, state_dict: Optional[Mapping[str, torch.Tensor]] = None, error: type = ModelBuildError,
                 **kwargs: Any) -> nn.Module:
     """``name`` built with ``kwargs`` (:func:`create_model_checked`, raising ``error``), with ``state_dict``
-    loaded strictly when given (:func:`utils.core.checkpoint.load_model_weights`: every mismatch in one
-    :class:`~utils.core.errors.CheckpointError`)."""
+    loaded strictly when given (:func:`utils.common.checkpoint.load_model_weights`: every mismatch in one
+    :class:`~utils.common.errors.CheckpointError`)."""
     model = create_model_checked(name, error, **kwargs)
     if state_dict is not None:
         load_model_weights(model, state_dict)
@@ -221,7 +221,7 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
 
     Raises:
         ModelBuildError: no classification head, or a model that cannot be built with these arguments.
-        utils.core.errors.CheckpointError: weights that do not fit the model.
+        utils.common.errors.CheckpointError: weights that do not fit the model.
     """
     name, g, extra = resolve_architecture(checkpoint, model_name, coarse_stage_size, model_kwargs)
     state_dict = extract_state_dict(checkpoint, checkpoint_key)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from utils.core.errors import BadInputError
+from utils.common.errors import BadInputError
 
 __all__ = [
     'available_cores', 'busy_cpu_hint', 'default_workers', 'positive_int', 'int_at_least', 'float_in',

@@ -1,7 +1,7 @@
 """What every script does first, on import, before torch, timm and the rest: the one place that sets
 ``HF_HUB_OFFLINE`` and that handles a stop signal while a script starts.
 
-Every script imports this module first (``import utils.core.startup``, above torch and timm: it imports
+Every script imports this module first (``import utils.common.startup``, above torch and timm: it imports
 nothing slow). On import it
 
 - sets ``HF_HUB_OFFLINE=1`` unless the environment says otherwise: nothing downloads at run time
@@ -12,7 +12,7 @@ nothing slow). On import it
   a Ctrl-C or a scheduler's SIGTERM in that time gave a traceback from inside the import machinery
   (sometimes a RecursionError, exit 1), or ended the process with 143 and no line. Now it ends the process
   at once with one line and 128 + the signal number: nothing has been written yet. The entry point
-  (:func:`utils.core.entry.run_entry_point`) replaces the handler with the run's own while it runs.
+  (:func:`utils.common.entry.run_entry_point`) replaces the handler with the run's own while it runs.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 __all__ = ['ENTRY_SCRIPTS', 'launched_script', 'stop_while_starting', 'draw_to_files']
 
-#: The scripts whose ``main`` runs under :func:`utils.core.entry.run_entry_point` (which replaces the
+#: The scripts whose ``main`` runs under :func:`utils.common.entry.run_entry_point` (which replaces the
 #: start-up handler); ``run_timm_script.py`` and the benchmarks take ``HF_HUB_OFFLINE`` only.
 ENTRY_SCRIPTS = frozenset({'main_deit.py', 'main_lvvit.py', 'dynamic_inference.py', 'visualize.py',
                            'make_token_labels.py', 'export_onnx.py', 'quickstart.py'})

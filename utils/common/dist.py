@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils.core.errors import DistributedSetupError, UserError
-from utils.core.flags import device_problem
+from utils.common.errors import DistributedSetupError, UserError
+from utils.common.flags import device_problem
 
 __all__ = [
     'DistInfo', 'DistributedSetupError', 'init_distributed', 'is_dist_initialized', 'get_rank', 'get_world_size',
