@@ -77,13 +77,15 @@ class CFLVViT(CFVisionTransformer):
         self.dense_train_outputs = dense_train_outputs
 
     def _init_extra_heads(self) -> None:
-        self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.aux_head = (nn.Linear(self.embed_dim, self.num_classes, **self._head_factory()) if self.num_classes > 0
+                         else nn.Identity())
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
         self._init_extra_heads()
         if isinstance(self.aux_head, nn.Linear):
             init_weights_vit_timm(self.aux_head)
+        self.aux_head.train(self.training)
 
     def forward_stage_head(self, z: torch.Tensor, stage: int, dense: bool = False,
                            layout: Optional[TokenLayout] = None) -> Any:

@@ -56,6 +56,9 @@ SELECTION_START_BLOCK = 3
 #: Default early-exit threshold of the eval-mode ``forward``: above any softmax probability (a
 #: float32 softmax can reach exactly 1.0, so 1.0 would still let some images exit): no image exits.
 NEVER_EXIT = math.inf
+#: What the released ``no_weight_decay()`` returned; ``'pos_embed_list'`` matches no parameter name, so the
+#: released training decayed the position embeddings (``no_weight_decay()`` here leaves the dead entry out).
+RELEASED_NO_WEIGHT_DECAY = frozenset({'pos_embed_list', 'cls_token'})
 #: How the fine stage picks its informative patches (``selection_policy``): the release's, and the paper's ablation.
 SELECTION_POLICIES = ('attention', 'random')
 
@@ -373,7 +376,7 @@ class CFVisionTransformer(nn.Module):
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         act_layer = act_layer or nn.GELU
 
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.exit_threshold = float(exit_threshold)
         self.forward_returns_both_stages = forward_returns_both_stages
@@ -515,13 +518,14 @@ class CFVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Parameter names exempt from weight decay, as the release listed them.
+        """Parameter names exempt from weight decay: the parameters the release exempted.
 
-        Released-training quirk: ``'pos_embed_list'`` matches no parameter name exactly (the
-        parameters are ``pos_embed_list.0`` / ``.1``), so timm's exact-name matching still decays
-        the position embeddings. The training scripts offer the switch that exempts them.
+        Released-training quirk: the release listed :data:`RELEASED_NO_WEIGHT_DECAY`, whose
+        ``'pos_embed_list'`` matches no parameter name (they are ``pos_embed_list.0`` / ``.1``), so the
+        position embeddings were decayed. The dead entry is left out (timm's contract: every entry names a
+        parameter); the optimizer's groups are the same. ``--exempt-pos-embed-from-wd`` exempts them.
         """
-        return {'pos_embed_list', 'cls_token'}
+        return {'cls_token'}
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -529,12 +533,18 @@ class CFVisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier head(s) with fresh ones for ``num_classes`` (0 removes them).
 
-        ``global_pool`` is accepted for timm's signature; the class token is always the pooled feature.
+        ``global_pool`` is accepted for timm's signature; the class token is always the pooled feature. The new
+        head is built on the model's device and dtype and in its training mode.
         """
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes, **self._head_factory()) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             init_weights_vit_timm(self.head)
+        self.head.train(self.training)
+
+    def _head_factory(self) -> Dict[str, Any]:
+        """``device`` and ``dtype`` for a new head: the model's own (timm's contract for ``reset_classifier``)."""
+        return dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
 
     def set_informative_selection(self, enabled: bool = True) -> None:
         """Switch informative selection of the fine stage on (late training, inference) or off."""

@@ -198,3 +198,42 @@ def test_torchscript_compiles_the_eval_graph_or_refuses_in_one_line():
             torch.jit.script(make('cf_deit_tiny', depth=2, **change).eval())
     with pytest.raises(RuntimeError, match='can be scripted in eval mode'):
         torch.jit.script(make('cf_deit_tiny', depth=2).train())
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_no_weight_decay_names_parameters_and_keeps_the_released_groups(name):
+    """timm 1.0.31's model contract: every ``no_weight_decay()`` entry names a parameter (fnmatch). The
+    release's list also held ``'pos_embed_list'``, which names none; leaving it out changes no group."""
+    import fnmatch
+
+    from timm.optim import param_groups_weight_decay
+    model = make(name)
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in model.no_weight_decay():
+        assert any(fnmatch.fnmatch(n, pattern) for n in names), pattern
+    assert not any(fnmatch.fnmatch(n, 'pos_embed_list') for n in names)  # the release's dead entry
+
+    def groups(skip):
+        return [(g['weight_decay'], [id(p) for p in g['params']])
+                for g in param_groups_weight_decay(model, 0.05, no_weight_decay_list=skip)]
+    assert groups(model.no_weight_decay()) == groups(cf_vit.RELEASED_NO_WEIGHT_DECAY)
+    by_name = dict(model.named_parameters())
+    decay_ids = next(ids for wd, ids in groups(model.no_weight_decay()) if wd)  # released: position embeddings decayed
+    assert id(by_name['pos_embed_list.0']) in decay_ids and id(by_name['cls_token']) not in decay_ids
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_reset_classifier_keeps_the_models_device_dtype_and_mode(name):
+    """timm 1.0.31's contract: ``in_chans``; the new head(s) on the model's device and dtype, in its training mode."""
+    model = make(name).to(dtype=torch.float64).eval()
+    assert model.in_chans == model.default_cfg['input_size'][0] == 3
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    heads = [model.head] + ([model.aux_head] if hasattr(model, 'aux_head') else [])
+    assert all(p.dtype == torch.float64 and p.shape[0] == 2 for head in heads for p in head.parameters())
+    assert not any(m.training for m in model.modules())
+    model.to(device='meta').train()
+    model.reset_classifier(3)
+    heads = [model.head] + ([model.aux_head] if hasattr(model, 'aux_head') else [])
+    assert all(p.device.type == 'meta' and p.shape[0] == 3 for head in heads for p in head.parameters())
+    assert all(m.training for m in model.modules()) and model.num_classes == 3

@@ -247,6 +247,7 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: Optional[
             f'--batch-size {args.batch_size} (incomplete batches are dropped): lower --batch-size')
     return train_loader, val_loader
 
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """AdamW (``--opt``) with the linear lr scaling rule and the release's weight-decay exemptions."""
     lr = args.lr if args.unscale_lr else args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
