@@ -31,7 +31,7 @@ import models
 from utils.common.checkpoint import load_checkpoint_file
 from utils.common.entry import run_entry_point
 from utils.common.errors import EXIT_BAD_INPUT, BadInputError  # noqa: F401 (export_onnx.EXIT_BAD_INPUT)
-from utils.common.flags import grid_side, positive_int
+from utils.common.flags import grid_side, int_at_least
 from utils.common.logs import setup_logging
 from utils.common.model_builder import build_from_checkpoint
 from utils.common.run_folder import refuse_overwriting_inputs
@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="'dynamic': int8 weights of the linear layers (onnxruntime's dynamic quantization)")
     p.add_argument('--exporter', choices=EXPORTERS, default='dynamo',
                    help='torch.onnx.export with dynamo=True (default) or the older tracing exporter (faster to run)')
-    p.add_argument('--opset', type=positive_int, default=DEFAULT_OPSET)
+    p.add_argument('--opset', type=int_at_least(7), default=DEFAULT_OPSET,
+                   help=f'ONNX opset (default {DEFAULT_OPSET}; at least 7, at most 20 with --exporter torchscript)')
     p.add_argument('--unsafe-load', action='store_true',
                    help='allow checkpoints that hold arbitrary Python objects (runs code from the file: trusted files only)')
     return p

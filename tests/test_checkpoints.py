@@ -172,3 +172,19 @@ def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
     mode = (tmp_path / 'checkpoint.pth').stat().st_mode & 0o777
     assert mode == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o666 & ~utils.common.atomic._UMASK
     assert os.access(tmp_path / 'checkpoint.pth', os.R_OK)
+
+
+def test_a_checkpoint_path_that_is_not_a_regular_file_says_what_it_is(tmp_path):
+    import os
+
+    from utils.common.checkpoint import load_checkpoint_file
+    from utils.common.errors import CheckpointError
+    fifo = tmp_path / 'ckpt.pth'
+    os.mkfifo(fifo)
+    cases = [(fifo, 'is a named pipe'), ('/dev/zero', 'is a character device'), (tmp_path, 'is a folder'),
+             (tmp_path / 'missing.pth', None)]
+    for path, kind in cases:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint_file(path)
+        expected = f'checkpoint {path} {kind}: expected a regular file' if kind else f'checkpoint not found: {path}'
+        assert str(info.value) == expected

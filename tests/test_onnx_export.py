@@ -277,3 +277,24 @@ def test_export_script_bad_input(tiny_checkpoint, tmp_path):
     one_line_error(run_script('export_onnx.py', '--checkpoint_path', str(path), '--output-dir', str(blocker / 'sub')),
                    'output folder')
     one_line_error(run_script('export_onnx.py', '--checkpoint_path', str(tmp_path / 'missing.pth')))
+
+
+@pytest.mark.filterwarnings("ignore:Setting 'keep_initializers_as_inputs=False':UserWarning")  # torch's, at opset 7
+@pytest.mark.parametrize('opset, message', [
+    (21, '--opset 21: the torchscript exporter writes opsets up to 20 (the default is 18)'),
+    (7, '--opset 7: ONNX export failed on expand, which is not implemented for opset 7'),
+])
+def test_an_opset_the_torchscript_exporter_cannot_write_is_bad_input(tmp_path, opset, message):
+    from utils.common.errors import BadInputError
+    with pytest.raises(BadInputError) as info:
+        export_early_exit(tiny_model(coarse_stage_size=2), tmp_path / 'x', exporter='torchscript', opset=opset)
+    assert str(info.value).startswith(message) and '\n' not in str(info.value)
+    assert not (tmp_path / 'x' / 'manifest.json').exists()
+    leftovers = [p.name for p in (tmp_path / 'x').iterdir()] if (tmp_path / 'x').exists() else []
+    assert not [n for n in leftovers if n.endswith('.onnx') or n.startswith('.export-')], leftovers
+
+
+def test_opset_flag_has_onnx_lower_bound(capsys):
+    with pytest.raises(SystemExit):
+        export_onnx.get_args_parser().parse_args(['--checkpoint_path', 'x', '--opset', '3'])
+    assert 'argument --opset: must be at least 7, got 3' in capsys.readouterr().err

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from datasets.safe_read import file_kind
 from utils.common.checkpoint_schema import check_checkpoint
 from utils.common.errors import CheckpointError, first_line
 
@@ -47,7 +48,11 @@ def load_checkpoint_file(path: PathLike, unsafe: bool = False) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'checkpoint not found: {path}')
+        try:  # a pipe, a device or a folder is there: say so (reading /dev/zero or a FIFO would never end)
+            kind = file_kind(path.stat().st_mode)
+        except OSError:
+            raise CheckpointError(f'checkpoint not found: {path}') from None
+        raise CheckpointError(f'checkpoint {path} is {kind}: expected a regular file')
     if path.suffix == '.safetensors':
         try:
             return load_file(str(path), device='cpu')

@@ -28,7 +28,7 @@ import torch.nn as nn
 from datasets.transforms import data_config
 from models.export import COARSE_INPUTS, COARSE_OUTPUTS, FINE_INPUTS, FINE_OUTPUTS, CoarseStageGraph, FineStageGraph
 from utils.common.atomic import atomic_file
-from utils.common.errors import OutputDirError
+from utils.common.errors import BadInputError, OutputDirError
 from utils.common.run_folder import RunLock, check_writable_dir
 from utils.inference.flops import stage_gflops
 
@@ -49,6 +49,8 @@ GRAPH_FILES = {'coarse': 'coarse.onnx', 'fine': 'fine.onnx'}
 EXPORTERS = ('dynamo', 'torchscript')
 QUANTIZE_MODES = ('none', 'dynamic')
 DEFAULT_OPSET = 18
+#: The highest opset torch's TorchScript-based exporter writes (the dynamo exporter converts to any).
+TORCHSCRIPT_MAX_OPSET = 20
 #: Name of the folder an export is built in (inside the export folder) before its files move into place.
 STAGING_PREFIX, STAGING_SUFFIX = '.export-', '.tmp'
 #: Rows of the example batch the graphs are traced with (>1, so that the batch axis stays symbolic).
@@ -73,10 +75,17 @@ def export_graph(module: nn.Module, example_inputs: Tuple[torch.Tensor, ...], in
             dynamic_shapes=tuple({0: batch} for _ in example_inputs), opset_version=opset, dynamo=True,
             external_data=False, verbose=False)
         return program.model_proto.SerializeToString()
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        raise BadInputError(f'--opset {opset}: the torchscript exporter writes opsets up to {TORCHSCRIPT_MAX_OPSET} '
+                            f'(the default is {DEFAULT_OPSET})')
     buffer = io.BytesIO()
     axes = {name: {0: 'batch'} for name in (*input_names, *output_names)}
-    torch.onnx.export(module, tuple(example_inputs), buffer, input_names=list(input_names),
-                      output_names=list(output_names), dynamic_axes=axes, opset_version=opset, dynamo=False)
+    try:
+        torch.onnx.export(module, tuple(example_inputs), buffer, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except torch.onnx.OnnxExporterError as e:  # an operator the chosen (old) opset lacks
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f'--opset {opset}: {said} (the default is {DEFAULT_OPSET})') from e
     return buffer.getvalue()
 
 
