@@ -86,3 +86,15 @@ def test_portable_args_rewrites_paths_and_keeps_the_rest(tmp_path):
                            'dist_url': 'env://'}
     assert args.output_dir == f'{ROOT}/output/run'  # the original is left alone
     assert portable_args({'output_dir': str(ROOT)}) == {'output_dir': '.'}
+
+
+DOCS = sorted([ROOT / 'README.md', ROOT / 'BENCHMARKS.md', ROOT / 'tests' / 'README.md', *(ROOT / 'docs').glob('*.md'),
+               *(p for p in RESULTS.rglob('*') if p.suffix in ('.md', '.json'))])
+
+
+@pytest.mark.parametrize('path', DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_docs_and_results_carry_no_machine_paths(path):
+    """Paths in the docs and committed results are relative to the repository (a user has no /tmp/qs of ours)."""
+    text = path.read_text(encoding='utf-8')
+    found = [text[m.start():m.start() + 60] for m in ABSOLUTE.finditer(text)]
+    assert found == [], f'{path.relative_to(ROOT)}: {found[:3]}'
