@@ -371,3 +371,25 @@ def test_resumed_run_keeps_the_released_lr(image_folder, tmp_path):
     full_lr = [r['train_lr'] for r in log_lines(full)]
     assert [r['train_lr'] for r in log_lines(part)] == full_lr
     assert full_lr[0] == full_lr[1] == pytest.approx(1e-4)  # the release's two epochs at --warmup-lr
+
+
+@pytest.mark.parametrize('mode', ['norm', 'value'])
+def test_gradient_clipping_of_a_training_step(mode):
+    """``--clip-grad`` / ``--clip-mode``: the step clips the trainable parameters' gradients before the update."""
+    from utils.train.engine import TrainStep
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    model.register_parameter('frozen', frozen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the gradients are what is checked
+    step = TrainStep(model, lambda out, t: (out * 100).sum(), optimizer, clip_grad=0.5, clip_mode=mode)
+    step.update(step.forward_loss(torch.randn(5, 4), None, torch.device('cpu'))[1]['loss'], num_updates=1)
+    grads = torch.cat([p.grad.reshape(-1) for p in (model.weight, model.bias)])
+    if mode == 'norm':
+        assert abs(float(grads.norm()) - 0.5) < 1e-5
+    else:
+        assert float(grads.abs().max()) == pytest.approx(0.5)
+    assert frozen.grad is None
+    bad = TrainStep(model, lambda out, t: out.sum(), optimizer, clip_grad=0.5, clip_mode='bogus')
+    with pytest.raises(ValueError, match="unknown gradient clipping mode 'bogus'"):
+        bad.update(bad.forward_loss(torch.randn(5, 4), None, torch.device('cpu'))[1]['loss'], num_updates=1)

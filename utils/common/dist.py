@@ -205,9 +205,7 @@ def check_dist_env(rank: int, world: int, local: int, dist_url: str, source: str
     ``source`` names where rank and world size came from (``RANK/WORLD_SIZE``, ``SLURM_PROCID/SLURM_NTASKS``).
     """
     env = os.environ if environ is None else environ
-    if world < 1:
-        return f'{source}: the world size is {world}, expected at least 1'
-    if not 0 <= rank < world:
+    if not 0 <= rank < world:  # (a world size below 1 is refused by init_distributed before this)
         return f'{source}: rank {rank} is not below the world size {world} (ranks are 0..{world - 1})'
     if local < 0:
         return f'the local rank is {local}, expected at least 0'

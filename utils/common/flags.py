@@ -26,8 +26,8 @@ from utils.common.errors import BadInputError
 
 __all__ = [
     'available_cores', 'busy_cpu_hint', 'default_workers', 'positive_int', 'int_at_least', 'float_in',
-    'finite_float', 'default_device', 'device_name', 'device_problem', 'usable_device', 'worker_count', 'MAX_WORKERS', 'parse_model_kwargs',
-    'KeyValues', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR', 'MAX_COUNT', 'MAX_SEED',
+    'finite_float', 'default_device', 'device_name', 'device_problem', 'usable_device', 'worker_count', 'MAX_WORKERS',
+    'parse_model_kwargs', 'KeyValues', 'grid_side', 'MAX_COARSE_STAGE_SIZE', 'MAX_LR', 'MAX_COUNT', 'MAX_SEED',
 ]
 
 

@@ -25,8 +25,8 @@ from utils.common.checkpoint_schema import architecture_from_checkpoint
 from utils.common.errors import BadInputError, CheckpointError, ConfigError, ModelBuildError
 from utils.common.flags import parse_model_kwargs
 
-__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model_from_name', 'build_from_checkpoint', 'create_model_checked',
-           'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
+__all__ = ['ModelBuildError', 'resolve_architecture', 'build_model_from_name', 'build_from_checkpoint',
+           'create_model_checked', 'EVALUATION_OVERRIDES', 'check_against_record', 'with_recorded_switches', 'adopt_recorded_switches',
            'check_flag_switches', 'without_fixed_kwargs']
 
 _logger = logging.getLogger(__name__)
@@ -170,12 +170,10 @@ def without_fixed_kwargs(kwargs: Mapping[str, Any], fixed: Mapping[str, Any], or
     clash = [f'{k}={kwargs[k]!r}' for k in fixed if k in kwargs and kwargs[k] != fixed[k]]
     if clash:
         run = ', '.join(f'{k}={v}' for k, v in fixed.items())
-        given = ', '.join(clash)
-        if recorded:
-            raise error(f'--model-kwargs {given} (given, or recorded in the checkpoint) contradicts the run ({run} '
-                        f"from {origin}): drop it from --model-kwargs, or from the checkpoint's args.model_kwargs")
-        raise error(f'--model-kwargs {given} contradicts the run ({run} from {origin}): drop it from '
-                    f'--model-kwargs')
+        said, also = (' (given, or recorded in the checkpoint)', ", or from the checkpoint's args.model_kwargs") \
+            if recorded else ('', '')
+        raise error(f'--model-kwargs {", ".join(clash)}{said} contradicts the run ({run} from {origin}): drop it from '
+                    f'--model-kwargs{also}')
     return {k: v for k, v in kwargs.items() if k not in fixed}
 
 
@@ -195,8 +193,8 @@ def create_model_checked(name: str, error: type = BadInputError, **kwargs: Any) 
                     .rstrip(': ')) from e
 
 
-def build_model_from_name(name: str, state_dict: Optional[Mapping[str, torch.Tensor]] = None, error: type = ModelBuildError,
-                **kwargs: Any) -> nn.Module:
+def build_model_from_name(name: str, state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                          error: type = ModelBuildError, **kwargs: Any) -> nn.Module:
     """``name`` built with ``kwargs`` (:func:`create_model_checked`, raising ``error``), with ``state_dict``
     loaded strictly when given (:func:`utils.common.checkpoint.load_model_weights`: every mismatch in one
     :class:`~utils.common.errors.CheckpointError`)."""
@@ -228,9 +226,8 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], model_name: Optional[st
     head = state_dict.get('head.weight')
     if head is None:
         raise ModelBuildError('the checkpoint has no head.weight: it is not a classification checkpoint of a CF model')
-    extra = without_fixed_kwargs(extra, {'num_classes': int(head.shape[0]), 'coarse_stage_size': g},
-                                 "the checkpoint's weights and the flags", ModelBuildError,
-                                 recorded=True)
-    model = build_model_from_name(name, state_dict, coarse_stage_size=g, num_classes=head.shape[0], **extra)
+    fixed = {'num_classes': int(head.shape[0]), 'coarse_stage_size': g}
+    extra = without_fixed_kwargs(extra, fixed, "the checkpoint's weights and the flags", ModelBuildError, recorded=True)
+    model = build_model_from_name(name, state_dict, **fixed, **extra)
     model.set_informative_selection(True)  # inference always selects
     return model, name, g

@@ -100,18 +100,17 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: nn.Module, amp: AmpConfig,
                    clip_grad: Optional[float], clip_mode: str) -> None:
     """Backward, optional gradient clipping (on unscaled gradients) and the optimizer step."""
-    params = [p for p in model.parameters() if p.requires_grad]
     if amp.scaler is not None:
         amp.scaler.scale(loss).backward()
         if clip_grad is not None:
             amp.scaler.unscale_(optimizer)
-            _clip(params, clip_grad, clip_mode)
+            _clip(model, clip_grad, clip_mode)
         amp.scaler.step(optimizer)
         amp.scaler.update()
     else:
         loss.backward()
         if clip_grad is not None:
-            _clip(params, clip_grad, clip_mode)
+            _clip(model, clip_grad, clip_mode)
         optimizer.step()
 
 
@@ -122,7 +121,9 @@ def _failure_code(failure: Optional[BaseException]) -> int:
     return EXIT_BAD_INPUT if isinstance(failure, (DatasetError, OSError)) else EXIT_FAILED
 
 
-def _clip(params: Iterable[torch.Tensor], value: float, mode: str) -> None:
+def _clip(model: nn.Module, value: float, mode: str) -> None:
+    """Clip the gradients of ``model``'s trainable parameters to ``value`` (their norm, or each value)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if mode == 'norm':
         torch.nn.utils.clip_grad_norm_(params, value)
     elif mode == 'value':
@@ -256,7 +257,7 @@ def train_one_epoch(
         stop = _agree_on_step(code, failure, stop_asked, epoch, step, loss_value if failure is None else None)
 
         lr = train_step.update(losses['loss'], num_updates=epoch * num_steps + step + 1)
-        meter.update(n=batch_size, **{k: v for k, v in losses.items()})
+        meter.update(n=batch_size, **losses)
         _report_step(bar if progress else None, log_writer, print_freq, epoch, step, num_steps, loss_value, meter, lr)
         if on_step_end is not None:
             on_step_end(step + 1, meter, stop)
