@@ -215,9 +215,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         meta.setdefault('final_epoch', {})[run] = epoch
         meta.setdefault('log_top1', {})[run] = [last['test_coarse_acc1'], last['test_fine_acc1']]
         meta.setdefault('epoch_seconds', {})[run] = epoch_seconds(work / f'{run}_train.out')
-        meta.setdefault('evaluated', {})[run] = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+        here = machine()
+        meta.setdefault('evaluated', {})[run] = {'machine': here, 'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                                                  'load_note': args.load_note}
-        meta['machine'], meta['load_note'] = machine(), args.load_note
+        meta['machine'], meta['load_note'] = here, args.load_note
         write_json_atomic(meta, meta_path)
         print(f'wrote {OUT / f"per_image_{run}.npz"}', flush=True)
 

@@ -78,21 +78,31 @@ def clean_log_text(text: str, replace: Dict[str, str]) -> str:
             if not line:
                 continue
         lines.append(line)
-    out = '\n'.join(lines)
+    return replace_prefixes('\n'.join(lines), replace)
+
+
+def replace_prefixes(text: str, replace: Dict[str, str]) -> str:
+    """``text`` with every key of ``replace`` replaced by its value, longest first."""
     for old in sorted(replace, key=len, reverse=True):
-        out = out.replace(old, replace[old])
-    return out
+        text = text.replace(old, replace[old])
+    return text
+
+
+def path_replacements(data_paths: Sequence[object] = ()) -> Dict[str, str]:
+    """The machine's paths a committed file must not carry: this clone's root (made relative) and each of
+    ``data_paths``' parent folder (written ``$DATA``)."""
+    replace = {f'{ROOT}/': '', str(ROOT): '.'}
+    for data in data_paths:
+        if data:
+            replace[f'{Path(str(data)).expanduser().resolve().parent}/'] = '$DATA/'
+    return replace
 
 
 def clean_logs(folder: Path, data_paths: Sequence[object] = ()) -> List[Path]:
     """Rewrite the console logs (``*.out``) of ``folder`` with :func:`clean_log_text`: this clone's root made
     relative, each of ``data_paths``' parent folder written ``$DATA``. The files a benchmark commits then
     carry no path of the machine that made them and no progress-bar noise. Returns the files changed."""
-    replace = {f'{ROOT}/': '', str(ROOT): '.'}
-    for data in data_paths:
-        if data:
-            parent = Path(str(data)).expanduser().resolve().parent
-            replace[f'{parent}/'] = '$DATA/'
+    replace = path_replacements(data_paths)
     changed = []
     for path in sorted(Path(folder).glob('*.out')):
         with open(path, encoding='utf-8', errors='replace', newline='') as f:  # keep the carriage returns
@@ -109,17 +119,10 @@ def portable_args(args: object, data_paths: Sequence[object] = ()) -> object:
     """A copy of a checkpoint's ``args`` (Namespace or dict) whose string values carry no path of this machine:
     this clone's root made relative, each of ``data_paths``' parent folder written ``$DATA`` (as
     :func:`clean_logs` does for console logs). Anything else is returned as it is."""
-    replace = {f'{ROOT}/': '', str(ROOT): '.'}
-    for data in data_paths:
-        if data:
-            replace[f'{Path(str(data)).expanduser().resolve().parent}/'] = '$DATA/'
+    replace = path_replacements(data_paths)
 
     def clean(value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        for old, new in replace.items():
-            value = value.replace(old, new)
-        return value
+        return replace_prefixes(value, replace) if isinstance(value, str) else value
 
     if isinstance(args, dict):
         return {k: clean(v) for k, v in args.items()}

@@ -199,9 +199,11 @@ def precision_row(run: Run, device: torch.device, cf_run: Any, deit_run: Any, x:
                   flops_cf: List[float], prec: str, dtype: Optional[torch.dtype], compiled: bool) -> Dict[str, Any]:
     """One precision's row: DeiT's images/s, and CF-DeiT's at each exit share of :data:`SHARES` (thresholds
     from this precision's own confidences), with its speed-up over DeiT and expected GFLOPs."""
-    from utils.common.precision import tf32_state
+    from utils.common.precision import autocast_context, tf32_state
     args = run.args
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else torch.no_grad
+
+    def ctx():
+        return autocast_context(device, dtype)
     t0 = time.perf_counter()
     with torch.no_grad(), ctx():
         conf = cf_run.forward_details(x).confidence.float().cpu()  # this precision's own confidences
